@@ -14,6 +14,21 @@ from mtp_core._src.backend import StepOutputs as StepOutputs
 from mtp_core._src.engine import DecodeResult as DecodeResult
 from mtp_core._src.engine import decode as decode
 from mtp_core._src.engine import plan_step as plan_step
+from mtp_core._src.layout import InferenceLayout as InferenceLayout
+from mtp_core._src.layout import TrainingLayout as TrainingLayout
+from mtp_core._src.layout import TrainingLayoutSpec as TrainingLayoutSpec
+from mtp_core._src.layout import default_num_regions as default_num_regions
+from mtp_core._src.layout import inference_layout as inference_layout
+from mtp_core._src.layout import student_forcing_pairs as student_forcing_pairs
+from mtp_core._src.layout import training_layout as training_layout
+from mtp_core._src.losses import LossKind as LossKind
+from mtp_core._src.losses import agreement as agreement
+from mtp_core._src.losses import distillation_loss as distillation_loss
+from mtp_core._src.losses import entropy as entropy
+from mtp_core._src.losses import ground_truth_loss as ground_truth_loss
+from mtp_core._src.losses import hard_teacher_loss as hard_teacher_loss
+from mtp_core._src.losses import log_softmax as log_softmax
+from mtp_core._src.losses import soft_teacher_loss as soft_teacher_loss
 from mtp_core._src.policies import AcceptancePolicy as AcceptancePolicy
 from mtp_core._src.policies import ConfAdapt as ConfAdapt
 from mtp_core._src.policies import StaticK as StaticK
@@ -29,14 +44,29 @@ __all__ = [
     "Backend",
     "ConfAdapt",
     "DecodeResult",
+    "InferenceLayout",
+    "LossKind",
     "Sampling",
     "StaticK",
     "StepInputs",
     "StepOutputs",
+    "TrainingLayout",
+    "TrainingLayoutSpec",
+    "agreement",
     "available_backends",
     "check_confidences",
     "decode",
+    "default_num_regions",
+    "distillation_loss",
+    "entropy",
+    "ground_truth_loss",
+    "hard_teacher_loss",
+    "inference_layout",
     "load_backend",
+    "log_softmax",
     "plan_step",
     "register_backend",
+    "soft_teacher_loss",
+    "student_forcing_pairs",
+    "training_layout",
 ]

@@ -46,3 +46,57 @@ def prompt_batches(
     batch = draw(st.integers(min_value=1, max_value=max_batch))
     token = st.integers(min_value=0, max_value=vocab_size - 1)
     return [draw(st.lists(token, min_size=1, max_size=max_len)) for _ in range(batch)]
+
+
+# --- layouts and losses -----------------------------------------------------------------------
+# (owned by the layout/losses work; imports kept local to this section)
+
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from mtp_core._src.layout import TrainingLayoutSpec  # noqa: E402
+
+
+@st.composite
+def training_layout_specs(
+    draw: st.DrawFn, max_k: int = 8, max_regions: int = 5, max_extra_prefix: int = 6
+) -> TrainingLayoutSpec:
+    """Valid packed-layout specs: any k, region count, prefix length, leftover tail and offset."""
+    k = draw(st.integers(min_value=2, max_value=max_k))
+    num_regions = draw(st.integers(min_value=1, max_value=max_regions))
+    prefix_len = draw(st.integers(min_value=k, max_value=k + max_extra_prefix))
+    tail = draw(st.integers(min_value=0, max_value=num_regions - 1))  # real tokens past M * P
+    num_real = num_regions * prefix_len + tail
+    offset = draw(st.integers(min_value=0, max_value=prefix_len - 1))
+    return TrainingLayoutSpec(
+        seq_len=num_real + num_regions * (k - 1), k=k, num_regions=num_regions, offset=offset
+    )
+
+
+_logit_values = st.one_of(
+    st.floats(min_value=-30.0, max_value=30.0, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 1.0, -1.0, 5.0]),  # repeats, so argmax ties occur
+)
+
+
+@st.composite
+def logit_batches(
+    draw: st.DrawFn, max_lead: int = 3, max_k: int = 5, max_vocab: int = 7
+) -> dict[str, np.ndarray]:
+    """float64 student/teacher logits (lead, k, vocab), weights (lead, k), targets (lead, k).
+
+    Weights mix 0 (ignored), fractions and values above 1, and targets include -1 (ignored).
+    """
+    lead = draw(st.integers(min_value=1, max_value=max_lead))
+    k = draw(st.integers(min_value=1, max_value=max_k))
+    vocab = draw(st.integers(min_value=2, max_value=max_vocab))
+    logits = hnp.arrays(np.float64, (lead, k, vocab), elements=_logit_values)
+    weights = hnp.arrays(np.float64, (lead, k), elements=st.sampled_from([0.0, 0.25, 1.0, 3.0]))
+    targets = hnp.arrays(
+        np.int64, (lead, k), elements=st.integers(min_value=-1, max_value=vocab - 1)
+    )
+    return {
+        "student": draw(logits),
+        "teacher": draw(logits),
+        "weights": draw(weights),
+        "targets": draw(targets),
+    }
