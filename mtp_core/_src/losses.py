@@ -23,8 +23,21 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
-from array_api_compat import array_namespace
-from array_api_compat import device as array_device
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """The array-API namespace of ``arrays`` (imported lazily: ``import mtp_core`` needs only numpy)."""
+    import array_api_compat
+
+    return array_api_compat.array_namespace(*arrays)
+
+
+def array_device(array: Any) -> Any:
+    """The device ``array`` lives on, through array-api-compat (imported lazily)."""
+    import array_api_compat
+
+    return array_api_compat.device(array)
+
 
 __all__ = [
     "Array",
