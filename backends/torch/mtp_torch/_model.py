@@ -1,0 +1,411 @@
+"""``MTPModel``: a transformers causal LM that decodes several tokens per forward pass.
+
+Method: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019,
+section 4 (static k and ConfAdapt decoding).  This wrapper adds batched decoding with ragged
+acceptance, sampling, and a lossless mode (``verify=True``) whose output equals greedy decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from mtp_core import AcceptancePolicy, ConfAdapt, Sampling, decode
+from mtp_torch._backend import TorchBackend
+from mtp_torch._mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
+
+__all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
+
+K_MAX_CONFIG_KEY = "mtp_k_max"
+THRESHOLD_CONFIG_KEY = "mtp_threshold"
+
+ChunkCallback = Callable[[int, npt.NDArray[np.int64]], None]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """Turn a dtype name (``"float32"``, ``"bf16"``, ``"auto"`` ...) into a ``torch.dtype``.
+
+    Args:
+      dtype: a ``torch.dtype``, one of the names above, ``"auto"`` (the checkpoint's dtype) or
+        ``None`` (float32).
+
+    Returns:
+      The ``torch.dtype``, or ``"auto"``.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+@attrs.frozen(eq=False)
+class GenerateOutput:
+    """What ``MTPModel.generate`` returns.
+
+    Attributes:
+      sequences: ``(batch, prompt_len + generated)`` int64 token ids: the prompts as given
+        (left padding included), then each row's generated tokens, then ``pad_token_id`` after a
+        row finished, like ``transformers``' ``generate``.
+      num_forward_passes: model forward calls made for the whole batch.
+      tokens_per_forward: generated tokens per forward pass, averaged over rows (the paper's
+        acceleration factor).
+      accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
+      elapsed_s: wall-clock seconds spent decoding.
+      num_new_tokens: ``(batch,)`` generated tokens per row (stop token included).
+    """
+
+    sequences: torch.Tensor
+    num_forward_passes: int
+    tokens_per_forward: float
+    accepted_histogram: npt.NDArray[np.int64]
+    elapsed_s: float
+    num_new_tokens: npt.NDArray[np.int64]
+
+
+def _policy_from_config(config: Any) -> ConfAdapt:
+    """ConfAdapt with the ``mtp_threshold`` / ``mtp_k_max`` stored in a config, else defaults."""
+    settings: dict[str, Any] = {}
+    threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
+    k_max = getattr(config, K_MAX_CONFIG_KEY, None)
+    if threshold is not None:
+        settings["threshold"] = float(threshold)
+    if k_max is not None:
+        settings["k_max"] = int(k_max)
+    return ConfAdapt(**settings)
+
+
+def _as_id_list(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (int, np.integer)):
+        return [int(value)]
+    return [int(v) for v in value]
+
+
+class MTPModel:
+    """A transformers decoder-only causal LM decoding several tokens per forward pass.
+
+    Args:
+      hf_model: a loaded ``AutoModelForCausalLM`` (any device, any dtype).
+      mask_token_id: id of the ``<mtp_mask>`` token; ``None`` uses ``config.mtp_mask_token_id``
+        and, when the config has none, adds a mask token (see ``add_mask_token``).
+      tokenizer: the model's tokenizer (optional; gets the mask token when one is added).
+
+    Attributes:
+      model: the wrapped transformers model.
+      tokenizer: the tokenizer, or ``None``.
+      mask_token_id: the mask token id (also stored as ``model.config.mtp_mask_token_id``).
+      default_policy: ``ConfAdapt`` built from the config keys ``mtp_threshold`` / ``mtp_k_max``
+        when present, else ``ConfAdapt()``.
+
+    Raises:
+      ValueError: for a mask id outside the embedding matrix, or a model the backend cannot
+        serve (see ``TorchBackend``).
+    """
+
+    def __init__(self, hf_model: Any, mask_token_id: int | None = None, tokenizer: Any = None):
+        self.model = hf_model
+        self.tokenizer = tokenizer
+        self.backend = TorchBackend(hf_model)
+        config = hf_model.config
+        if mask_token_id is None:
+            mask_token_id = getattr(config, MASK_TOKEN_CONFIG_KEY, None)
+        if mask_token_id is None:
+            mask_token_id = add_mask_token(hf_model, tokenizer)
+        rows = embedding_rows(hf_model)
+        if isinstance(mask_token_id, bool) or not 0 <= int(mask_token_id) < rows:
+            raise ValueError(
+                f"mask_token_id={mask_token_id} is outside the model's vocabulary [0, {rows}); "
+                "pass mask_token_id=None to add a mask token (or use mtp_torch.add_mask_token)"
+            )
+        self.mask_token_id = int(mask_token_id)
+        setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
+        self.default_policy: AcceptancePolicy = _policy_from_config(config)
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike[str],
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> MTPModel:
+        """Load a converted MTP checkpoint, a plain checkpoint, or the embedded default model.
+
+        Args:
+          path_or_name: a directory written by ``save_pretrained`` (mask id and default policy
+            come from its config), any other transformers causal-LM directory or Hub id (a mask
+            token is added), or ``"smollm2-135m-instruct"`` (the embedded default model).
+          dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
+            ``None`` is float32.
+          device: where to put the model (``None``: CPU).
+
+        Returns:
+          The ``MTPModel``, its model in eval mode.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mtp_torch._default import DEFAULT_MODEL_NAME, default_model_dir
+
+        source = str(path_or_name)
+        if source == DEFAULT_MODEL_NAME:
+            source = str(default_model_dir())
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source, dtype=parse_dtype(dtype), trust_remote_code=False
+        )
+        if device is not None:
+            model.to(device)
+        model.eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        return cls(model, tokenizer=tokenizer)
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        k_max: int | None = None,
+        threshold: float | None = None,
+    ) -> Path:
+        """Write a plain transformers checkpoint plus the MTP settings, atomically.
+
+        The directory holds safetensors weights, the tokenizer (if any) and a config carrying
+        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``; stock
+        ``AutoModelForCausalLM.from_pretrained`` loads it unchanged.  Everything is written to a
+        temporary directory beside ``directory`` and renamed into place (an existing directory is
+        replaced).
+
+        Args:
+          directory: output directory.
+          k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
+          threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
+
+        Returns:
+          The directory written.
+
+        Raises:
+          ValueError: if ``k_max`` or ``threshold`` is out of range.
+        """
+        current = self.default_policy
+        base = current if isinstance(current, ConfAdapt) else ConfAdapt()
+        policy = ConfAdapt(
+            threshold=base.threshold if threshold is None else threshold,
+            k_max=base.k_max if k_max is None else k_max,
+        )
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        config = self.model.config
+        previous = {
+            key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
+        }
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
+            setattr(config, K_MAX_CONFIG_KEY, int(policy.k_max))
+            setattr(config, THRESHOLD_CONFIG_KEY, float(policy.threshold))
+            self.model.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            backup = None
+            if target.exists():
+                backup = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
+                os.rename(target, backup)
+            os.rename(staging, target)
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+        finally:
+            for key, value in previous.items():
+                setattr(config, key, value)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    # ------------------------------------------------------------------------------------------
+    # Decoding
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        policy: AcceptancePolicy | None = None,
+        max_new_tokens: int = 256,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        verify: bool = False,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        on_chunk: ChunkCallback | None = None,
+    ) -> GenerateOutput:
+        """Decode a batch of prompts, several tokens per forward pass.
+
+        Args:
+          input_ids: ``(batch, prompt_len)`` (or ``(prompt_len,)``) prompt token ids, left-padded
+            when the prompts differ in length.
+          policy: how many proposals to keep per step (``StaticK(k)``, ``ConfAdapt(...)``);
+            ``None`` uses ``default_policy``.
+          max_new_tokens: generation budget per row.
+          attention_mask: ``(batch, prompt_len)`` 1 for real prompt tokens, 0 for padding; when
+            ``None`` it is inferred like transformers does (tokens equal to a pad id that is not
+            an EOS id are padding), else every token is real.
+          eos_token_id: stop token id(s); ``None`` uses ``generation_config.eos_token_id``.
+          verify: lossless mode: the same weights verify their own proposals, so the output
+            equals greedy decoding exactly (requires ``temperature == 0``).
+          temperature: 0 for greedy; else sampling temperature of every read position.
+          top_p: nucleus mass kept when sampling, in ``(0, 1]``.
+          top_k: keep only the k most likely tokens when sampling; 0 disables it.
+          seed: seed of the sampling draws (same seed, same output).
+          on_chunk: called as ``on_chunk(row, token_ids)`` with each row's newly emitted tokens.
+
+        Returns:
+          A ``GenerateOutput``.
+
+        Raises:
+          ValueError: for an empty prompt, a prompt that cannot fit ``max_new_tokens`` more
+            tokens in the context window, bad sampling settings, or ``verify`` with sampling.
+        """
+        ids = self._check_input_ids(input_ids)
+        mask = self._attention_mask(ids, attention_mask)
+        stop_ids = self._stop_token_ids(eos_token_id)
+        pad_token_id = self._pad_token_id(stop_ids)
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+        chosen = self.default_policy if policy is None else policy
+        if not isinstance(chosen, AcceptancePolicy):
+            raise ValueError(
+                f"policy must be an acceptance policy such as StaticK(k) or ConfAdapt(...), "
+                f"got {chosen!r}"
+            )
+        ids_host = ids.cpu()
+        mask_host = mask.cpu()
+        prompts = [ids_host[row][mask_host[row]].tolist() for row in range(ids_host.shape[0])]
+        was_training = bool(self.model.training)
+        self.model.eval()
+        start = time.perf_counter()
+        try:
+            result = decode(
+                self.backend,
+                prompts,
+                chosen,
+                mask_token_id=self.mask_token_id,
+                max_new_tokens=int(max_new_tokens),
+                stop_token_ids=stop_ids,
+                verify=verify,
+                sampling=sampling,
+                seed=seed,
+                # Padding slots of a block are never read or attended; the mask id is always a
+                # valid embedding row (a model's pad id need not be).
+                pad_token_id=self.mask_token_id,
+                max_length=self.backend.max_length,
+                vocab_size=embedding_rows(self.model),
+                on_chunk=on_chunk,
+            )
+        finally:
+            if was_training:
+                self.model.train()
+        elapsed = time.perf_counter() - start
+        lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
+        generated = int(lengths.max()) if lengths.size else 0
+        sequences = torch.full(
+            (ids.shape[0], ids.shape[1] + generated), pad_token_id, dtype=torch.long
+        )
+        sequences[:, : ids.shape[1]] = ids_host
+        for row, tokens in enumerate(result.tokens):
+            sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
+        return GenerateOutput(
+            sequences=sequences.to(ids.device),
+            num_forward_passes=int(result.num_forward_passes),
+            tokens_per_forward=float(result.tokens_per_forward),
+            accepted_histogram=result.accepted_histogram,
+            elapsed_s=elapsed,
+            num_new_tokens=lengths,
+        )
+
+    def _check_input_ids(self, input_ids: Any) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(
+                f"input_ids must be a torch.LongTensor of shape (batch, prompt_len), got "
+                f"{type(input_ids).__name__}; use tokenizer(..., return_tensors='pt')"
+            )
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None, :]
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, prompt_len), got {tuple(input_ids.shape)}"
+            )
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids holds no prompts: pass at least one row of token ids")
+        ids: torch.Tensor = input_ids.long()
+        return ids
+
+    def _attention_mask(self, ids: torch.Tensor, attention_mask: Any) -> torch.Tensor:
+        """Boolean ``(batch, prompt_len)`` mask of real prompt tokens."""
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if tuple(mask.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)} but input_ids has shape "
+                    f"{tuple(ids.shape)}; pass the mask returned by the tokenizer with the ids"
+                )
+            return mask.to(device=ids.device).bool()
+        generation_config = getattr(self.model, "generation_config", None)
+        pad = getattr(generation_config, "pad_token_id", None)
+        eos = _as_id_list(getattr(generation_config, "eos_token_id", None))
+        if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):
+            return ids != int(pad)
+        return torch.ones_like(ids, dtype=torch.bool)
+
+    def _stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        if eos_token_id is None:
+            generation_config = getattr(self.model, "generation_config", None)
+            return _as_id_list(getattr(generation_config, "eos_token_id", None))
+        return _as_id_list(eos_token_id)
+
+    def _pad_token_id(self, stop_ids: list[int]) -> int:
+        generation_config = getattr(self.model, "generation_config", None)
+        pad = getattr(generation_config, "pad_token_id", None)
+        if pad is not None:
+            return int(_as_id_list(pad)[0])
+        if stop_ids:
+            return stop_ids[0]
+        return 0
