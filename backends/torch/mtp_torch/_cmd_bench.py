@@ -1,0 +1,273 @@
+"""Benchmark speed and quality of MTP decoding side by side with the baselines.
+
+``mtp bench --model DIR`` decodes the same prompts one at a time with transformers' greedy
+``generate`` (the baseline), prompt-lookup decoding, MTP static k, a ConfAdapt sweep and the
+lossless mode, then writes a JSON report, prints a Markdown table and plots quality against
+speed-up.  See ``mtp_torch._bench`` for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_torch._bench import (
+    BenchConfig,
+    default_data_path,
+    format_markdown,
+    load_prompts,
+    plot_report,
+    run_benchmark,
+    write_report,
+)
+from mtp_torch._default import DEFAULT_MODEL_NAME
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"2,3"`` -> ``(2, 3)``; ``""`` -> ``()``."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from error
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """``"0.9,0.8"`` -> ``(0.9, 0.8)``; ``""`` -> ``()``."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from error
+
+
+def _k_list(text: str) -> tuple[int | str, ...]:
+    """``"4,8,auto"`` -> ``(4, 8, "auto")``."""
+    values: list[int | str] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "auto":
+            values.append("auto")
+            continue
+        try:
+            values.append(int(part))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"--k-max takes comma-separated integers or 'auto', got {text!r}"
+            ) from error
+    return tuple(values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``mtp bench`` options on ``parser``."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_NAME,
+        help=f"converted checkpoint directory (or {DEFAULT_MODEL_NAME!r}, the embedded default)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="prompts, JSON lines with 'question' (GSM8K; chat template applied), 'prompt' or "
+        "'text'; default ../shared/data/gsm8k/test.jsonl next to the repository if present",
+    )
+    parser.add_argument("--out", default="bench_report.json", help="JSON report to write")
+    parser.add_argument(
+        "--plot", default=None, help="PNG plot to write (default: the report's path with .png)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=50, help="first N prompts of --data")
+    parser.add_argument(
+        "--k-max",
+        type=_k_list,
+        default=(4, 8, 16),
+        help="ConfAdapt k_max values, comma-separated; 'auto' adds the cost-aware choice",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=_float_list,
+        default=(0.99, 0.95, 0.9, 0.8, 0.7, 0.6),
+        help="ConfAdapt thresholds, comma-separated",
+    )
+    parser.add_argument(
+        "--static",
+        type=_int_list,
+        default=(2, 3),
+        help="static-k values, comma-separated ('' for none)",
+    )
+    parser.add_argument(
+        "--verify-thresholds",
+        type=_float_list,
+        default=(0.9,),
+        help="thresholds also run in the lossless mode, each k_max ('' for none)",
+    )
+    parser.add_argument(
+        "--prompt-lookup-tokens",
+        type=int,
+        default=10,
+        help="prompt_lookup_num_tokens of the prompt-lookup baseline (0 skips it)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes; speed is the median")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also bench a dynamically int8-quantised copy (CPU only), reported in separate rows",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="original model directory scoring the generated tokens (default: the checkpoint "
+        "itself as a plain LM over real tokens)",
+    )
+    parser.add_argument("--no-cost-curve", action="store_true", help="skip the cost-curve timing")
+    parser.add_argument("--cost-max-tokens", type=int, default=32, help="widest pass timed")
+    parser.add_argument("--cost-repeats", type=int, default=5, help="timed passes per width")
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed questions/prompts without the chat template",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: float32 on cpu, bfloat16 on cuda)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def _load_teacher(path: str, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    teacher.to(device)
+    teacher.eval()
+    module: torch.nn.Module = teacher
+    return module
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mtp bench``: decode, score, write the JSON report and the plot, print the table.
+
+    Returns:
+      0 on success.
+
+    Raises:
+      ValueError: on bad options, a missing prompt file, or a model without a tokenizer.
+    """
+    from mtp_torch._model import MTPModel, parse_dtype
+
+    say = (
+        (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    data = Path(args.data) if args.data else default_data_path()
+    if data is None:
+        raise ValueError(
+            "no prompt file: pass --data FILE.jsonl (lines with 'question', 'prompt' or 'text'); "
+            "the default ../shared/data/gsm8k/test.jsonl was not found"
+        )
+    if not data.is_file():
+        raise ValueError(f"--data {data} does not exist; give a JSON-lines prompt file")
+    if args.quantize == "int8" and not str(device).startswith("cpu"):
+        raise ValueError(
+            "--quantize int8 (dynamic quantisation) runs on the CPU only; add --device cpu"
+        )
+    if args.quantize == "int8" and dtype_name not in ("float32", "fp32"):
+        raise ValueError("--quantize int8 compares against float32; drop --dtype or use float32")
+    config = BenchConfig(
+        max_new_tokens=args.max_new_tokens,
+        k_max=args.k_max,
+        thresholds=args.thresholds,
+        static=args.static,
+        verify_thresholds=args.verify_thresholds,
+        repeats=args.repeats,
+        quantize=args.quantize,
+        prompt_lookup_tokens=args.prompt_lookup_tokens or None,
+        cost_curve=not args.no_cost_curve,
+        cost_max_tokens=args.cost_max_tokens,
+        cost_repeats=args.cost_repeats,
+    )
+    say(f"loading {args.model} ({dtype_name}, {device}) ...")
+    mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(dtype_name), device=device)
+    if mtp.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; save one with the model to bench it")
+    prompts = load_prompts(
+        data, mtp.tokenizer, num_prompts=args.num_prompts, chat=not args.no_chat_template
+    )
+    teacher = _load_teacher(args.teacher, device) if args.teacher else None
+    report = run_benchmark(
+        mtp,
+        prompts,
+        config,
+        teacher=teacher,
+        teacher_label=args.teacher,
+        meta={
+            "model": str(args.model),
+            "data": str(data),
+            "command": " ".join(["mtp", "bench", *_argv(args)]),
+        },
+        log=say,
+    )
+    write_report(report, args.out)
+    print(format_markdown(report))
+    print(f"report: {args.out}")
+    if not args.no_plot:
+        plot_path = args.plot or str(Path(args.out).with_suffix(".png"))
+        plot_report(report, plot_path)
+        print(f"plot: {plot_path}")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command's options, reconstructed from the parsed namespace (for the report)."""
+    parts: list[str] = []
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("_") or key in ("command", "verbose") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, tuple):
+            parts += [flag, ",".join(str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    return parts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mtp bench`` as a stand-alone command (same options as the subcommand).
+
+    Args:
+      argv: arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+      The exit status: 0 on success, 2 on bad input.
+    """
+    parser = argparse.ArgumentParser(prog="mtp bench", description=(__doc__ or "").splitlines()[0])
+    add_arguments(parser)
+    args: Any = parser.parse_args(None if argv is None else list(argv))
+    try:
+        return run(args)
+    except ValueError as error:
+        print(f"mtp bench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

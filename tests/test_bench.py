@@ -1,0 +1,492 @@
+"""The benchmark harness ``mtp bench`` (``mtp_torch._bench``, ``mtp_torch._cmd_bench``).
+
+End to end on a tiny random Llama checkpoint with a tiny offline word-level tokenizer; the
+metrics (GSM8K answer extraction, token F1, common prefix) as pure functions.  No timing asserts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtp_core import ConfAdapt, StaticK
+from mtp_torch._bench import (
+    BenchConfig,
+    BenchPrompt,
+    answers_match,
+    bench_methods,
+    common_prefix_length,
+    extract_final_number,
+    format_markdown,
+    gsm8k_reference,
+    load_prompts,
+    run_benchmark,
+    token_f1,
+)
+
+WORDS = (
+    "how many apples does she have left ? there are 3 5 12 7 a the is answer "
+    "tom buys 2 bags of each with eggs sells for $ dollars total"
+).split()
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<user> {{ message['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<bot> {% endif %}"
+)
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<eos>", "<user>", "<bot>"]
+    vocab = {token: index for index, token in enumerate([*specials, *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted tiny checkpoint directory (mask token stored in its config)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtp_torch._model import MTPModel
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    mtp = MTPModel(model, tokenizer=tokenizer)
+    return mtp.save_pretrained(
+        tmp_path_factory.mktemp("bench") / "tiny-mtp", k_max=4, threshold=0.9
+    )
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench-data") / "tiny.jsonl"
+    rows = [
+        {
+            "question": "how many apples does she have left ?",
+            "answer": "she has 12 - 5 = 7\n#### 7",
+        },
+        {"question": "tom buys 2 bags of 5 apples each . how many apples ?", "answer": "#### 10"},
+        {"question": "there are 3 eggs", "answer": "#### 3"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def test_mtp_bench_end_to_end(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
+    from mtp_torch._cmd_bench import main
+
+    out = tmp_path / "report.json"
+    plot = tmp_path / "plot.png"
+    status = main(
+        [
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--plot",
+            str(plot),
+            "--num-prompts",
+            "2",
+            "--max-new-tokens",
+            "10",
+            "--k-max",
+            "2,4",
+            "--thresholds",
+            "0.9,0.3",
+            "--static",
+            "2",
+            "--verify-thresholds",
+            "0.3",
+            "--prompt-lookup-tokens",
+            "3",
+            "--cost-max-tokens",
+            "4",
+            "--cost-repeats",
+            "1",
+            "--dtype",
+            "float64",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(out.read_text(encoding="utf-8"))
+
+    meta = report["meta"]
+    for key in ("machine", "torch", "transformers", "date", "command", "model", "max_new_tokens"):
+        assert key in meta
+    assert meta["num_prompts"] == 2 and meta["max_new_tokens"] == 10
+    assert report["cost_curve"]["num_tokens"] == [1, 2, 3, 4]
+
+    rows = {row["name"]: row for row in report["methods"]}
+    assert list(rows) == [
+        "greedy",
+        "prompt_lookup",
+        "static_2",
+        "confadapt_0.9_k2",
+        "confadapt_0.9_k4",
+        "confadapt_0.3_k2",
+        "confadapt_0.3_k4",
+        "verify_confadapt_0.3_k2",
+        "verify_confadapt_0.3_k4",
+    ]
+    fields = (
+        "tokens_per_forward",
+        "tokens_per_second",
+        "speedup",
+        "speedup_vs_fp32_greedy",
+        "speedup_ceiling",
+        "accuracy",
+        "teacher_nll",
+        "agreement_prefix",
+        "token_f1",
+        "exact_match",
+        "peak_memory_mb",
+    )
+    for row in rows.values():
+        for field in fields:
+            assert row[field] is not None, (row["name"], field)
+        assert row["generated_tokens"] > 0
+        assert row["peak_memory_mb"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["num_graded"] == 2
+        assert row["teacher_nll"] >= 0.0
+
+    greedy = rows["greedy"]
+    assert greedy["speedup"] == 1.0
+    assert greedy["tokens_per_forward"] == 1.0
+    assert greedy["exact_match"] == 1.0 and greedy["token_f1"] == 1.0
+    # The lossless mode reproduces greedy token for token.
+    for name in ("verify_confadapt_0.3_k2", "verify_confadapt_0.3_k4"):
+        assert rows[name]["exact_match"] == 1.0
+        assert rows[name]["token_f1"] == 1.0
+        assert rows[name]["agreement_prefix"] == greedy["agreement_prefix"]
+        assert rows[name]["teacher_nll"] == pytest.approx(greedy["teacher_nll"])
+    # Static k = 2 emits two tokens per pass (except possibly the last step of a prompt).
+    assert rows["static_2"]["tokens_per_forward"] > 1.0
+    assert rows["static_2"]["policy"] == "StaticK(2)"
+    assert rows["confadapt_0.3_k4"]["policy"] == "ConfAdapt(threshold=0.3, k_max=4)"
+    assert (
+        sum(rows["confadapt_0.3_k4"]["accepted_histogram"])
+        == rows["confadapt_0.3_k4"]["forward_passes"]
+    )
+    assert report["summary"]["mtp_speedup_same_precision"]["name"] in rows
+    assert report["summary"]["lossless_speedup_same_precision"]["name"].startswith("verify_")
+    assert {choice["threshold"] for choice in report["k_max_choice"]} == {0.9, 0.3}
+
+
+def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file: Path) -> None:
+    from mtp_torch._model import MTPModel
+
+    mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
+    prompts = load_prompts(data_file, mtp.tokenizer, num_prompts=1)
+    config = BenchConfig(
+        max_new_tokens=6,
+        k_max=(2, "auto"),
+        thresholds=(0.5,),
+        static=(),
+        verify_thresholds=(),
+        quantize="int8",
+        prompt_lookup_tokens=None,
+        cost_max_tokens=4,
+        cost_repeats=1,
+        auto_candidates=(1, 2),
+        probe_prompts=1,
+        probe_tokens=4,
+    )
+    messages: list[str] = []
+    report = run_benchmark(mtp, prompts, config, log=messages.append)
+    rows = {row["name"]: row for row in report["methods"]}
+    assert set(rows) == {
+        "greedy",
+        "confadapt_0.5_k2",
+        "confadapt_0.5_kauto",
+        "greedy_int8",
+        "confadapt_0.5_k2_int8",
+        "confadapt_0.5_kauto_int8",
+    }
+    assert rows["greedy"]["precision"] == "float32"
+    assert rows["greedy_int8"]["precision"] == "int8"
+    assert rows["greedy_int8"]["speedup"] == 1.0  # against its own precision
+    assert rows["greedy_int8"]["speedup_vs_fp32_greedy"] is not None
+    assert "token_f1_same_precision" in rows["confadapt_0.5_k2_int8"]
+    assert "token_f1_same_precision" not in rows["confadapt_0.5_k2"]
+    auto = rows["confadapt_0.5_kauto"]
+    assert auto["k_max_auto"] is True and auto["k_max"] in (1, 2)
+    assert auto["policy"] in ("StaticK(1)", "ConfAdapt(threshold=0.5, k_max=2)")
+    assert not report["summary"]["mtp_speedup_same_precision"]["name"].endswith("_int8")
+    assert any("k_max=auto" in message for message in messages)
+    table = format_markdown(report)
+    assert table.count("\n| ") >= len(rows) and "greedy_int8" in table
+    # The fp32 model was not touched by quantisation.
+    assert next(mtp.model.parameters()).dtype == torch.float32
+    assert all(
+        type(m) is not torch.nn.Linear or m.weight.dtype == torch.float32
+        for m in mtp.model.modules()
+    )
+
+
+def test_cli_dispatcher_runs_bench(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
+    from mtp_torch.cli import main
+
+    out = tmp_path / "r.json"
+    status = main(
+        [
+            "bench",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--no-plot",
+            "--num-prompts",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--k-max",
+            "2",
+            "--thresholds",
+            "0.9",
+            "--static",
+            "",
+            "--verify-thresholds",
+            "",
+            "--prompt-lookup-tokens",
+            "0",
+            "--no-cost-curve",
+            "--quiet",
+        ]
+    )
+    assert status == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert [row["name"] for row in report["methods"]] == ["greedy", "confadapt_0.9_k2"]
+    assert report["cost_curve"] is None
+    assert report["methods"][0]["speedup_ceiling"] is None
+
+
+def test_cli_reports_missing_data(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mtp_torch._cmd_bench import main
+
+    status = main(["--model", str(checkpoint), "--data", str(tmp_path / "nope.jsonl"), "--quiet"])
+    assert status == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+def test_load_prompts_fields_and_chat_template(tmp_path: Path) -> None:
+    tokenizer = _tokenizer()
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"question": "how many apples ?", "answer": "x\\n#### 1,200"}\n'
+        "\n"
+        '{"prompt": "tom buys eggs"}\n'
+        '{"text": "the answer is"}\n',
+        encoding="utf-8",
+    )
+    prompts = load_prompts(path, tokenizer)
+    assert [p.reference_answer for p in prompts] == ["1200", None, None]
+    user, bot = tokenizer.convert_tokens_to_ids(["<user>", "<bot>"])
+    assert prompts[0].input_ids[0] == user and prompts[0].input_ids[-1] == bot
+    assert prompts[1].input_ids[0] == user
+    assert user not in prompts[2].input_ids  # raw text: no chat template
+    assert len(load_prompts(path, tokenizer, num_prompts=2)) == 2
+    no_chat = load_prompts(path, tokenizer, chat=False)
+    assert user not in no_chat[0].input_ids
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"answer": "#### 3"}\n', "no 'question'"),
+        ("[1, 2]\n", "JSON object"),
+        ("{oops\n", "JSON"),
+        ("\n", "no prompt"),
+    ],
+)
+def test_load_prompts_rejects_bad_files(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_prompts(path, _tokenizer())
+
+
+# --- methods and config ------------------------------------------------------------------------
+
+
+def test_bench_methods_names_and_policies() -> None:
+    specs = bench_methods(k_max=(4, 16), thresholds=(0.9,), static=(2, 3), verify_thresholds=(0.9,))
+    assert [s.name for s in specs] == [
+        "greedy",
+        "prompt_lookup",
+        "static_2",
+        "static_3",
+        "confadapt_0.9_k4",
+        "confadapt_0.9_k16",
+        "verify_confadapt_0.9_k4",
+        "verify_confadapt_0.9_k16",
+    ]
+    by_name = {s.name: s for s in specs}
+    assert by_name["static_3"].policy == StaticK(3)
+    assert by_name["verify_confadapt_0.9_k16"].policy == ConfAdapt(0.9, 16)
+    assert by_name["verify_confadapt_0.9_k16"].verify
+    assert by_name["greedy"].policy is None and not by_name["greedy"].is_mtp
+    int8 = bench_methods(
+        k_max=(4,), thresholds=(0.9,), static=(), verify_thresholds=(), precision="int8"
+    )
+    assert [s.name for s in int8] == ["greedy_int8", "prompt_lookup_int8", "confadapt_0.9_k4_int8"]
+
+
+def test_bench_methods_auto_needs_a_resolved_policy() -> None:
+    with pytest.raises(ValueError, match="auto_policy"):
+        bench_methods(k_max=("auto",), thresholds=(0.9,))
+    specs = bench_methods(
+        k_max=("auto",),
+        thresholds=(0.9,),
+        static=(),
+        verify_thresholds=(),
+        auto_policies={0.9: StaticK(1)},
+        prompt_lookup_tokens=None,
+    )
+    assert specs[-1].name == "confadapt_0.9_kauto" and specs[-1].k_max == 1
+
+
+def test_bench_methods_rejects_duplicates() -> None:
+    with pytest.raises(ValueError, match="duplicate"):
+        bench_methods(k_max=(4, 4), thresholds=(0.9,))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"repeats": 0},
+        {"k_max": (0,)},
+        {"k_max": ("big",)},
+        {"thresholds": (1.5,)},
+        {"verify_thresholds": (0.0,)},
+        {"static": (0,)},
+        {"quantize": "int4"},
+        {"prompt_lookup_tokens": 0},
+    ],
+)
+def test_bench_config_rejects_bad_values(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        BenchConfig(**kwargs)
+
+
+def test_run_benchmark_rejects_no_prompts() -> None:
+    with pytest.raises(ValueError, match="no prompts"):
+        run_benchmark(object(), [])
+
+
+def test_bench_prompt_converts_ids() -> None:
+    assert BenchPrompt(text="x", input_ids=[1, 2]).input_ids == (1, 2)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Janet sells 9 eggs.\n#### 18", "18"),
+        ("#### $1,234.00", "1234"),
+        ("So the total is \\boxed{42}.", "42"),
+        ("\\boxed{3} and later \\boxed{-7.50}", "-7.5"),
+        ("The answer is 15 dollars, not 20.", "15"),
+        ("Final answer: $2,500.", "2500"),
+        ("She has 3 apples and buys 4 more, so 3 + 4 = 7.", "7"),
+        ("It costs 0.5 each, total .25", "0.25"),
+        ("Temperature dropped to -4 degrees.", "-4"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_final_number(text: str, expected: str | None) -> None:
+    assert extract_final_number(text) == expected
+
+
+def test_gsm8k_reference() -> None:
+    assert gsm8k_reference("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs.\n#### 18") == "18"
+    assert gsm8k_reference("#### 1,000") == "1000"
+    assert gsm8k_reference("42") == "42"
+    assert gsm8k_reference(7) == "7"
+    assert gsm8k_reference(2.5) == "2.5"
+    assert gsm8k_reference("no marker") is None
+    assert gsm8k_reference(None) is None
+    assert gsm8k_reference(True) is None
+
+
+def test_answers_match() -> None:
+    assert answers_match("18", "18")
+    assert answers_match("18.0", "18")
+    assert not answers_match("17", "18")
+    assert not answers_match(None, "18")
+
+
+def test_common_prefix_and_f1_examples() -> None:
+    assert common_prefix_length([1, 2, 3, 9], [1, 2, 3, 4, 5]) == 3
+    assert common_prefix_length([], [1]) == 0
+    assert token_f1([1, 2, 2, 3], [2, 1, 4, 2]) == pytest.approx(0.75)
+    assert token_f1([], []) == 1.0
+    assert token_f1([1], []) == 0.0
+    assert token_f1([1, 1], [2, 2]) == 0.0
+
+
+token_lists = st.lists(st.integers(min_value=0, max_value=6), max_size=12)
+
+
+@given(token_lists, token_lists)
+def test_metric_properties(a: list[int], b: list[int]) -> None:
+    prefix = common_prefix_length(a, b)
+    assert prefix == common_prefix_length(b, a)
+    assert 0 <= prefix <= min(len(a), len(b))
+    assert a[:prefix] == b[:prefix]
+    if prefix < min(len(a), len(b)):
+        assert a[prefix] != b[prefix]
+    f1 = token_f1(a, b)
+    assert f1 == pytest.approx(token_f1(b, a))
+    assert 0.0 <= f1 <= 1.0
+    assert (f1 == pytest.approx(1.0)) == (Counter(a) == Counter(b))
+    assert token_f1(a, a) == 1.0
+    assert common_prefix_length(a, a) == len(a)
