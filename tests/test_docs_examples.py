@@ -1,0 +1,167 @@
+"""The documentation: API coverage, the runnable examples, and the Sphinx build with -W.
+
+Each example runs end to end in a subprocess (tiny models, CPU, no network), as a user would run
+it; the examples assert their own claims (e.g. ``verify=True`` equals greedy decoding), so a
+non-zero exit status is a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+EXAMPLES = ROOT / "examples"
+
+
+def _load_checker() -> ModuleType:
+    path = DOCS / "check_api_coverage.py"
+    spec = importlib.util.spec_from_file_location("check_api_coverage", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MPLBACKEND="Agg",
+    )
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --- API coverage --------------------------------------------------------------------------------
+
+
+def test_every_public_name_is_documented() -> None:
+    result = _run([str(DOCS / "check_api_coverage.py")], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "API documentation complete" in result.stdout
+
+
+def test_checker_reports_missing_names_and_parses_both_syntaxes(tmp_path: Path) -> None:
+    checker = _load_checker()
+    (tmp_path / "a.rst").write_text(
+        ".. autoclass:: mtp_core.ConfAdapt\n   :members:\n\n.. py:data:: mtp_core.LossKind\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "b.md").write_text(
+        "```{autofunction} mtp_core.decode\n```\n\n:::{autoclass} mtp_core.StaticK\n:::\n",
+        encoding="utf-8",
+    )
+    documented = checker.documented_names(tmp_path)
+    assert documented == {
+        "mtp_core.ConfAdapt": "autoclass",
+        "mtp_core.LossKind": "py:data",
+        "mtp_core.decode": "autofunction",
+        "mtp_core.StaticK": "autoclass",
+    }
+    import mtp_core
+
+    problems = checker.check_package("mtp_core", documented)
+    missing = {line.split(":")[0] for line in problems}
+    expected = {f"mtp_core.{name}" for name in mtp_core.__all__} - set(documented)
+    assert missing == expected
+
+
+def test_checker_flags_undocumented_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    checker = _load_checker()
+    package = ModuleType("fake_pkg")
+
+    def documented_function() -> None:
+        """Has a docstring."""
+
+    def bare_function() -> None:
+        pass
+
+    class BareMethods:
+        """A class whose public method has no docstring."""
+
+        def method(self) -> None:
+            pass
+
+    package.__all__ = ["documented_function", "bare_function", "BareMethods", "CONSTANT"]  # type: ignore[attr-defined]
+    package.documented_function = documented_function  # type: ignore[attr-defined]
+    package.bare_function = bare_function  # type: ignore[attr-defined]
+    package.BareMethods = BareMethods  # type: ignore[attr-defined]
+    package.CONSTANT = "value"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_pkg", package)
+    documented = {f"fake_pkg.{name}": "autofunction" for name in package.__all__}  # type: ignore[attr-defined]
+    documented["fake_pkg.CONSTANT"] = "py:data"
+    problems = checker.check_package("fake_pkg", documented)
+    assert any(p.startswith("fake_pkg.bare_function: no docstring") for p in problems)
+    assert any(p.startswith("fake_pkg.BareMethods.method: no docstring") for p in problems)
+    assert not any("documented_function" in p or "CONSTANT" in p for p in problems)
+    assert len(problems) == 2
+
+
+# --- examples ------------------------------------------------------------------------------------
+
+EXAMPLE_FILES = sorted(path.name for path in EXAMPLES.glob("*.py"))
+EXPECTED_OUTPUT = {
+    "quickstart_decode.py": "verify=True equals greedy generate",
+    "custom_backend.py": "verify=True equals greedy",
+    "threshold_sweep.py": "tokens/forward",
+    "convert_tiny_model.py": "saved to and restored from",
+    "benchmark_tiny.py": "methods benchmarked",
+}
+
+
+def test_examples_are_the_expected_ones() -> None:
+    assert set(EXAMPLE_FILES) == set(EXPECTED_OUTPUT)
+
+
+# Each example takes 1-12 s on an idle CPU core (the conversion is the longest), so none is
+# marked slow; the generous timeout only guards against a hang on a busy machine.
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_runs(name: str) -> None:
+    result = _run([str(EXAMPLES / name)], timeout=300)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    assert EXPECTED_OUTPUT[name] in result.stdout
+
+
+def test_every_example_is_included_in_the_docs() -> None:
+    pages = "\n".join(
+        path.read_text(encoding="utf-8")
+        for path in [*DOCS.rglob("*.md"), *DOCS.rglob("*.rst")]
+        if "_build" not in path.parts
+    )
+    included = set(re.findall(r"literalinclude\}?\s+\S*examples/([\w.]+\.py)", pages))
+    assert included == set(EXAMPLE_FILES)
+
+
+# --- the Sphinx build -----------------------------------------------------------------------------
+
+
+def test_docs_build_without_warnings(tmp_path: Path) -> None:
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_parser")
+    result = _run(
+        ["-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(tmp_path)],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for page in ("index", "concepts", "results", "api/mtp_core", "api/mtp_numpy", "api/mtp_torch"):
+        assert (tmp_path / f"{page}.html").is_file()
