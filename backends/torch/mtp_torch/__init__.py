@@ -11,6 +11,13 @@ Method: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arX
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch._backend import TorchBackend as TorchBackend
+from mtp_torch._bench import BenchConfig as BenchConfig
+from mtp_torch._bench import run_benchmark as run_benchmark
+from mtp_torch._cost import CostCurve as CostCurve
+from mtp_torch._cost import auto_policy as auto_policy
+from mtp_torch._cost import choose_k_max as choose_k_max
+from mtp_torch._cost import measure_cost_curve as measure_cost_curve
+from mtp_torch._cost import speedup_ceiling as speedup_ceiling
 from mtp_torch._default import load_default as load_default
 from mtp_torch._distill import DistillConfig as DistillConfig
 from mtp_torch._distill import distill as distill
@@ -19,13 +26,20 @@ from mtp_torch._model import GenerateOutput as GenerateOutput
 from mtp_torch._model import MTPModel as MTPModel
 
 __all__ = [
+    "BenchConfig",
     "ConfAdapt",
+    "CostCurve",
     "DistillConfig",
     "GenerateOutput",
     "MTPModel",
     "StaticK",
     "TorchBackend",
     "add_mask_token",
+    "auto_policy",
+    "choose_k_max",
     "distill",
     "load_default",
+    "measure_cost_curve",
+    "run_benchmark",
+    "speedup_ceiling",
 ]

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import numpy as np
@@ -578,7 +578,7 @@ class BenchConfig:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    weight: torch.Tensor = model.get_input_embeddings().weight
+    weight: torch.Tensor = cast(Any, model).get_input_embeddings().weight
     return weight.device
 
 
@@ -665,7 +665,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         from torch.ao.quantization import quantize_dynamic
 
         copy = copy_module.deepcopy(model).float().eval()
-        quantized: torch.nn.Module = quantize_dynamic(
+        quantized: torch.nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
             copy, {torch.nn.Linear}, dtype=torch.qint8, inplace=True
         )
     return quantized
@@ -676,7 +676,7 @@ class _Engine:
     """One precision: the transformers model and its MTP wrapper."""
 
     precision: str
-    hf_model: torch.nn.Module
+    hf_model: Any  # a transformers PreTrainedModel (its generate() is untyped)
     mtp_model: Any
 
 
@@ -745,7 +745,7 @@ def _run_once(
             sequences = out.sequences
             histogram = [int(c) for c in np.asarray(out.accepted_histogram).ravel()]
         else:
-            config = GenerationConfig(
+            config = GenerationConfig(  # type: ignore[no-untyped-call]
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_ids if eos_ids else None,
@@ -776,7 +776,7 @@ def _teacher_scores(
     if not generated:
         return 0.0, 0, 0
     device = _model_device(teacher)
-    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    vocab = int(cast(Any, teacher).get_output_embeddings().weight.shape[0])
     ids = [*prompt.input_ids, *generated]
     safe = [t if 0 <= t < vocab else 0 for t in ids]
     input_ids = torch.tensor([safe], dtype=torch.long, device=device)

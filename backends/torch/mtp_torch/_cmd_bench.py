@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_teacher(path: str, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(
+    teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
     teacher.to(device)
@@ -171,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
     """
     from mtp_torch._model import MTPModel, parse_dtype
 
-    say = (
-        (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-    )
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     data = Path(args.data) if args.data else default_data_path()

@@ -24,7 +24,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import numpy as np
@@ -378,7 +378,7 @@ def measure_cost_curve(
         )
     parameter = next(model.parameters())
     device = parameter.device
-    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    vocab_size = int(cast(Any, model).get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(int(seed))
     context = torch.randint(0, vocab_size, (1, int(context_length)), generator=generator)
     blocks = torch.randint(0, vocab_size, (1, int(max_tokens)), generator=generator)
