@@ -1,0 +1,308 @@
+"""Distil a causal LM into a multi-token predictor (self-distillation, arXiv 2602.06019).
+
+With no arguments, ``mtp convert`` converts the embedded default model (SmolLM2-135M-Instruct)
+on a corpus the model writes itself (answers to GSM8K train questions when that file is found,
+else Magpie-style prompts sampled from its chat template) within a coffee-break time budget on
+a CPU, using the settings of ``cpu_preset``.  Checkpoints go next to the output directory
+(``<out>.ckpt``), so ``--resume`` continues a run that was stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_torch._data import load_corpus, read_seed_prompts, write_corpus
+from mtp_torch._default import DEFAULT_MODEL_NAME, cache_root
+from mtp_torch._distill import (
+    DistillConfig,
+    StepMetrics,
+    _distributed,
+    cpu_preset,
+    distill,
+    find_blocks,
+)
+
+__all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run"]
+
+# Rows of the self-written corpus and their length cap: writing them is part of the coffee break.
+DEFAULT_NUM_EXAMPLES = 64
+DEFAULT_RESPONSE_TOKENS = 192
+# Where GSM8K train questions are looked for (the first that exists seeds the corpus).
+_SEED_PROMPT_CANDIDATES = (
+    "shared/data/gsm8k/train.jsonl",
+    "/work/shared/data/gsm8k/train.jsonl",
+)
+_SEED_PROMPTS_ENV = "MTP_SEED_PROMPTS"
+
+
+def default_seed_prompts() -> Path | None:
+    """The seed-prompt file used when none is given: ``$MTP_SEED_PROMPTS`` or a GSM8K train file.
+
+    Returns:
+      The first existing candidate, or ``None`` (Magpie-style prompts are sampled instead).
+    """
+    from_env = os.environ.get(_SEED_PROMPTS_ENV)
+    candidates = ([from_env] if from_env else []) + list(_SEED_PROMPT_CANDIDATES)
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``mtp convert`` options on ``parser``."""
+    preset = cpu_preset()
+    parser.add_argument(
+        "--model",
+        default="default",
+        help=f"model directory (or Hub id) of a causal LM, or 'default' ({DEFAULT_MODEL_NAME})",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="training corpus: .jsonl rows of {text}, {messages} or {question, answer}, or a .txt "
+        "file (default: a corpus the model writes itself)",
+    )
+    parser.add_argument("--out", default=None, help="output directory (default: ./<model>-mtp)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (no time limit)")
+    budget.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help=f"training time budget in minutes (default {preset.minutes:g})",
+    )
+    parser.add_argument(
+        "--k-max", type=int, default=None, help=f"largest block size (default {preset.k_max})"
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("hard", "soft", "gt"),
+        default=None,
+        help=f"training objective (default {preset.loss})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate (default {preset.lr:g})"
+    )
+    parser.add_argument(
+        "--mask-lr-multiplier",
+        type=float,
+        default=None,
+        help=f"extra step size of the mask embedding (default {preset.mask_lr_multiplier:g})",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"linear warm-up steps (default {preset.warmup_steps})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"packed sequences per step (default {preset.batch_size})",
+    )
+    parser.add_argument(
+        "--grad-accum", type=int, default=None, help="micro-steps per optimizer step"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"slots per packed sequence (default {preset.seq_len})",
+    )
+    parser.add_argument(
+        "--num-regions",
+        type=int,
+        default=None,
+        help="regions per sequence (default: seq_len // (2 k_max), the paper's density)",
+    )
+    parser.add_argument(
+        "--train-layers",
+        default=None,
+        help=f"train only the top N blocks (+ mask embedding), or 'all' (default {preset.train_layers})",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help=f"steps between checkpoints (default {preset.checkpoint_every})",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="ConfAdapt threshold stored as the model's default (default 0.9)",
+    )
+    corpus = parser.add_argument_group("self-written corpus (when --data is not given)")
+    corpus.add_argument(
+        "--seed-prompts",
+        default=None,
+        help="JSON-lines file of prompts ({question} or {messages}); default: "
+        f"${_SEED_PROMPTS_ENV} or a GSM8K train file if found, else Magpie prompts",
+    )
+    corpus.add_argument(
+        "--num-examples",
+        type=int,
+        default=DEFAULT_NUM_EXAMPLES,
+        help=f"rows the model writes (default {DEFAULT_NUM_EXAMPLES})",
+    )
+    corpus.add_argument(
+        "--response-tokens",
+        type=int,
+        default=DEFAULT_RESPONSE_TOKENS,
+        help=f"length cap of each written response (default {DEFAULT_RESPONSE_TOKENS})",
+    )
+    corpus.add_argument(
+        "--corpus-cache",
+        default=None,
+        help="JSON-lines cache of the written corpus (default: in the mtp-lm cache dir)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
+    """(model in float32, tokenizer, a short name for paths)."""
+    if name in ("default", DEFAULT_MODEL_NAME):
+        from mtp_torch._default import load_default
+
+        model, tokenizer = load_default()
+        return model, tokenizer, DEFAULT_MODEL_NAME
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except OSError as error:
+        raise ValueError(
+            f"cannot load model {name!r} ({error}); pass a model directory or 'default'"
+        ) from error
+    return model, tokenizer, Path(name.rstrip("/")).name or "model"
+
+
+def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> DistillConfig:
+    overrides: dict[str, Any] = {
+        "out_dir": str(checkpoint_dir),
+        "log_path": str(checkpoint_dir / "metrics.jsonl"),
+        "resume": bool(args.resume),
+        "progress": not args.no_progress,
+        "device": args.device,
+    }
+    if args.steps is not None:
+        overrides.update(steps=args.steps, minutes=None)
+    if args.minutes is not None:
+        overrides["minutes"] = args.minutes
+    names = {
+        "k_max": "k_max",
+        "loss": "loss",
+        "lr": "lr",
+        "mask_lr_multiplier": "mask_lr_multiplier",
+        "warmup_steps": "warmup_steps",
+        "batch_size": "batch_size",
+        "grad_accum": "grad_accum",
+        "seq_len": "seq_len",
+        "num_regions": "num_regions",
+        "seed": "seed",
+        "checkpoint_every": "checkpoint_every",
+    }
+    for arg_name, field in names.items():
+        value = getattr(args, arg_name)
+        if value is not None:
+            overrides[field] = value
+    if args.train_layers is not None:
+        text = str(args.train_layers).strip().lower()
+        if text == "all":
+            overrides["train_layers"] = None
+        else:
+            try:
+                overrides["train_layers"] = int(text)
+            except ValueError as error:
+                raise ValueError(
+                    f"--train-layers must be an integer or 'all', got {args.train_layers!r}"
+                ) from error
+    else:
+        # The preset's block count, capped for small models (all blocks train then).
+        preset_layers = cpu_preset().train_layers
+        if preset_layers is not None and preset_layers >= len(find_blocks(model)):
+            overrides["train_layers"] = None
+    return cpu_preset(**overrides)
+
+
+def _corpus(
+    args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, seed: int
+) -> list[list[int]]:
+    if args.data is not None:
+        return load_corpus(args.data, tokenizer)
+    seed_file = Path(args.seed_prompts) if args.seed_prompts else default_seed_prompts()
+    seeds = read_seed_prompts(seed_file) if seed_file is not None else None
+    if args.corpus_cache is not None:
+        cache = Path(args.corpus_cache)
+    else:
+        key = json.dumps([model_name, str(seed_file), args.response_tokens, seed])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        cache = cache_root() / "corpora" / f"{model_name}-{digest}.jsonl"
+    print(f"corpus: {cache} ({'seeded by ' + str(seed_file) if seed_file else 'Magpie prompts'})")
+    write_corpus(
+        model,
+        tokenizer,
+        cache,
+        args.num_examples,
+        seed_prompts=seeds,
+        max_new_tokens=args.response_tokens,
+        seed=seed,
+        progress=not args.no_progress,
+    )
+    return load_corpus(cache, tokenizer, limit=args.num_examples)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
+    model, tokenizer, model_name = _load_model(args.model, args.device)
+    out = Path(args.out) if args.out else Path(f"{model_name}-mtp")
+    checkpoint_dir = out.parent / f"{out.name}.ckpt"
+    cfg = _config(args, checkpoint_dir, model)
+    started = time.perf_counter()
+    # Under torchrun, rank 0 writes the corpus cache and the others read it afterwards.
+    rank, world_size, _ = _distributed()
+    if rank == 0:
+        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
+    corpus_s = time.perf_counter() - started
+    last: list[StepMetrics] = []
+    mtp = distill(model, sequences, cfg, tokenizer=tokenizer, on_step=last.append)
+    if rank != 0:
+        return 0
+    path = mtp.save_pretrained(out, k_max=cfg.k_max, threshold=args.threshold)
+    summary: dict[str, Any] = {
+        "out": str(path),
+        "corpus_minutes": round(corpus_s / 60, 2),
+        "total_minutes": round((time.perf_counter() - started) / 60, 2),
+        "k_max": cfg.k_max,
+        "threshold": args.threshold,
+    }
+    if last:
+        summary.update(
+            step=last[-1].step,
+            loss=round(last[-1].loss, 4),
+            agreement=[round(a, 3) for a in last[-1].agreement],
+        )
+    print(json.dumps(summary))
+    return 0

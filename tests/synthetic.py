@@ -1,0 +1,133 @@
+"""A tiny synthetic language with deterministic continuations, and a teacher trained on it.
+
+The language: a fixed random permutation ``successor`` of the vocabulary; a document starts at a
+random token and every next token is ``successor`` of the previous one.  A tiny Llama learns it
+(next-token accuracy 1.0) in a couple of seconds on one CPU core, and a multi-token student can
+in principle predict any number of tokens ahead from the last one, so a good conversion reaches
+nearly ``k_max`` tokens per forward pass with the continuation unchanged.
+"""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+@attrs.frozen(eq=False)
+class Language:
+    """The synthetic language: token ``t`` is always followed by ``successor[t]``.
+
+    Attributes:
+      successor: ``(vocab,)`` int64 permutation.
+    """
+
+    successor: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids."""
+        return int(self.successor.shape[0])
+
+    def continue_from(self, token: int, length: int) -> list[int]:
+        """The ``length`` tokens that follow ``token``."""
+        out = []
+        for _ in range(length):
+            token = int(self.successor[token])
+            out.append(token)
+        return out
+
+    def documents(self, count: int, length: int, seed: int = 0) -> list[list[int]]:
+        """``count`` documents of ``length`` tokens, each from a random first token."""
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, self.vocab_size, size=count)
+        return [[int(s), *self.continue_from(int(s), length - 1)] for s in starts]
+
+
+def make_language(vocab_size: int = 32, seed: int = 0) -> Language:
+    """A language over ``vocab_size`` tokens with a seeded random successor permutation."""
+    return Language(successor=np.random.default_rng(seed).permutation(vocab_size).astype(np.int64))
+
+
+def tiny_llama(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama (untied embeddings, 4 heads, 2 KV heads)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def train_teacher(
+    language: Language,
+    *,
+    steps: int = 150,
+    batch_size: int = 32,
+    length: int = 32,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A tiny Llama trained by next-token cross-entropy until it speaks ``language``."""
+    model = tiny_llama(language.vocab_size, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    data = torch.tensor(language.documents(steps * batch_size, length, seed=seed + 1))
+    model.train()
+    for step in range(steps):
+        batch = data[step * batch_size : (step + 1) * batch_size]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+def next_token_accuracy(model: torch.nn.Module, language: Language, seed: int = 99) -> float:
+    """Greedy next-token accuracy of ``model`` on fresh documents of ``language``."""
+    batch = torch.tensor(language.documents(16, 24, seed=seed))
+    with torch.no_grad():
+        predicted = model(input_ids=batch).logits[:, :-1].argmax(-1)
+    return float((predicted == batch[:, 1:]).float().mean())
+
+
+# --- a tiny word-level tokenizer with a chat template (built offline) ---------------------------
+
+WORDS = "what is two plus three the answer five a b c hello world".split()
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline, optionally with a tiny chat template."""
+    specials = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat:
+        tokenizer.chat_template = TEMPLATE
+    return tokenizer

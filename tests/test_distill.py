@@ -1,0 +1,529 @@
+"""Self-distillation training (mtp_torch._distill): layout in torch, losses, resume, learning."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+from mtp_core import ConfAdapt
+from mtp_core._src.layout import TrainingLayoutSpec, training_layout
+from mtp_torch._distill import (
+    DistillConfig,
+    _batch_loss,
+    _pack,
+    cpu_preset,
+    distill,
+    find_blocks,
+)
+from mtp_torch._mask import add_mask_token
+from mtp_torch._model import MTPModel
+from mtp_torch.cli import main as cli_main
+from tests.synthetic import (
+    make_language,
+    make_tokenizer,
+    next_token_accuracy,
+    tiny_llama,
+    train_teacher,
+)
+
+VOCAB = 40
+
+
+def tiny_gpt2(
+    attn_implementation: str = "sdpa", dropout: float = 0.0, seed: int = 0
+) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        attn_implementation=attn_implementation,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def random_corpus(count: int = 16, length: int = 60, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, size=length).tolist() for _ in range(count)]
+
+
+def quiet(**kwargs: object) -> DistillConfig:
+    """A small config for tiny models; keyword arguments override."""
+    settings: dict[str, object] = {
+        "k_max": 4,
+        "steps": 4,
+        "seq_len": 32,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "progress": False,
+        "device": "cpu",
+    }
+    settings.update(kwargs)
+    return DistillConfig(**settings)  # type: ignore[arg-type]
+
+
+# --- the packed layout in torch -----------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def _model_with_mask(arch: str, attn: str) -> tuple[torch.nn.Module, int]:
+    key = (arch, attn)
+    if key not in _MODELS:
+        if arch == "llama":
+            model = tiny_llama(VOCAB, hidden_size=32, dtype=torch.float64, attn_implementation=attn)
+        else:
+            model = tiny_gpt2(attn).to(torch.float64)
+        add_mask_token(model)
+        _MODELS[key] = model.eval()
+    model = _MODELS[key]
+    return model, int(model.config.mtp_mask_token_id)
+
+
+@pytest.mark.parametrize(
+    ("arch", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("gpt2", "eager")]
+)
+@given(
+    k=st.integers(min_value=2, max_value=5),
+    num_regions=st.integers(min_value=1, max_value=4),
+    offset_fraction=st.floats(min_value=0.0, max_value=0.999),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_packed_layout_logits_equal_plain_causal_forward(
+    arch: str, attn: str, k: int, num_regions: int, offset_fraction: float, seed: int
+) -> None:
+    """Each region's k predictions equal a plain causal pass on its prefix + k-1 masks."""
+    model, mask_id = _model_with_mask(arch, attn)
+    seq_len = num_regions * (2 * k + 1)
+    prefix_len = TrainingLayoutSpec(seq_len, k, num_regions).prefix_len
+    offset = int(offset_fraction * prefix_len)
+    layout = training_layout(TrainingLayoutSpec(seq_len, k, num_regions, offset))
+    window = np.random.default_rng(seed).integers(0, VOCAB, size=(2, layout.spec.window_len))
+    packed = _pack(window, layout, mask_id, torch.device("cpu"), prefix_loss=False)
+    cfg = DistillConfig(k_max=k, seq_len=seq_len, num_regions=num_regions, loss="gt")
+    with torch.no_grad():
+        _, packed_logits, _, targets = _batch_loss(
+            model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
+        )
+    assert packed_logits.shape == (2, num_regions, k, VOCAB + 1)
+    np.testing.assert_array_equal(targets.numpy(), window[:, layout.target_index])
+    for region in range(num_regions):
+        last_real = int(layout.source_index[layout.predict_index[region, 0]])
+        prefix = torch.from_numpy(window[:, : last_real + 1])
+        masks = torch.full((2, k - 1), mask_id, dtype=torch.long)
+        with torch.no_grad():
+            plain = model(input_ids=torch.cat([prefix, masks], dim=1)).logits[:, -k:]
+        assert packed_logits.dtype == torch.float64
+        torch.testing.assert_close(packed_logits[:, region], plain)
+
+
+# --- configuration and bad input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k_max": 1}, "k_max"),
+        ({"loss": "kl"}, "loss"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -1e-5}, "lr"),
+        ({"steps": 0}, "steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"betas": (1.0, 0.9)}, "betas"),
+        ({"clip": 0.0}, "clip"),
+        ({"minutes": 0}, "minutes"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"train_layers": -1}, "train_layers"),
+        ({"train_layers": 0, "train_mask_embedding": False}, "nothing to train"),
+        ({"k_max": 16, "seq_len": 40, "num_regions": 2}, "larger than the region"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_defaults_follow_the_paper() -> None:
+    cfg = DistillConfig()
+    assert (cfg.k_max, cfg.loss, cfg.lr, cfg.seq_len, cfg.regions) == (16, "hard", 1e-5, 160, 5)
+    assert cfg.betas == (0.9, 0.95) and cfg.weight_decay == 0.1 and cfg.clip == 1.0
+    assert cpu_preset().k_max >= 2
+    assert cpu_preset(k_max=3).k_max == 3
+
+
+@pytest.mark.parametrize("corpus", [[], [[]], [[], []]])
+def test_empty_corpus_is_rejected(corpus: list[list[int]]) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        distill(tiny_llama(VOCAB, hidden_size=16), corpus, quiet())
+
+
+def test_corpus_shorter_than_one_window_is_rejected() -> None:
+    with pytest.raises(ValueError, match="window needs"):
+        distill(tiny_llama(VOCAB, hidden_size=16), [[1, 2, 3], [4, 5]], quiet())
+
+
+def test_k_max_larger_than_region_is_rejected() -> None:
+    with pytest.raises(ValueError, match="larger than the region"):
+        quiet(k_max=12, seq_len=32, num_regions=2)
+
+
+def test_non_causal_model_is_rejected() -> None:
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    with pytest.raises(ValueError, match="not causal"):
+        distill(BertForMaskedLM(config), random_corpus(), quiet())
+
+
+def test_train_layers_beyond_the_model_is_rejected() -> None:
+    with pytest.raises(ValueError, match="train_layers"):
+        distill(tiny_llama(VOCAB, hidden_size=16), random_corpus(), quiet(train_layers=5))
+
+
+# --- each loss lowers its own objective ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def language_and_teacher() -> tuple[object, torch.nn.Module]:
+    language = make_language(32)
+    teacher = train_teacher(language)
+    assert next_token_accuracy(teacher, language) == 1.0
+    return language, teacher
+
+
+def _objective(
+    student: torch.nn.Module, teacher: torch.nn.Module, corpus: list[list[int]], cfg: DistillConfig
+) -> float:
+    """Mean loss of ``cfg.loss`` over a fixed set of (k, offset) layouts and windows."""
+    mask_id = int(student.config.mtp_mask_token_id)
+    stream = np.concatenate([np.asarray(s) for s in corpus])
+    values = []
+    student.eval()
+    for k in range(2, cfg.k_max + 1):
+        for offset in (0, 2):
+            layout = training_layout(TrainingLayoutSpec(cfg.seq_len, k, cfg.regions, offset))
+            width = layout.spec.window_len
+            windows = np.stack([stream[i * width : (i + 1) * width] for i in range(8)])
+            packed = _pack(windows, layout, mask_id, torch.device("cpu"), prefix_loss=False)
+            with torch.no_grad():
+                loss, *_ = _batch_loss(
+                    student, student, teacher, packed, cfg, mask_id, contextlib.nullcontext()
+                )
+            values.append(float(loss))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft", "gt"])
+def test_each_loss_lowers_its_objective(
+    kind: str, language_and_teacher: tuple[object, torch.nn.Module]
+) -> None:
+    language, trained = language_and_teacher
+    corpus = language.documents(60, 40, seed=7)  # type: ignore[attr-defined]
+    cfg = quiet(loss=kind, steps=40, seq_len=64, batch_size=8, lr=3e-3, weight_decay=0.0)
+    teacher = copy.deepcopy(trained)
+    before_student = copy.deepcopy(trained)
+    add_mask_token(before_student, seed=cfg.seed)
+    before = _objective(before_student, teacher, corpus, cfg)
+    student = distill(copy.deepcopy(trained), corpus, cfg).model
+    after = _objective(student, teacher, corpus, cfg)
+    assert after < 0.7 * before, (kind, before, after)
+
+
+# --- freezing, the mask learning rate, logging ---------------------------------------------------
+
+
+def test_train_layers_freezes_lower_blocks_and_other_embedding_rows() -> None:
+    model = tiny_llama(VOCAB, hidden_size=16, layers=3)
+    original = copy.deepcopy(model)
+    mtp = distill(model, random_corpus(), quiet(train_layers=1, steps=3, lr=1e-2))
+    trained = mtp.model
+    mask_id = mtp.mask_token_id
+    blocks_before, blocks_after = find_blocks(original), find_blocks(trained)
+    for index in (0, 1):
+        for a, b in zip(
+            blocks_before[index].parameters(), blocks_after[index].parameters(), strict=True
+        ):
+            assert torch.equal(a, b)
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(blocks_before[2].parameters(), blocks_after[2].parameters(), strict=True)
+    )
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        old = getattr(original, name)().weight
+        new = getattr(trained, name)().weight
+        assert torch.equal(old, new[:VOCAB])
+    fresh = tiny_llama(VOCAB, hidden_size=16, layers=3)
+    add_mask_token(fresh, seed=0)
+    assert not torch.equal(
+        fresh.get_input_embeddings().weight[mask_id], trained.get_input_embeddings().weight[mask_id]
+    )
+    assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_mask_lr_multiplier_scales_the_mask_rows_update() -> None:
+    moves = {}
+    for multiplier in (1.0, 5.0):
+        model = tiny_llama(VOCAB, hidden_size=16)
+        fresh = copy.deepcopy(model)
+        mask_id = add_mask_token(fresh, seed=0)
+        start = fresh.get_input_embeddings().weight[mask_id].clone()
+        mtp = distill(
+            model, random_corpus(), quiet(steps=1, train_layers=1, mask_lr_multiplier=multiplier)
+        )
+        moves[multiplier] = mtp.model.get_input_embeddings().weight[mask_id].detach() - start
+    assert moves[1.0].abs().max() > 0
+    torch.testing.assert_close(moves[5.0], 5.0 * moves[1.0])
+
+
+def test_metrics_are_logged_as_json_lines(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    seen = []
+    distill(
+        tiny_llama(VOCAB, hidden_size=16),
+        random_corpus(),
+        quiet(steps=3, log_path=str(log)),
+        on_step=seen.append,
+    )
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] == [m.step for m in seen]
+    for row in rows:
+        assert len(row["agreement"]) == row["ks"][-1]
+        assert all(0.0 <= a <= 1.0 for a in row["agreement"])
+        assert (
+            row["tokens_per_s"] > 0
+            and row["supervised_tokens"] == 4 * quiet().regions * row["ks"][0]
+        )
+
+
+# --- checkpoints: a killed and resumed run equals an uninterrupted one --------------------------
+
+
+def _resume_config(out_dir: Path, steps: int, **kwargs: object) -> DistillConfig:
+    return quiet(
+        steps=steps,
+        out_dir=str(out_dir),
+        checkpoint_every=2,
+        resume=True,
+        grad_accum=2,
+        warmup_steps=3,
+        mask_lr_multiplier=3.0,
+        **kwargs,
+    )
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+    corpus = random_corpus(count=6, length=40)  # short: the stream wraps during the run
+    straight = distill(tiny_gpt2(dropout=0.1), corpus, _resume_config(tmp_path / "a", 6)).model
+    distill(tiny_gpt2(dropout=0.1), corpus, _resume_config(tmp_path / "b", 3))
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["step"] == 3
+    resumed = distill(tiny_gpt2(dropout=0.1), corpus, _resume_config(tmp_path / "b", 6)).model
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert len(list((tmp_path / "b").glob("checkpoint-*"))) == 1
+    assert not list((tmp_path / "b").glob(".*tmp*"))
+
+
+def test_resume_with_other_settings_is_rejected(tmp_path: Path) -> None:
+    corpus = random_corpus()
+    distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))
+    with pytest.raises(ValueError, match="k_max"):
+        distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 4, k_max=3))
+
+
+# --- learning: the tiny teacher's language becomes ~k_max tokens per forward ---------------------
+
+
+@pytest.mark.slow
+def test_distilled_synthetic_model_decodes_several_tokens_per_forward(
+    language_and_teacher: tuple[object, torch.nn.Module],
+) -> None:
+    language, trained = language_and_teacher
+    corpus = language.documents(200, 40, seed=5)  # type: ignore[attr-defined]
+    cfg = DistillConfig(
+        k_max=4,
+        steps=300,
+        seq_len=64,
+        batch_size=16,
+        lr=3e-3,
+        weight_decay=0.0,
+        progress=False,
+        device="cpu",
+    )
+    mtp = distill(copy.deepcopy(trained), corpus, cfg)
+    prompts = torch.tensor([[s, *language.continue_from(s, 3)] for s in range(8)])  # type: ignore[attr-defined]
+    out = mtp.generate(prompts, ConfAdapt(0.9, 4), max_new_tokens=32, eos_token_id=[])
+    for row in range(prompts.shape[0]):
+        expected = language.continue_from(int(prompts[row, -1]), 32)  # type: ignore[attr-defined]
+        assert out.sequences[row, prompts.shape[1] :].tolist() == expected
+    assert out.tokens_per_forward > 3.3
+
+
+def test_frozen_embeddings_stay_put_and_upper_blocks_train() -> None:
+    model = tiny_llama(VOCAB, hidden_size=16, layers=3)
+    fresh = copy.deepcopy(model)
+    add_mask_token(fresh, seed=0)
+    trained = distill(
+        model, random_corpus(), quiet(train_layers=1, train_mask_embedding=False, steps=2)
+    ).model
+    assert torch.equal(fresh.get_input_embeddings().weight, trained.get_input_embeddings().weight)
+    assert torch.equal(fresh.get_output_embeddings().weight, trained.get_output_embeddings().weight)
+    assert not torch.equal(
+        find_blocks(fresh)[2].mlp.up_proj.weight, find_blocks(trained)[2].mlp.up_proj.weight
+    )
+
+
+# --- mtp convert ----------------------------------------------------------------------------------
+
+
+def _tiny_model_dir(tmp_path: Path) -> Path:
+    tokenizer = make_tokenizer()
+    model = tiny_llama(len(tokenizer), hidden_size=16)
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_convert_command_writes_a_loadable_mtp_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = _tiny_model_dir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": "what is two plus three the answer five " * 4}) + "\n"
+            for _ in range(4)
+        )
+    )
+    out = tmp_path / "out"
+    common = ["convert", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    small = ["--k-max", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+    assert cli_main([*common, "--steps", "2", *small]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["k_max"] == 2
+    mtp = MTPModel.from_pretrained(out)
+    assert mtp.mask_token_id == len(make_tokenizer())
+    assert mtp.default_policy == ConfAdapt(0.9, 2)
+    # --resume continues from <out>.ckpt up to the new step count.
+    assert cli_main([*common, "--steps", "3", "--resume", *small]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+
+
+def test_convert_command_lets_the_model_write_its_corpus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = _tiny_model_dir(tmp_path)
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(
+        "".join(json.dumps({"question": q}) + "\n" for q in ("what is two", "hello world", "a b c"))
+    )
+    cache = tmp_path / "corpus.jsonl"
+    argv = [
+        "convert",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+        "--k-max",
+        "2",
+        "--seq-len",
+        "8",
+        "--batch-size",
+        "1",
+        "--no-progress",
+        "--seed-prompts",
+        str(seeds),
+        "--num-examples",
+        "3",
+        "--response-tokens",
+        "12",
+        "--corpus-cache",
+        str(cache),
+        "--train-layers",
+        "all",
+    ]
+    assert cli_main(argv) == 0
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert 1 <= len(rows) <= 3 and all(r["source"] == "seed" for r in rows)
+
+
+def test_convert_command_reports_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = _tiny_model_dir(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    argv = [
+        "convert",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(empty),
+        "--out",
+        str(tmp_path / "o"),
+        "--steps",
+        "1",
+    ]
+    assert cli_main(argv) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_training_only_the_mask_rows_keeps_real_token_predictions() -> None:
+    model = tiny_llama(VOCAB, hidden_size=16)
+    original = copy.deepcopy(model)
+    mtp = distill(model, random_corpus(), quiet(train_layers=0, steps=3, lr=1e-2))
+    trained, mask_id = mtp.model, mtp.mask_token_id
+    ids = torch.tensor(random_corpus(count=2, length=12, seed=3))
+    with torch.no_grad():
+        before = original(input_ids=ids).logits
+        after = trained(input_ids=ids).logits[..., :VOCAB]
+    torch.testing.assert_close(before, after)
+    fresh = tiny_llama(VOCAB, hidden_size=16)
+    add_mask_token(fresh, seed=0)
+    assert not torch.equal(
+        fresh.get_input_embeddings().weight[mask_id], trained.get_input_embeddings().weight[mask_id]
+    )
+
+
+def test_prefix_loss_adds_the_real_slots_loss() -> None:
+    model = tiny_llama(VOCAB, hidden_size=16, dtype=torch.float64)
+    add_mask_token(model)
+    mask_id = int(model.config.mtp_mask_token_id)
+    layout = training_layout(TrainingLayoutSpec(32, 3, 4, 1))
+    windows = np.random.default_rng(0).integers(0, VOCAB, size=(2, layout.spec.window_len))
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = quiet(loss="gt", prefix_loss_weight=weight)
+        packed = _pack(windows, layout, mask_id, torch.device("cpu"), prefix_loss=weight > 0)
+        with torch.no_grad():
+            losses[weight], *_ = _batch_loss(
+                model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
+            )
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(windows[:, : layout.spec.num_real])).logits
+    targets = torch.from_numpy(windows[:, 1 : layout.spec.num_real + 1])
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB + 1), targets.reshape(-1))
+    torch.testing.assert_close(losses[1.0] - losses[0.0], plain)
