@@ -128,8 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher",
         default=None,
-        help="original model directory scoring the generated tokens (default: the checkpoint "
-        "itself as a plain LM over real tokens)",
+        help="original model directory scoring the generated tokens, or 'default' for the "
+        "embedded default model (default: the checkpoint itself as a plain LM over real tokens)",
     )
     parser.add_argument("--no-cost-curve", action="store_true", help="skip the cost-curve timing")
     parser.add_argument("--cost-max-tokens", type=int, default=32, help="widest pass timed")
@@ -151,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_teacher(path: str, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if path in ("default", DEFAULT_MODEL_NAME):
+        from mtp_torch._default import default_model_dir
+
+        path = str(default_model_dir())
     teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
