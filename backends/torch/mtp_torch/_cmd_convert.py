@@ -130,6 +130,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"train only the top N blocks (+ mask embedding), or 'all' (default {preset.train_layers})",
     )
+    parser.add_argument(
+        "--train-mask-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train the mask token's embedding rows (default: "
+        f"{'yes' if preset.train_mask_embedding else 'no'}; training them makes backward reach "
+        "the bottom block)",
+    )
+    parser.add_argument(
+        "--prefix-loss-weight",
+        type=float,
+        default=None,
+        help="weight of the KL anchor to the teacher at the real tokens "
+        f"(default {preset.prefix_loss_weight:g}; 0 disables it)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
     parser.add_argument(
@@ -219,6 +234,8 @@ def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> Disti
         "num_regions": "num_regions",
         "seed": "seed",
         "checkpoint_every": "checkpoint_every",
+        "train_mask_embedding": "train_mask_embedding",
+        "prefix_loss_weight": "prefix_loss_weight",
     }
     for arg_name, field in names.items():
         value = getattr(args, arg_name)
