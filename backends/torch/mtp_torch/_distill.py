@@ -762,7 +762,9 @@ def distill(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc="distill")
+    # Under a wall-clock budget the step count is only a cap: show steps without a made-up ETA.
+    bar_total = None if cfg.minutes is not None else cfg.steps
+    bar = tqdm(total=bar_total, initial=step, disable=not cfg.progress or rank != 0, desc="distill")
     started = time.perf_counter()
     try:
         while step < cfg.steps:
