@@ -13,14 +13,17 @@ from tests import strategies as S
 
 
 def confadapt_by_the_paper(row: list[float], threshold: float) -> int:
-    """Keep the first token always; then each next one while its own confidence >= threshold."""
-    kept = 1
-    for confidence in row[1:]:
-        if confidence >= threshold:
-            kept += 1
-        else:
+    """Scan from the first position; stop at the first one below threshold; emit at least one.
+
+    The authors' SGLang port: the kept length is the index of the first position below the
+    threshold, at least 1 (so an unconfident first position keeps 1, whatever follows).
+    """
+    first_below = len(row)
+    for index, confidence in enumerate(row):
+        if confidence < threshold:
+            first_below = index
             break
-    return kept
+    return max(first_below, 1)
 
 
 @given(confidences=S.confidence_arrays(), threshold=S.thresholds)
@@ -49,7 +52,11 @@ def test_static_k_keeps_k(confidences):
 
 def test_threshold_one_keeps_only_certain_tokens():
     policy = ConfAdapt(threshold=1.0, k_max=3)
-    assert policy.accept(np.array([[0.2, 1.0, 1.0], [1.0, 0.999, 1.0]])).tolist() == [3, 1]
+    assert policy.accept(np.array([[0.2, 1.0, 1.0], [1.0, 0.999, 1.0], [1.0, 1.0, 1.0]])).tolist() == [
+        1,
+        1,
+        3,
+    ]
 
 
 def test_policies_are_hashable_frozen_values():
@@ -84,3 +91,10 @@ def test_invalid_confidences_are_rejected(confidences):
         check_confidences(confidences)
     with pytest.raises(ValueError, match="confidences"):
         ConfAdapt().accept(confidences)
+
+
+def test_confadapt_unconfident_first_position_keeps_one():
+    """Issue 10's reproducer: [0.38, 0.90, 0.98, 0.69] at 0.9 kept 3 before the fix."""
+    policy = ConfAdapt(threshold=0.9, k_max=4)
+    rows = np.array([[0.38, 0.90, 0.98, 0.69], [0.95, 0.90, 0.98, 0.69], [0.95, 0.2, 0.98, 0.99]])
+    assert policy.accept(rows).tolist() == [1, 3, 1]

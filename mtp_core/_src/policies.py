@@ -117,8 +117,9 @@ class ConfAdapt:
     """Keep the longest run of proposed tokens whose confidence clears a threshold.
 
     Position ``j`` of a step is kept when it and every position before it have top-1
-    probability ``>= threshold``; the first position is always kept, so each step emits at
-    least one token.  Positions are tested one by one (no product of probabilities).
+    probability ``>= threshold``.  The first token is always emitted, so each step keeps at
+    least one; a first position below the threshold keeps exactly one, whatever the later
+    positions say.  Positions are tested one by one (no product of probabilities).
 
     Args:
       threshold: confidence threshold in ``(0, 1]``; the paper sweeps 0.995 ... 0.6, default 0.9.
@@ -126,8 +127,9 @@ class ConfAdapt:
 
     Example:
       >>> import numpy as np
-      >>> ConfAdapt(threshold=0.9, k_max=4).accept(np.array([[0.5, 0.95, 0.3, 0.99]])).tolist()
-      [2]
+      >>> rows = np.array([[0.95, 0.92, 0.3, 0.99], [0.5, 0.95, 0.96, 0.99]])
+      >>> ConfAdapt(threshold=0.9, k_max=4).accept(rows).tolist()
+      [2, 1]
     """
 
     threshold: float = attrs.field(default=0.9)
@@ -163,6 +165,9 @@ class ConfAdapt:
         """
         array = check_confidences(confidences)
         confident = array >= float(self.threshold)
-        confident[:, 0] = True
-        kept: IntArray = np.cumprod(confident, axis=1).sum(axis=1).astype(np.int64)
+        # The scan starts at the first position and ends at the first one below the threshold;
+        # the first token is emitted even then (so an unconfident first position keeps 1,
+        # whatever follows it: the authors' rule, METHOD.md section 4).
+        run: IntArray = np.cumprod(confident, axis=1).sum(axis=1).astype(np.int64)
+        kept: IntArray = np.maximum(run, 1)
         return kept
