@@ -182,7 +182,14 @@ def test_magpie_prompts_start_from_the_user_prefix(
         calls.append(list(prompts))
         return [f"a b {len(calls)} {i}" for i in range(len(prompts))]
 
+    def fake_generate_ids(
+        model: object, tok: object, prompts: list[str], **kwargs: object
+    ) -> list[tuple[list[int], list[int]]]:
+        calls.append(list(prompts))
+        return [([1, 2], [3, 4]) for _ in prompts]
+
     monkeypatch.setattr(_data, "_generate_texts", fake_generate)
+    monkeypatch.setattr(_data, "_generate_ids", fake_generate_ids)
     rows = write_corpus(
         tiny_llama(len(tokenizer), hidden_size=16),
         tokenizer,
@@ -194,6 +201,8 @@ def test_magpie_prompts_start_from_the_user_prefix(
     assert len(rows) == 3 and {r["source"] for r in rows} == {"magpie"}
     assert calls[0] == ["<|user|> "] * 3  # Magpie: continue the user prefix
     assert calls[1][0].startswith("<|user|> a b 1 0 <eos> <|assistant|>")  # then answer it
+    # Greedy responses keep the teacher's exact token ids; the prompt is context only.
+    assert rows[0]["ids"] == [1, 2, 3, 4] and rows[0]["prompt_len"] == 2
 
 
 def test_corpus_without_prompt_source_is_rejected(tmp_path: Path) -> None:

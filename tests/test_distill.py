@@ -113,10 +113,11 @@ def test_packed_layout_logits_equal_plain_causal_forward(
     offset = int(offset_fraction * prefix_len)
     layout = training_layout(TrainingLayoutSpec(seq_len, k, num_regions, offset))
     window = np.random.default_rng(seed).integers(0, VOCAB, size=(2, layout.spec.window_len))
-    packed = _pack(window, layout, mask_id, torch.device("cpu"), prefix_loss=False)
+    weights = np.ones(window.shape, dtype=np.float32)
+    packed = _pack(window, weights, layout, mask_id, torch.device("cpu"), prefix_loss=False)
     cfg = DistillConfig(k_max=k, seq_len=seq_len, num_regions=num_regions, loss="gt")
     with torch.no_grad():
-        _, packed_logits, _, targets = _batch_loss(
+        _, packed_logits, _, targets, _ = _batch_loss(
             model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
         )
     assert packed_logits.shape == (2, num_regions, k, VOCAB + 1)
@@ -223,7 +224,14 @@ def _objective(
             layout = training_layout(TrainingLayoutSpec(cfg.seq_len, k, cfg.regions, offset))
             width = layout.spec.window_len
             windows = np.stack([stream[i * width : (i + 1) * width] for i in range(8)])
-            packed = _pack(windows, layout, mask_id, torch.device("cpu"), prefix_loss=False)
+            packed = _pack(
+                windows,
+                np.ones(windows.shape, dtype=np.float32),
+                layout,
+                mask_id,
+                torch.device("cpu"),
+                prefix_loss=False,
+            )
             with torch.no_grad():
                 loss, *_ = _batch_loss(
                     student, student, teacher, packed, cfg, mask_id, contextlib.nullcontext()
@@ -517,7 +525,14 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
     losses = {}
     for weight in (0.0, 1.0):
         cfg = quiet(loss="gt", prefix_loss_weight=weight)
-        packed = _pack(windows, layout, mask_id, torch.device("cpu"), prefix_loss=weight > 0)
+        packed = _pack(
+            windows,
+            np.ones(windows.shape, dtype=np.float32),
+            layout,
+            mask_id,
+            torch.device("cpu"),
+            prefix_loss=weight > 0,
+        )
         with torch.no_grad():
             losses[weight], *_ = _batch_loss(
                 model, model, model, packed, cfg, mask_id, contextlib.nullcontext()

@@ -35,9 +35,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "Example",
     "TokenStream",
     "encode_row",
     "load_corpus",
+    "load_examples",
     "read_jsonl",
     "read_seed_prompts",
     "user_prefix",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
 
 _SENTINEL = "\x00MTP_USER_CONTENT\x00"
 # write_corpus stops after this many generation rounds in a row that added no new row.
@@ -185,6 +188,90 @@ def load_corpus(
     return sequences
 
 
+def _token_ids(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise ValueError(f"{what} must be a list of non-negative integer token ids")
+    return tuple(value)
+
+
+@attrs.frozen
+class Example:
+    """One training sequence whose first ``context_len`` tokens are context, never targets.
+
+    A row the teacher wrote is its prompt (context: the student is not taught to predict the
+    user's words) followed by the teacher's greedy response (the targets).
+
+    Attributes:
+      ids: token ids.
+      context_len: leading tokens that are seen but not supervised, ``0 <= context_len <= len``.
+    """
+
+    ids: tuple[int, ...] = attrs.field(converter=tuple)
+    context_len: int = attrs.field(default=0)
+
+    @context_len.validator
+    def _check_context_len(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= len(self.ids):
+            raise ValueError(
+                f"context_len must be an integer in [0, {len(self.ids)}] (the sequence length), "
+                f"got {value!r}"
+            )
+
+
+def load_examples(
+    path: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    limit: int | None = None,
+) -> list[Example]:
+    """Read a corpus file as ``Example`` rows, keeping which tokens are context.
+
+    Rows the teacher wrote (``write_corpus``) carry their exact token ids (``"ids"``) and the
+    prompt's length (``"prompt_len"``): their response alone is supervised.  Every other row is
+    tokenized as in ``load_corpus`` and supervised whole.
+
+    Args:
+      path: a ``.jsonl`` or plain-text file, as for ``load_corpus``.
+      tokenizer: the model's tokenizer.
+      limit: read at most this many rows.
+
+    Returns:
+      One ``Example`` per non-empty row.
+
+    Raises:
+      ValueError: as ``load_corpus``; also for ``"ids"`` that are not token ids or a
+        ``"prompt_len"`` outside the row, or ids beyond the tokenizer's vocabulary.
+    """
+    source = Path(path)
+    if source.suffix not in (".jsonl", ".json") or not source.is_file():
+        return [Example(ids) for ids in load_corpus(source, tokenizer, limit=limit)]
+    examples: list[Example] = []
+    vocab = len(tokenizer)
+    for number, row in read_jsonl(source):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            if "ids" in row:
+                ids = _token_ids(row["ids"], '"ids"')
+                if ids and max(ids) >= vocab:
+                    raise ValueError(
+                        f'"ids" hold token id {max(ids)} but the tokenizer has {vocab} tokens; '
+                        "the row was written for another model"
+                    )
+                example = Example(ids, int(row.get("prompt_len", 0)))
+            else:
+                example = Example(encode_row(row, tokenizer))
+        except ValueError as error:
+            raise ValueError(f"{source}:{number}: {error}") from error
+        if example.ids:
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"corpus {source} is empty: it holds no text to train on")
+    return examples
+
+
 def read_seed_prompts(
     path: str | os.PathLike[str], *, field: str = "question", limit: int | None = None
 ) -> list[str]:
@@ -283,6 +370,49 @@ def _generate_texts(
         )
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [str(t).strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _generate_ids(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Greedy continuations as exact token ids: ``(prompt_ids, response_ids)`` per prompt.
+
+    The response keeps the first EOS (where one came) and nothing after it, so the pair is the
+    teacher's own argmax chain token for token (re-encoding decoded text can split differently).
+    """
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(
+            list(prompts), add_special_tokens=False, padding=True, return_tensors="pt"
+        )
+    finally:
+        tokenizer.padding_side = old_side
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=int(max_new_tokens),
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+        )
+    width = batch["input_ids"].shape[1]
+    pairs: list[tuple[list[int], list[int]]] = []
+    for row in range(output.shape[0]):
+        prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        response = [int(t) for t in output[row, width:].tolist()]
+        if eos is not None and eos in response:
+            response = response[: response.index(eos) + 1]
+        pairs.append(([int(t) for t in prompt], response))
+    return pairs
 
 
 def _render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -395,14 +525,27 @@ def write_corpus(
                         if stalls >= _MAX_STALLS:
                             break
                         continue
-                responses = _generate_texts(
-                    model,
-                    tokenizer,
-                    [_render_prompt(tokenizer, p) for p in prompts],
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                )
-                for prompt, response in zip(prompts, responses, strict=True):
+                rendered = [_render_prompt(tokenizer, p) for p in prompts]
+                id_pairs: list[tuple[list[int], list[int]] | None]
+                if temperature > 0.0:
+                    responses = _generate_texts(
+                        model,
+                        tokenizer,
+                        rendered,
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                    )
+                    id_pairs = [None] * len(responses)
+                else:
+                    id_pairs = list(
+                        _generate_ids(model, tokenizer, rendered, max_new_tokens=max_new_tokens)
+                    )
+                    responses = [
+                        str(tokenizer.decode(pair[1], skip_special_tokens=True)).strip()
+                        for pair in id_pairs
+                        if pair is not None
+                    ]
+                for prompt, response, pair in zip(prompts, responses, id_pairs, strict=True):
                     if not response or prompt in seen or len(rows) >= num_examples:
                         continue
                     row = {
@@ -412,6 +555,11 @@ def write_corpus(
                         ],
                         "source": source,
                     }
+                    if pair is not None:
+                        # The exact greedy chain: training targets are the teacher's own argmax
+                        # tokens, and only the response is supervised (the prompt is context).
+                        row["ids"] = pair[0] + pair[1]
+                        row["prompt_len"] = len(pair[0])
                     handle.write(json.dumps(row) + "\n")
                     rows.append(row)
                     seen.add(prompt)
@@ -447,13 +595,17 @@ class TokenStream:
     tokens: IntArray
     cursor: int = 0
     epoch: int = 0
+    supervised: npt.NDArray[np.bool_] | None = None
 
     @classmethod
-    def from_sequences(cls, sequences: Iterable[Sequence[int]], *, seed: int = 0) -> TokenStream:
+    def from_sequences(
+        cls, sequences: Iterable[Sequence[int] | Example], *, seed: int = 0
+    ) -> TokenStream:
         """Build a stream from token-id sequences.
 
         Args:
-          sequences: token-id lists (empty ones are skipped).
+          sequences: token-id lists (empty ones are skipped), or ``Example`` rows whose context
+            tokens are marked unsupervised (``take_weighted`` gives them weight 0).
           seed: shuffles the sequence order.
 
         Returns:
@@ -463,7 +615,11 @@ class TokenStream:
           ValueError: if there is no token at all, or a sequence holds non-integer or negative ids.
         """
         arrays: list[IntArray] = []
-        for index, sequence in enumerate(sequences):
+        flags: list[npt.NDArray[np.bool_]] = []
+        any_context = False
+        for index, item in enumerate(sequences):
+            sequence: Sequence[int] = item.ids if isinstance(item, Example) else item
+            context_len = item.context_len if isinstance(item, Example) else 0
             array = np.asarray(list(sequence))
             if array.size == 0:
                 continue
@@ -477,12 +633,17 @@ class TokenStream:
                     "tokenize text first (see mtp_torch load_corpus)"
                 )
             arrays.append(array.astype(np.int64))
+            flag = np.ones(array.shape[0], dtype=np.bool_)
+            flag[:context_len] = False
+            any_context = any_context or context_len > 0
+            flags.append(flag)
         if not arrays:
             raise ValueError(
                 "the training corpus is empty: pass at least one non-empty sequence of token ids"
             )
         order = np.random.default_rng(seed).permutation(len(arrays))
-        return cls(tokens=np.concatenate([arrays[i] for i in order]))
+        supervised = np.concatenate([flags[i] for i in order]) if any_context else None
+        return cls(tokens=np.concatenate([arrays[i] for i in order]), supervised=supervised)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -500,19 +661,38 @@ class TokenStream:
         Raises:
           ValueError: if the stream is shorter than one window.
         """
+        return self.take_weighted(num_windows, window_len)[0]
+
+    def take_weighted(self, num_windows: int, window_len: int) -> tuple[IntArray, FloatArray]:
+        """The next windows (as ``take``) and each token's weight as a training target.
+
+        Args:
+          num_windows: windows wanted, ``>= 1``.
+          window_len: tokens per window, at most ``len(self)``.
+
+        Returns:
+          ``(windows, weights)``, both of shape ``(num_windows, window_len)``; a weight is 0 for
+          a context token (a prompt) and 1 for a supervised one.
+
+        Raises:
+          ValueError: if the stream is shorter than one window.
+        """
         if window_len > len(self):
             raise ValueError(
                 f"the corpus holds {len(self)} tokens but one training window needs {window_len}; "
                 "pass more (or longer) sequences or a smaller seq_len"
             )
         windows = np.empty((num_windows, window_len), dtype=np.int64)
+        weights = np.ones((num_windows, window_len), dtype=np.float32)
         for row in range(num_windows):
             if self.cursor + window_len > len(self):
                 self.cursor = 0
                 self.epoch += 1
             windows[row] = self.tokens[self.cursor : self.cursor + window_len]
+            if self.supervised is not None:
+                weights[row] = self.supervised[self.cursor : self.cursor + window_len]
             self.cursor += window_len
-        return windows
+        return windows, weights
 
     def state_dict(self) -> dict[str, int]:
         """The position, as JSON values: ``{"cursor", "epoch", "num_tokens"}``."""

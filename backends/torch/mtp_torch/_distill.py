@@ -92,6 +92,11 @@ def _optional_non_negative_int(
         raise ValueError(f"{attribute.name} must be None or an integer >= 0, got {value!r}")
 
 
+def _non_negative_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
 def _non_negative_float(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
@@ -142,6 +147,13 @@ class DistillConfig:
       train_mask_embedding: train the embedding matrices (with ``train_layers``: only the mask
         token's rows).  ``False`` keeps them at their initialisation, so that with
         ``train_layers`` the backward pass stops at the lowest trained block (much cheaper).
+      lora_rank: ``> 0``: train LoRA adapters of this rank (``peft``) on every linear layer of
+        the trained blocks (all blocks, or the top ``train_layers``) instead of their weights;
+        the teacher is then the same model with its adapters disabled (no second copy), and
+        the adapters are merged into plain weights when training ends.  ``0``: full
+        fine-tuning (the paper).
+      lora_alpha: LoRA scaling numerator (the update is ``alpha / rank * B A``); ``None``:
+        ``lora_rank`` (a scale of 1).
       seed: seeds the block sizes, offsets, data order, mask init and dropout.
       out_dir: checkpoint directory, or ``None`` for no checkpoints.
       checkpoint_every: save every this many steps (a final checkpoint is always written when
@@ -173,6 +185,8 @@ class DistillConfig:
     entropy_weight: float = attrs.field(default=0.0, validator=_non_negative_float)
     train_layers: int | None = attrs.field(default=None, validator=_optional_non_negative_int)
     train_mask_embedding: bool = attrs.field(default=True)
+    lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
+    lora_alpha: float | None = attrs.field(default=None)
     seed: int = attrs.field(default=0)
     out_dir: str | None = attrs.field(default=None)
     checkpoint_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
@@ -212,6 +226,11 @@ class DistillConfig:
 
     @clip.validator
     def _check_clip(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _positive_float(self, attribute, value)
+
+    @lora_alpha.validator
+    def _check_lora_alpha(self, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is not None:
             _positive_float(self, attribute, value)
 
@@ -412,6 +431,7 @@ class _Packed:
 
     layout: TrainingLayout
     windows: torch.Tensor  # (B, window_len) ground-truth token ids
+    weights: torch.Tensor  # (B, window_len) 1 where a token is a training target, 0 for context
     input_ids: torch.Tensor  # (B, S)
     position_ids: torch.Tensor  # (B, S)
     allowed: torch.Tensor  # (B, 1, S, S) bool
@@ -427,6 +447,7 @@ def _index(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _pack(
     windows_np: np.ndarray,
+    weights_np: np.ndarray,
     layout: TrainingLayout,
     mask_token_id: int,
     device: torch.device,
@@ -452,6 +473,7 @@ def _pack(
     return _Packed(
         layout=layout,
         windows=windows,
+        weights=torch.from_numpy(np.ascontiguousarray(weights_np)).to(device),
         input_ids=input_ids,
         position_ids=position_ids,
         allowed=allowed,
@@ -483,28 +505,31 @@ def _forward_logits(
 def _batch_loss(
     forward: nn.Module,
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     packed: _Packed,
     cfg: DistillConfig,
     mask_token_id: int,
     autocast: contextlib.AbstractContextManager[Any],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    teacher_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Steps 3-6 of the loop for one packed micro-batch.
 
     Args:
       forward: the student as called (the DDP wrapper under torchrun, else ``student``).
       student: the student itself.
-      teacher: the frozen teacher (not run for ``loss="gt"``).
+      teacher: the frozen teacher (``None`` for ``loss="gt"``, which runs none).
       packed: the packed micro-batch.
       cfg: the run's settings (loss kind and weights).
       mask_token_id: id of ``<mtp_mask>``.
       autocast: the autocast context (or a null context).
+      teacher_context: entered around the teacher's forward (LoRA: the adapters disabled).
 
     Returns:
-      ``(loss, student_logits, teacher_logits, targets)``: the scalar loss (with gradient),
-      the student's logits at the prediction slots ``(B, M, k, vocab)`` (float32), the
-      teacher's at the same slots under student forcing (``None`` for ``loss="gt"``) and the
-      ground-truth targets ``(B, M, k)``.
+      ``(loss, student_logits, teacher_logits, targets, target_weights)``: the scalar loss
+      (with gradient), the student's logits at the prediction slots ``(B, M, k, vocab)``
+      (float32), the teacher's at the same slots under student forcing (``None`` for
+      ``loss="gt"``), the ground-truth targets ``(B, M, k)`` and their weights (0 where the
+      target is a context token).
     """
     layout = packed.layout
     device = packed.input_ids.device
@@ -513,10 +538,13 @@ def _batch_loss(
         kept = _forward_logits(forward, student, packed, packed.input_ids)
     kept = _at_least_float32(kept)
     student_logits = kept[:, packed.predict_at]  # (B, M, k, V)
-    targets = packed.windows[:, _index(layout.target_index, device)]
+    target_index = _index(layout.target_index, device)
+    targets = packed.windows[:, target_index]
+    target_weights = packed.weights[:, target_index]
     teacher_logits = None
     teacher_kept = None
     if cfg.loss != "gt":
+        assert teacher is not None
         # 4. Student forcing: mask j of each region <- the student's token j.
         proposal = student_logits.detach().clone()
         proposal[..., mask_token_id] = -math.inf
@@ -525,7 +553,7 @@ def _batch_loss(
         mask_slots = _index(layout.predict_index[:, 1:].reshape(-1), device)
         forced[:, mask_slots] = draft[:, :, :-1].reshape(draft.shape[0], -1)
         # 5. Teacher forward, no gradient, same layout.
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, teacher_context():
             teacher_kept = _forward_logits(teacher, teacher, packed, forced)
         teacher_logits = _match_vocab(
             _at_least_float32(teacher_kept)[:, packed.predict_at].to(student_logits.dtype),
@@ -538,6 +566,7 @@ def _batch_loss(
         teacher_logits,
         kind=cfg.loss,
         targets=targets,
+        weights=target_weights,
         entropy_weight=cfg.entropy_weight,
     )
     if cfg.prefix_loss_weight > 0 and packed.prefix_at is not None:
@@ -558,8 +587,9 @@ def _batch_loss(
             prefix_teacher,
             kind="gt" if prefix_teacher is None else "soft",
             targets=prefix_targets,
+            weights=packed.weights[:, next_index][:, :, None],
         )
-    return loss, student_logits, teacher_logits, targets
+    return loss, student_logits, teacher_logits, targets, target_weights
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -619,6 +649,75 @@ def _trainable_parameters(
         row_mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
         row_mask[mask_token_id] = 1.0
         hooks.append(weight.register_hook(lambda grad, rows=row_mask: grad * rows))  # type: ignore[no-untyped-call]
+    return main, embeddings, hooks
+
+
+def _drop_gradients(model: nn.Module) -> None:
+    """Forget every gradient of ``model`` (a resized vocabulary must not meet a stale one)."""
+    for parameter in model.parameters():
+        parameter.grad = None
+
+
+def _with_lora(student: nn.Module, cfg: DistillConfig) -> Any:
+    """Wrap ``student`` in LoRA adapters (``peft``) on the linear layers of the trained blocks."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ValueError(
+            "lora_rank > 0 needs the 'peft' package: pip install peft (or use lora_rank=0 for "
+            "full fine-tuning)"
+        ) from error
+    blocks = find_blocks(student)
+    layers = None
+    if cfg.train_layers is not None:
+        if not 0 < cfg.train_layers <= len(blocks):
+            raise ValueError(
+                f"with lora_rank > 0, train_layers must be in [1, {len(blocks)}] (the blocks that "
+                f"get adapters) or None for all, got {cfg.train_layers}"
+            )
+        layers = list(range(len(blocks) - cfg.train_layers, len(blocks)))
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in blocks.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    if not names:
+        raise ValueError(
+            f"{type(student).__name__} has no nn.Linear layers in its blocks for LoRA "
+            "(GPT-2's Conv1D is not supported); use lora_rank=0"
+        )
+    config = LoraConfig(
+        r=int(cfg.lora_rank),
+        lora_alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
+        lora_dropout=0.0,
+        target_modules=sorted(names),
+        layers_to_transform=layers,
+        bias="none",
+    )
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation
+    return get_peft_model(student, config)
+
+
+def _lora_parameters(
+    student: Any, mask_token_id: int, train_embeddings: bool
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[torch.utils.hooks.RemovableHandle]]:
+    """(adapter params, mask-row embedding params, gradient hooks) of a LoRA student."""
+    main = [p for name, p in student.named_parameters() if "lora_" in name]
+    for parameter in main:
+        parameter.requires_grad_(True)
+    embeddings: list[nn.Parameter] = []
+    hooks = []
+    if train_embeddings:
+        base = student.get_base_model()
+        embeddings = [base.get_input_embeddings().weight]
+        output = base.get_output_embeddings()
+        if output is not None and output.weight is not embeddings[0]:
+            embeddings.append(output.weight)
+        for weight in embeddings:
+            weight.requires_grad_(True)
+            row_mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            row_mask[mask_token_id] = 1.0
+            hooks.append(weight.register_hook(lambda grad, rows=row_mask: grad * rows))  # type: ignore[no-untyped-call]
     return main, embeddings, hooks
 
 
@@ -703,18 +802,30 @@ def distill(
             "longer sequences, or a smaller seq_len"
         )
 
-    # 0. Teacher: a frozen copy of the model as passed.  Student: the model, with a mask token.
-    teacher = copy.deepcopy(model).to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-        parameter.grad = None
-    model.zero_grad(set_to_none=True)  # stale gradients would not match a resized vocabulary
+    # 0. Teacher: a frozen copy of the model as passed (none for "gt"; with LoRA the student
+    #    with its adapters disabled).  Student: the model, with a mask token.
+    teacher: nn.Module | None = None
+    if cfg.loss != "gt" and cfg.lora_rank == 0:
+        teacher = copy.deepcopy(model).to(device).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+            parameter.grad = None
+    _drop_gradients(model)  # stale gradients would not match a resized vocabulary
     mask_token_id = int(add_mask_token(model, tokenizer, seed=cfg.seed))
     student = model.to(device)
     student.train()
-    main_params, embeddings, hooks = _trainable_parameters(
-        student, cfg.train_layers, mask_token_id, cfg.train_mask_embedding
-    )
+    teacher_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    if cfg.lora_rank > 0:
+        student = _with_lora(student, cfg)
+        if cfg.loss != "gt":
+            teacher, teacher_context = student, student.disable_adapter
+        main_params, embeddings, hooks = _lora_parameters(
+            student, mask_token_id, cfg.train_mask_embedding
+        )
+    else:
+        main_params, embeddings, hooks = _trainable_parameters(
+            student, cfg.train_layers, mask_token_id, cfg.train_mask_embedding
+        )
     groups: list[dict[str, Any]] = []
     if main_params:
         groups.append({"params": main_params, "weight_decay": cfg.weight_decay})
@@ -722,7 +833,10 @@ def distill(
         groups.append(
             {
                 "params": embeddings,
-                "weight_decay": cfg.weight_decay if cfg.train_layers is None else 0.0,
+                # Only full fine-tuning decays the embeddings; otherwise just the mask rows move.
+                "weight_decay": (
+                    cfg.weight_decay if cfg.train_layers is None and cfg.lora_rank == 0 else 0.0
+                ),
             }
         )
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -783,17 +897,31 @@ def distill(
                 offset = int(generator.integers(0, prefix_len))
                 layout = training_layout(TrainingLayoutSpec(cfg.seq_len, k, num_regions, offset))
                 # 2. The global batch of windows; this process packs its slice.
-                windows = stream.take(cfg.batch_size, layout.spec.window_len)
-                mine = windows[rank * local_batch : (rank + 1) * local_batch]
-                packed = _pack(mine, layout, mask_token_id, device, cfg.prefix_loss_weight > 0)
+                windows, weights = stream.take_weighted(cfg.batch_size, layout.spec.window_len)
+                mine = slice(rank * local_batch, (rank + 1) * local_batch)
+                packed = _pack(
+                    windows[mine],
+                    weights[mine],
+                    layout,
+                    mask_token_id,
+                    device,
+                    cfg.prefix_loss_weight > 0,
+                )
                 sync = (
                     ddp_model.no_sync()
                     if world_size > 1 and micro < cfg.grad_accum - 1
                     else contextlib.nullcontext()
                 )
                 with sync:
-                    loss, student_logits, teacher_logits, targets = _batch_loss(
-                        ddp_model, student, teacher, packed, cfg, mask_token_id, autocast
+                    loss, student_logits, teacher_logits, targets, target_weights = _batch_loss(
+                        ddp_model,
+                        student,
+                        teacher,
+                        packed,
+                        cfg,
+                        mask_token_id,
+                        autocast,
+                        teacher_context,
                     )
                     (loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
                 losses.append(float(loss.detach()))
@@ -801,10 +929,11 @@ def distill(
                 supervised += cfg.batch_size * num_regions * k
                 with torch.no_grad():
                     if teacher_logits is not None:
-                        rates = agreement(student_logits.detach(), teacher_logits)
+                        rates = agreement(student_logits.detach(), teacher_logits, target_weights)
                     else:
                         hits = (student_logits.detach().argmax(-1) == targets).float()
-                        rates = hits.reshape(-1, k).mean(0)
+                        hits = (hits * target_weights).reshape(-1, k).sum(0)
+                        rates = hits / target_weights.reshape(-1, k).sum(0).clamp_min(1.0)
                     last_agreement = [float(v) for v in rates]
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
@@ -859,11 +988,20 @@ def distill(
             hook.remove()
         if log_handle is not None:
             log_handle.close()
+    delta = None
+    if cfg.lora_rank > 0:
+        # The adapters as a compact low-rank delta, then merged into plain weights.
+        from mtp_torch._delta import lora_delta
+
+        delta = lora_delta(student, mask_token_id)
+        student = student.merge_and_unload()
     student.eval()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     del teacher
-    return MTPModel(student, mask_token_id=mask_token_id, tokenizer=tokenizer)
+    mtp = MTPModel(student, mask_token_id=mask_token_id, tokenizer=tokenizer)
+    mtp.delta = delta
+    return mtp
 
 
 def _match_vocab(teacher_logits: torch.Tensor, vocab: int, mask_token_id: int) -> torch.Tensor:

@@ -154,6 +154,8 @@ class MTPModel:
         self.mask_token_id = int(mask_token_id)
         setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
         self.default_policy: AcceptancePolicy = _policy_from_config(config)
+        # What a LoRA conversion changed, as a compact low-rank delta (``distill`` sets it).
+        self.delta: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Loading and saving

@@ -1,0 +1,192 @@
+"""Compact low-rank deltas: what a LoRA conversion changed, in one small safetensors file.
+
+A conversion with ``DistillConfig(lora_rank=r)`` changes each adapted linear layer by a rank-``r``
+product and adds one mask-token embedding row.  ``lora_delta`` collects exactly that, and
+``apply_delta`` adds it to the unconverted model, which then equals the merged student: this is
+how the embedded default's converted weights ship inside the package (a few MB instead of the
+model).
+
+File layout (``safetensors``; nothing is unpickled):
+
+- ``<module>.up`` ``(out, r)`` and ``<module>.down`` ``(r, in)`` for each adapted
+  ``nn.Linear`` named ``<module>`` in the unconverted model: ``W += up @ down`` (the LoRA scale
+  is folded into ``down``);
+- ``mtp.mask_embedding`` ``(hidden,)``: the mask token's input-embedding row, and
+  ``mtp.mask_unembedding`` for a model whose output embeddings are not tied;
+- metadata (strings): ``format`` (``DELTA_FORMAT``), ``mask_token_id`` and whatever the writer
+  adds (base model, ``k_max``, threshold, the command that made it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DELTA_FORMAT", "apply_delta", "file_sha256", "load_delta", "lora_delta", "save_delta"]
+
+DELTA_FORMAT = "mtp-lm-delta/1"
+_MASK_ROW = "mtp.mask_embedding"
+_MASK_OUT_ROW = "mtp.mask_unembedding"
+
+
+def lora_delta(peft_model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
+    """The low-rank delta of a ``peft`` LoRA model, keyed by the base model's module names.
+
+    Args:
+      peft_model: a ``peft`` model with one (the default) LoRA adapter.
+      mask_token_id: the mask token's id (its embedding rows are included).
+
+    Returns:
+      float32 CPU tensors: ``<module>.up``, ``<module>.down`` and the mask rows.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        scale = float(module.scaling["default"])
+        down = module.lora_A["default"].weight.detach().float().cpu() * scale
+        up = module.lora_B["default"].weight.detach().float().cpu()
+        tensors[f"{name}.up"] = up.contiguous()
+        tensors[f"{name}.down"] = down.contiguous()
+    tensors.update(_mask_rows(base, mask_token_id))
+    return tensors
+
+
+def _mask_rows(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
+    inputs = model.get_input_embeddings().weight
+    rows = {_MASK_ROW: inputs[mask_token_id].detach().float().cpu().clone()}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not inputs:
+        rows[_MASK_OUT_ROW] = output.weight[mask_token_id].detach().float().cpu().clone()
+    return rows
+
+
+def save_delta(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    mask_token_id: int,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a delta atomically (a temporary file renamed into place).
+
+    Args:
+      path: the ``.safetensors`` file to write.
+      tensors: as returned by ``lora_delta``.
+      mask_token_id: stored in the metadata (``apply_delta`` checks it).
+      metadata: more string-valued facts (base model, ``k_max``, threshold, command).
+      dtype: storage dtype of the factors (float16 halves the file; the mask rows stay float32).
+
+    Returns:
+      The written path.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stored = {
+        key: (value if key.startswith("mtp.") else value.to(dtype)).contiguous()
+        for key, value in tensors.items()
+    }
+    info = {str(k): str(v) for k, v in (metadata or {}).items()}
+    info.update(format=DELTA_FORMAT, mask_token_id=str(int(mask_token_id)))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(stored, tmp, metadata=info)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a delta file: ``(tensors as float32, metadata)``.
+
+    Raises:
+      FileNotFoundError: if the file is missing.
+      ValueError: if it is not a safetensors file, or not an mtp-lm delta.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"delta file {source} does not exist")
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key).float() for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{source} is not a readable safetensors file ({error}); it may be truncated or "
+            "corrupt: write it again"
+        ) from error
+    if metadata.get("format") != DELTA_FORMAT:
+        raise ValueError(
+            f"{source} is not an mtp-lm delta (format {metadata.get('format')!r}, expected "
+            f"{DELTA_FORMAT!r})"
+        )
+    return tensors, metadata
+
+
+def apply_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], mask_token_id: int) -> None:
+    """Add a delta to ``model`` in place: ``W += up @ down`` per module, then set the mask rows.
+
+    Args:
+      model: the unconverted model, mask token already added (``add_mask_token``).
+      tensors: as returned by ``lora_delta`` or ``load_delta``.
+      mask_token_id: the mask token's id in ``model``.
+
+    Raises:
+      ValueError: if a named module is missing or shapes do not match (a delta made for
+        another model).
+    """
+    pairs = sorted({key.rsplit(".", 1)[0] for key in tensors if not key.startswith("mtp.")})
+    with torch.no_grad():
+        for name in pairs:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as error:
+                raise ValueError(
+                    f"the delta changes {name!r}, which this model does not have; it was made "
+                    "for another model"
+                ) from error
+            weight = module.weight  # type: ignore[union-attr]
+            update = tensors[f"{name}.up"].float() @ tensors[f"{name}.down"].float()
+            if tuple(update.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"the delta's {name} has shape {tuple(update.shape)}, the model's "
+                    f"{tuple(weight.shape)}; it was made for another model"
+                )
+            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        inputs = model.get_input_embeddings().weight  # type: ignore[operator]
+        if _MASK_ROW in tensors:
+            inputs[mask_token_id] = tensors[_MASK_ROW].to(inputs.device, inputs.dtype)
+        output = model.get_output_embeddings()  # type: ignore[operator]
+        if _MASK_OUT_ROW in tensors and output is not None and output.weight is not inputs:
+            output.weight[mask_token_id] = tensors[_MASK_OUT_ROW].to(
+                output.weight.device, output.weight.dtype
+            )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file (the shipped delta's recorded checksum is checked with it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,136 @@
+"""LoRA conversion (peft), prompt-masked corpora and the compact delta that ships a conversion."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_torch import DistillConfig, add_mask_token, distill
+from mtp_torch._data import Example, TokenStream
+from mtp_torch._delta import apply_delta, file_sha256, load_delta, save_delta
+from tests.synthetic import make_language, tiny_llama, train_teacher
+
+pytest.importorskip("peft")
+
+
+def _config(**overrides: object) -> DistillConfig:
+    values: dict[str, object] = dict(
+        k_max=3, steps=3, seq_len=24, batch_size=4, lr=1e-2, progress=False, device="cpu"
+    )
+    values.update(overrides)
+    return DistillConfig(**values)  # type: ignore[arg-type]
+
+
+def _corpus() -> list[list[int]]:
+    return make_language(vocab_size=32).documents(40, 30, seed=1)
+
+
+@pytest.mark.parametrize("loss", ["hard", "gt"])
+def test_lora_trains_only_adapters_of_the_top_blocks(loss: str) -> None:
+    model = tiny_llama(32, layers=3)
+    original = copy.deepcopy(model.state_dict())
+    mtp = distill(model, _corpus(), _config(lora_rank=4, train_layers=2, loss=loss))
+    merged = mtp.model.state_dict()
+    assert not any("lora" in name for name in merged), "adapters must be merged on return"
+    for name, before in original.items():
+        after = merged[name]
+        if "embed_tokens" in name or "lm_head" in name:
+            assert torch.equal(after[: before.shape[0]], before), name
+        elif ".layers.0." in name or "norm" in name and "layers" not in name:
+            assert torch.equal(after, before), f"{name} is outside the adapted blocks"
+    changed = [n for n in original if ".layers.2." in n and not torch.equal(merged[n], original[n])]
+    assert changed, "the top block's linear layers must move"
+    assert mtp.delta is not None and any(k.endswith(".up") for k in mtp.delta)
+
+
+def test_delta_rebuilds_the_merged_model_from_the_base(tmp_path: Path) -> None:
+    base = tiny_llama(32, layers=2)
+    mtp = distill(copy.deepcopy(base), _corpus(), _config(lora_rank=4, loss="gt", steps=4))
+    assert mtp.delta is not None
+    path = save_delta(
+        tmp_path / "delta.safetensors",
+        mtp.delta,
+        mask_token_id=mtp.mask_token_id,
+        metadata={"k_max": 3},
+        dtype=torch.float32,
+    )
+    tensors, metadata = load_delta(path)
+    assert metadata["k_max"] == "3" and int(metadata["mask_token_id"]) == mtp.mask_token_id
+    rebuilt = copy.deepcopy(base)
+    assert add_mask_token(rebuilt) == mtp.mask_token_id
+    apply_delta(rebuilt, tensors, mtp.mask_token_id)
+    ids = torch.tensor([[1, 2, 3, mtp.mask_token_id, mtp.mask_token_id]])
+    with torch.no_grad():
+        expected = mtp.model(ids).logits
+        got = rebuilt(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert len(file_sha256(path)) == 64
+
+
+def test_corrupt_or_foreign_delta_files_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_delta(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_delta(junk)
+    other = save_delta(
+        tmp_path / "other.safetensors",
+        {
+            "model.layers.9.mlp.up_proj.up": torch.ones(4, 2),
+            "model.layers.9.mlp.up_proj.down": torch.ones(2, 4),
+        },
+        mask_token_id=3,
+    )
+    tensors, _ = load_delta(other)
+    with pytest.raises(ValueError, match="another model"):
+        apply_delta(tiny_llama(32, layers=2), tensors, 3)
+
+
+def test_context_tokens_are_never_targets() -> None:
+    stream = TokenStream.from_sequences([Example([5, 6, 7, 8], context_len=2), [9, 10]], seed=0)
+    windows, weights = stream.take_weighted(3, 2)
+    flat = dict(zip(windows.reshape(-1).tolist(), weights.reshape(-1).tolist(), strict=True))
+    assert flat == {5: 0.0, 6: 0.0, 7: 1.0, 8: 1.0, 9: 1.0, 10: 1.0}
+    with pytest.raises(ValueError, match="context_len"):
+        Example([1, 2], context_len=3)
+
+
+def test_a_fully_context_corpus_learns_nothing() -> None:
+    """Weight-0 targets contribute no gradient: the student stays the teacher."""
+    language = make_language(vocab_size=32)
+    corpus = [Example(doc, context_len=len(doc)) for doc in language.documents(40, 30, seed=1)]
+    model = tiny_llama(32, layers=2)
+    before = copy.deepcopy(model.state_dict())
+    mtp = distill(model, corpus, _config(loss="gt", weight_decay=0.0))
+    for name, value in before.items():
+        assert torch.equal(mtp.model.state_dict()[name][: value.shape[0]], value), name
+
+
+@pytest.mark.slow
+def test_lora_conversion_of_a_tiny_teacher_decodes_several_tokens_per_forward() -> None:
+    from mtp_core import ConfAdapt
+
+    language = make_language(vocab_size=32)
+    teacher = train_teacher(language)
+    cfg = _config(
+        k_max=4,
+        steps=300,
+        seq_len=64,
+        batch_size=16,
+        lr=3e-3,
+        lora_rank=16,
+        lora_alpha=32.0,
+        weight_decay=0.0,
+        loss="gt",
+    )
+    mtp = distill(copy.deepcopy(teacher), language.documents(200, 40, seed=5), cfg)
+    prompts = torch.tensor([[s, *language.continue_from(s, 3)] for s in range(8)])
+    out = mtp.generate(prompts, ConfAdapt(0.9, 4), max_new_tokens=32, eos_token_id=[])
+    for row in range(prompts.shape[0]):
+        expected = language.continue_from(int(prompts[row, -1]), 32)
+        assert out.sequences[row, prompts.shape[1] :].tolist() == expected
+    assert out.tokens_per_forward > 2.5
