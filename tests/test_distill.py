@@ -12,7 +12,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from mtp_core import ConfAdapt
 from mtp_core._src.layout import TrainingLayoutSpec, training_layout
@@ -542,3 +549,31 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
     targets = torch.from_numpy(windows[:, 1 : layout.spec.num_real + 1])
     plain = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB + 1), targets.reshape(-1))
     torch.testing.assert_close(losses[1.0] - losses[0.0], plain)
+
+
+def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
+    """Issue 10's reproducer: resizing a parameter autograd had met broke the next backward."""
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    teacher = LlamaForCausalLM(config)
+    sequences = [[(s + i * d) % 60 for i in range(64)] for s in range(60) for d in range(1, 6)]
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    batch = torch.tensor(sequences[:32])
+    teacher(batch, labels=batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    teacher.eval()
+    cfg = DistillConfig(k_max=4, steps=2, batch_size=16, seq_len=40, progress=False)
+    mtp = distill(teacher, sequences, cfg)
+    assert mtp.model.get_input_embeddings().weight.shape[0] == 65
+    assert mtp.model.get_output_embeddings().weight.shape[0] == 65

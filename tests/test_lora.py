@@ -134,3 +134,18 @@ def test_lora_conversion_of_a_tiny_teacher_decodes_several_tokens_per_forward() 
         expected = language.continue_from(int(prompts[row, -1]), 32)
         assert out.sequences[row, prompts.shape[1] :].tolist() == expected
     assert out.tokens_per_forward > 2.5
+
+
+def test_row_aligned_windows_start_at_rows_and_mask_what_follows() -> None:
+    rows = [Example([1, 2, 3, 4], context_len=1), Example([5, 6], context_len=0), [7, 8, 9]]
+    stream = TokenStream.from_sequences(rows, seed=0)
+    starts = {int(stream.tokens[i]) for i in stream.starts}
+    assert starts == {1, 5, 7}
+    windows, weights = stream.take_weighted(4, 3, row_aligned=True)
+    for window, weight in zip(windows.tolist(), weights.tolist(), strict=True):
+        assert window[0] in starts
+        if window[0] == 1:
+            assert weight == [0.0, 1.0, 1.0]  # context, then the row's own targets
+        if window[0] == 5:
+            assert weight == [1.0, 1.0, 0.0]  # the next row's token only fills the window
+    assert stream.epoch == 1  # four windows over three rows wrapped once

@@ -90,7 +90,6 @@ __all__ = [
 
 Log = Callable[[str], None]
 
-_GSM8K_RELATIVE = Path("..") / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -112,29 +111,16 @@ class BenchPrompt:
     reference_answer: str | None = None
 
 
-def default_data_path(repo_root: str | os.PathLike[str] | None = None) -> Path | None:
-    """The default prompt file, ``../shared/data/gsm8k/test.jsonl`` next to the repository.
+def default_data_path() -> Path:
+    """The prompt file ``mtp bench`` reads by default, bundled with the package.
 
-    Args:
-      repo_root: the repository root; ``None`` tries the current directory and the directory
-        this package was installed (editable) from.
+    GSM8K test rows held out from every conversion (three math problems, then one general
+    instruction, for the first 48 rows); see ``mtp_torch/data/README.md``.
 
     Returns:
-      The path if the file exists, else ``None``.
+      The path of ``bench_prompts.jsonl`` inside the installed package.
     """
-    roots = (
-        [Path(repo_root)]
-        if repo_root is not None
-        else [
-            Path.cwd(),
-            Path(__file__).resolve().parents[3],
-        ]
-    )
-    for root in roots:
-        candidate = (root / _GSM8K_RELATIVE).resolve()
-        if candidate.is_file():
-            return candidate
-    return None
+    return Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:

@@ -182,11 +182,6 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     data = Path(args.data) if args.data else default_data_path()
-    if data is None:
-        raise ValueError(
-            "no prompt file: pass --data FILE.jsonl (lines with 'question', 'prompt' or 'text'); "
-            "the default ../shared/data/gsm8k/test.jsonl was not found"
-        )
     if not data.is_file():
         raise ValueError(f"--data {data} does not exist; give a JSON-lines prompt file")
     if args.quantize == "int8" and not str(device).startswith("cpu"):

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from mtp_torch._data import load_corpus, read_seed_prompts, write_corpus
-from mtp_torch._default import DEFAULT_MODEL_NAME, cache_root
+from mtp_torch._data import Example, load_examples, read_seed_prompts, write_corpus
+from mtp_torch._default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 from mtp_torch._distill import (
     DistillConfig,
     StepMetrics,
@@ -35,26 +35,28 @@ __all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run
 # Rows of the self-written corpus and their length cap: writing them is part of the coffee break.
 DEFAULT_NUM_EXAMPLES = 64
 DEFAULT_RESPONSE_TOKENS = 192
-# Where GSM8K train questions are looked for (the first that exists seeds the corpus).
-_SEED_PROMPT_CANDIDATES = (
-    "shared/data/gsm8k/train.jsonl",
-    "/work/shared/data/gsm8k/train.jsonl",
-)
 _SEED_PROMPTS_ENV = "MTP_SEED_PROMPTS"
 
 
-def default_seed_prompts() -> Path | None:
-    """The seed-prompt file used when none is given: ``$MTP_SEED_PROMPTS`` or a GSM8K train file.
+def default_seed_prompts() -> Path:
+    """The seed-prompt file used when none is given: ``$MTP_SEED_PROMPTS``, else the bundled
+    sample of GSM8K train questions (``mtp_torch/data/gsm8k_train_sample.jsonl``).
 
     Returns:
-      The first existing candidate, or ``None`` (Magpie-style prompts are sampled instead).
+      The file's path.
+
+    Raises:
+      ValueError: if ``$MTP_SEED_PROMPTS`` names a file that does not exist.
     """
     from_env = os.environ.get(_SEED_PROMPTS_ENV)
-    candidates = ([from_env] if from_env else []) + list(_SEED_PROMPT_CANDIDATES)
-    for candidate in candidates:
-        if Path(candidate).is_file():
-            return Path(candidate)
-    return None
+    if from_env:
+        if not Path(from_env).is_file():
+            raise ValueError(
+                f"${_SEED_PROMPTS_ENV}={from_env} does not exist; point it at a JSON-lines file "
+                "of prompts or unset it"
+            )
+        return Path(from_env)
+    return Path(__file__).resolve().parent / "data" / "gsm8k_train_sample.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preset = cpu_preset()
     parser.add_argument(
         "--model",
-        default="default",
-        help=f"model directory (or Hub id) of a causal LM, or 'default' ({DEFAULT_MODEL_NAME})",
+        default="default-base",
+        help="model directory (or Hub id) of a causal LM, or 'default-base' (the unconverted "
+        f"embedded default, {DEFAULT_MODEL_NAME})",
     )
     parser.add_argument(
         "--data",
@@ -139,6 +142,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the bottom block)",
     )
     parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help=f"LoRA adapters of this rank on the trained blocks, merged on save; 0 trains the "
+        f"weights themselves (default {preset.lora_rank})",
+    )
+    parser.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA scale numerator (default: the rank, a scale of 1)",
+    )
+    parser.add_argument(
+        "--row-windows",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start each training window at a corpus row, so targets see their whole context "
+        f"(default: {'yes' if preset.row_windows else 'no'})",
+    )
+    parser.add_argument(
+        "--delta-out",
+        default=None,
+        help="also write the LoRA adapters and the mask row as one compact safetensors delta "
+        "(needs --lora-rank > 0; how the embedded default's conversion ships)",
+    )
+    parser.add_argument(
         "--prefix-loss-weight",
         type=float,
         default=None,
@@ -191,11 +220,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
     """(model in float32, tokenizer, a short name for paths)."""
-    if name in ("default", DEFAULT_MODEL_NAME):
-        from mtp_torch._default import load_default
-
-        model, tokenizer = load_default()
-        return model, tokenizer, DEFAULT_MODEL_NAME
+    if name in CONVERTED_NAMES:
+        raise ValueError(
+            f"--model {name} is already converted; convert the unconverted base with "
+            "--model default-base"
+        )
+    named = load_named(name)
+    if named is not None:
+        return named[0], named[1], DEFAULT_MODEL_NAME
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -236,6 +268,9 @@ def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> Disti
         "checkpoint_every": "checkpoint_every",
         "train_mask_embedding": "train_mask_embedding",
         "prefix_loss_weight": "prefix_loss_weight",
+        "lora_rank": "lora_rank",
+        "lora_alpha": "lora_alpha",
+        "row_windows": "row_windows",
     }
     for arg_name, field in names.items():
         value = getattr(args, arg_name)
@@ -262,9 +297,9 @@ def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> Disti
 
 def _corpus(
     args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, seed: int
-) -> list[list[int]]:
+) -> list[Example]:
     if args.data is not None:
-        return load_corpus(args.data, tokenizer)
+        return load_examples(args.data, tokenizer)
     seed_file = Path(args.seed_prompts) if args.seed_prompts else default_seed_prompts()
     seeds = read_seed_prompts(seed_file) if seed_file is not None else None
     if args.corpus_cache is not None:
@@ -284,11 +319,13 @@ def _corpus(
         seed=seed,
         progress=not args.no_progress,
     )
-    return load_corpus(cache, tokenizer, limit=args.num_examples)
+    return load_examples(cache, tokenizer, limit=args.num_examples)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
+    if args.delta_out is not None and not (args.lora_rank or cpu_preset().lora_rank):
+        raise ValueError("--delta-out needs LoRA adapters: add --lora-rank N (N > 0)")
     model, tokenizer, model_name = _load_model(args.model, args.device)
     out = Path(args.out) if args.out else Path(f"{model_name}-mtp")
     checkpoint_dir = out.parent / f"{out.name}.ckpt"
@@ -308,6 +345,24 @@ def run(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     path = mtp.save_pretrained(out, k_max=cfg.k_max, threshold=args.threshold)
+    if args.delta_out is not None:
+        from mtp_torch._delta import file_sha256, save_delta
+
+        assert mtp.delta is not None  # checked before training
+        delta_path = save_delta(
+            args.delta_out,
+            mtp.delta,
+            mask_token_id=mtp.mask_token_id,
+            metadata={
+                "base": str(args.model),
+                "k_max": cfg.k_max,
+                "threshold": args.threshold,
+                "lora_rank": cfg.lora_rank,
+                "steps": last[-1].step if last else 0,
+            },
+        )
+        digest = file_sha256(delta_path)
+        Path(f"{delta_path}.sha256").write_text(f"{digest}  {delta_path.name}\n", encoding="utf-8")
     summary: dict[str, Any] = {
         "out": str(path),
         "corpus_minutes": round(corpus_s / 60, 2),

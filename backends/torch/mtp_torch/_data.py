@@ -583,19 +583,23 @@ class TokenStream:
     """Sequences concatenated into one token stream, cut into consecutive training windows.
 
     Windows are read one after the other from a cursor; when the stream cannot supply the next
-    window the cursor wraps to the start and ``epoch`` grows.  The sequence order is shuffled
+    window the cursor wraps to the start and ``epoch`` grows.  With ``row_aligned`` windows
+    (``take_weighted``) each window instead starts at the next sequence's first token.  The sequence order is shuffled
     once with ``seed``.  ``state_dict`` / ``load_state_dict`` save and restore the position.
 
     Attributes:
       tokens: the concatenated token ids, shape ``(num_tokens,)``.
-      cursor: index of the next window's first token.
+      cursor: index of the next window's first token (row-aligned windows: of the next row).
       epoch: how many times the stream wrapped.
+      supervised: per token, whether it is a training target (``None``: all are).
+      starts: where each sequence starts in ``tokens``.
     """
 
     tokens: IntArray
     cursor: int = 0
     epoch: int = 0
     supervised: npt.NDArray[np.bool_] | None = None
+    starts: IntArray | None = None
 
     @classmethod
     def from_sequences(
@@ -643,7 +647,13 @@ class TokenStream:
             )
         order = np.random.default_rng(seed).permutation(len(arrays))
         supervised = np.concatenate([flags[i] for i in order]) if any_context else None
-        return cls(tokens=np.concatenate([arrays[i] for i in order]), supervised=supervised)
+        lengths = np.array([arrays[i].shape[0] for i in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return cls(
+            tokens=np.concatenate([arrays[i] for i in order]),
+            supervised=supervised,
+            starts=starts,
+        )
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -663,12 +673,19 @@ class TokenStream:
         """
         return self.take_weighted(num_windows, window_len)[0]
 
-    def take_weighted(self, num_windows: int, window_len: int) -> tuple[IntArray, FloatArray]:
+    def take_weighted(
+        self, num_windows: int, window_len: int, *, row_aligned: bool = False
+    ) -> tuple[IntArray, FloatArray]:
         """The next windows (as ``take``) and each token's weight as a training target.
 
         Args:
           num_windows: windows wanted, ``>= 1``.
           window_len: tokens per window, at most ``len(self)``.
+          row_aligned: start each window at the next sequence's first token, so that its
+            tokens see the whole context they were written with (a teacher's greedy text is
+            then the teacher's argmax at every position); the tokens of later sequences that
+            fill the window are context only (weight 0), and a sequence longer than the window
+            is cut.
 
         Returns:
           ``(windows, weights)``, both of shape ``(num_windows, window_len)``; a weight is 0 for
@@ -684,6 +701,9 @@ class TokenStream:
             )
         windows = np.empty((num_windows, window_len), dtype=np.int64)
         weights = np.ones((num_windows, window_len), dtype=np.float32)
+        if row_aligned:
+            self._fill_row_aligned(windows, weights)
+            return windows, weights
         for row in range(num_windows):
             if self.cursor + window_len > len(self):
                 self.cursor = 0
@@ -693,6 +713,22 @@ class TokenStream:
                 weights[row] = self.supervised[self.cursor : self.cursor + window_len]
             self.cursor += window_len
         return windows, weights
+
+    def _fill_row_aligned(self, windows: IntArray, weights: FloatArray) -> None:
+        starts = self.starts if self.starts is not None else np.zeros(1, dtype=np.int64)
+        total, window_len = len(self), windows.shape[1]
+        for row in range(windows.shape[0]):
+            if self.cursor >= starts.shape[0]:
+                self.cursor = 0
+                self.epoch += 1
+            start = int(starts[self.cursor])
+            end = int(starts[self.cursor + 1]) if self.cursor + 1 < starts.shape[0] else total
+            index = (start + np.arange(window_len)) % total
+            windows[row] = self.tokens[index]
+            own = np.arange(window_len) < end - start
+            flags = self.supervised[index] if self.supervised is not None else True
+            weights[row] = np.where(own & flags, 1.0, 0.0)
+            self.cursor += 1
 
     def state_dict(self) -> dict[str, int]:
         """The position, as JSON values: ``{"cursor", "epoch", "num_tokens"}``."""

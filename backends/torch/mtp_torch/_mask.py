@@ -124,6 +124,7 @@ def add_mask_token(model: HFModel, tokenizer: Any = None, seed: int = 0) -> int:
     with torch.no_grad():
         if token_id >= rows:
             model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+            _fresh_embedding_parameters(model)
             logger.info("resized the embedding matrix from %d to %d rows", rows, token_id + 1)
         else:
             logger.info("re-using spare embedding row %d for %s (no resize)", token_id, MASK_TOKEN)
@@ -138,6 +139,28 @@ def add_mask_token(model: HFModel, tokenizer: Any = None, seed: int = 0) -> int:
                 bias[token_id] = bias[:num_real].mean()
     setattr(config, MASK_TOKEN_CONFIG_KEY, token_id)
     return token_id
+
+
+def _fresh_embedding_parameters(model: HFModel) -> None:
+    """Give the resized embedding matrices new ``Parameter`` objects (ties kept).
+
+    transformers resizes in place (``weight.data`` swapped under the same ``Parameter``), so a
+    parameter that autograd met before the resize (a model trained earlier in the process)
+    keeps its old shape in autograd's records and its next backward fails with "invalid
+    gradient ... got [V + 1, H] but expected [V, H]".  A new ``Parameter`` has no such record.
+    """
+    inputs = model.get_input_embeddings()
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is inputs.weight
+    inputs.weight = torch.nn.Parameter(
+        inputs.weight.detach().clone(), requires_grad=inputs.weight.requires_grad
+    )
+    if tied:
+        output.weight = inputs.weight
+    elif output is not None:
+        output.weight = torch.nn.Parameter(
+            output.weight.detach().clone(), requires_grad=output.weight.requires_grad
+        )
 
 
 def _add_to_tokenizer(tokenizer: Any, expected_id: int | None) -> int:

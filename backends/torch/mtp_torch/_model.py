@@ -172,7 +172,8 @@ class MTPModel:
         Args:
           path_or_name: a directory written by ``save_pretrained`` (mask id and default policy
             come from its config), any other transformers causal-LM directory or Hub id (a mask
-            token is added), or ``"smollm2-135m-instruct"`` (the embedded default model).
+            token is added), ``"default"`` (the embedded default, converted by the delta that
+            ships in the package) or ``"default-base"`` (the same model unconverted).
           dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` is float32.
           device: where to put the model (``None``: CPU).
@@ -182,11 +183,15 @@ class MTPModel:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mtp_torch._default import DEFAULT_MODEL_NAME, default_model_dir
+        from mtp_torch._default import load_named
 
         source = str(path_or_name)
-        if source == DEFAULT_MODEL_NAME:
-            source = str(default_model_dir())
+        named = load_named(source, parse_dtype(dtype) if dtype not in (None, "auto") else torch.float32)  # type: ignore[arg-type]
+        if named is not None:
+            named_model, named_tokenizer = named
+            if device is not None:
+                named_model.to(device)
+            return cls(named_model, tokenizer=named_tokenizer)
         model: Any = AutoModelForCausalLM.from_pretrained(
             source, dtype=parse_dtype(dtype), trust_remote_code=False
         )
