@@ -217,3 +217,12 @@ def test_parse_policy_rejects(spec: str) -> None:
 def test_parse_policy_round_trips(threshold: float, k_max: int, k: int) -> None:
     assert parse_policy(f"confadapt:{threshold!r}:{k_max}") == ConfAdapt(threshold, k_max)
     assert parse_policy(f"static:{k}") == StaticK(k)
+
+
+def test_policy_without_k_max_takes_the_checkpoints() -> None:
+    """Issue 10: `--policy confadapt:0.9` on a k_max=4 checkpoint ran k_max 16."""
+    stored = ConfAdapt(threshold=0.8, k_max=4)
+    assert parse_policy("confadapt:0.9", stored) == ConfAdapt(threshold=0.9, k_max=4)
+    assert parse_policy("confadapt", stored) == stored
+    assert parse_policy("confadapt:0.9:8", stored) == ConfAdapt(threshold=0.9, k_max=8)
+    assert parse_policy("static:2", stored) == StaticK(2)

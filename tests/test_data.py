@@ -184,9 +184,9 @@ def test_magpie_prompts_start_from_the_user_prefix(
 
     def fake_generate_ids(
         model: object, tok: object, prompts: list[str], **kwargs: object
-    ) -> list[tuple[list[int], list[int]]]:
+    ) -> list[tuple[list[int], list[int], list[float]]]:
         calls.append(list(prompts))
-        return [([1, 2], [3, 4]) for _ in prompts]
+        return [([1, 2], [3, 4], [0.9, 0.5]) for _ in prompts]
 
     monkeypatch.setattr(_data, "_generate_texts", fake_generate)
     monkeypatch.setattr(_data, "_generate_ids", fake_generate_ids)
@@ -203,6 +203,7 @@ def test_magpie_prompts_start_from_the_user_prefix(
     assert calls[1][0].startswith("<|user|> a b 1 0 <eos> <|assistant|>")  # then answer it
     # Greedy responses keep the teacher's exact token ids; the prompt is context only.
     assert rows[0]["ids"] == [1, 2, 3, 4] and rows[0]["prompt_len"] == 2
+    assert rows[0]["confidence"] == [0.9, 0.5]
 
 
 def test_corpus_without_prompt_source_is_rejected(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_corrupt_or_foreign_delta_files_are_rejected(tmp_path: Path) -> None:
 
 def test_context_tokens_are_never_targets() -> None:
     stream = TokenStream.from_sequences([Example([5, 6, 7, 8], context_len=2), [9, 10]], seed=0)
-    windows, weights = stream.take_weighted(3, 2)
+    windows, weights, _ = stream.take_weighted(3, 2)
     flat = dict(zip(windows.reshape(-1).tolist(), weights.reshape(-1).tolist(), strict=True))
     assert flat == {5: 0.0, 6: 0.0, 7: 1.0, 8: 1.0, 9: 1.0, 10: 1.0}
     with pytest.raises(ValueError, match="context_len"):
@@ -141,7 +141,7 @@ def test_row_aligned_windows_start_at_rows_and_mask_what_follows() -> None:
     stream = TokenStream.from_sequences(rows, seed=0)
     starts = {int(stream.tokens[i]) for i in stream.starts}
     assert starts == {1, 5, 7}
-    windows, weights = stream.take_weighted(4, 3, row_aligned=True)
+    windows, weights, _ = stream.take_weighted(4, 3, row_aligned=True)
     for window, weight in zip(windows.tolist(), weights.tolist(), strict=True):
         assert window[0] in starts
         if window[0] == 1:
@@ -149,3 +149,46 @@ def test_row_aligned_windows_start_at_rows_and_mask_what_follows() -> None:
         if window[0] == 5:
             assert weight == [1.0, 1.0, 0.0]  # the next row's token only fills the window
     assert stream.epoch == 1  # four windows over three rows wrapped once
+
+
+def test_confident_targets_weight_only_confident_runs() -> None:
+    """Offset j trains fully only where the teacher's tokens 0..j were all confident."""
+    import contextlib
+
+    import numpy as np
+
+    from mtp_core._src.layout import TrainingLayoutSpec, training_layout
+    from mtp_torch._distill import _batch_loss, _pack
+
+    model = tiny_llama(32, layers=1)
+    mask_id = add_mask_token(model)
+    layout = training_layout(TrainingLayoutSpec(seq_len=14, k=3, num_regions=2))
+    window = np.arange(layout.spec.window_len)[None, :] % 30
+    ones = np.ones(window.shape, dtype=np.float32)
+    unsure = ones.copy()
+    unsure[:, layout.target_index[:, 1]] = 0.1  # every offset-1 target was a guess
+    losses = {}
+    for name, confidence, cfg_value in [
+        ("plain", ones, None),
+        ("all sure", ones, 0.5),
+        ("gated", unsure, 0.5),
+    ]:
+        packed = _pack(window, ones, layout, mask_id, torch.device("cpu"), False, confidence)
+        cfg = _config(
+            loss="gt",
+            k_max=3,
+            seq_len=14,
+            num_regions=2,
+            confident_targets=cfg_value,
+            unconfident_weight=0.0,
+        )
+        with torch.no_grad():
+            losses[name], logits, _, targets, _ = _batch_loss(
+                model, model, None, packed, cfg, mask_id, contextlib.nullcontext()
+            )
+    assert torch.allclose(losses["plain"], losses["all sure"])
+    # With offsets 1 and 2 gated off, only offset 0 remains.
+    offset0 = torch.nn.functional.cross_entropy(
+        logits[:, :, 0].reshape(-1, logits.shape[-1]), targets[:, :, 0].reshape(-1)
+    )
+    assert torch.allclose(losses["gated"], offset0, atol=1e-5)

@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``mtp generate`` options on ``parser``."""
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL_NAME,
-        help=f"converted checkpoint directory, plain model directory or {DEFAULT_MODEL_NAME!r} "
-        "(the embedded default)",
+        default="default",
+        help="converted checkpoint directory, plain model directory, 'default' (the embedded "
+        f"default, {DEFAULT_MODEL_NAME}, converted) or 'default-base' (unconverted)",
     )
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument(
@@ -67,9 +67,11 @@ def _encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp generate``; print the text (streamed) or, with ``--json``, one JSON object."""
-    policy = parse_policy(args.policy) if args.policy is not None else None
+    if args.policy is not None:
+        parse_policy(args.policy)  # a malformed spec fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    policy = parse_policy(args.policy, mtp.default_policy) if args.policy is not None else None
     tokenizer = mtp.tokenizer
     if tokenizer is None:
         raise ValueError(

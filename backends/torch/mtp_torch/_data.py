@@ -206,10 +206,24 @@ class Example:
     Attributes:
       ids: token ids.
       context_len: leading tokens that are seen but not supervised, ``0 <= context_len <= len``.
+      confidence: the teacher's top-1 probability when it wrote each supervised token
+        (``len(ids) - context_len`` values), or ``None`` when unknown.
     """
 
     ids: tuple[int, ...] = attrs.field(converter=tuple)
     context_len: int = attrs.field(default=0)
+    confidence: tuple[float, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(tuple)
+    )
+
+    @confidence.validator
+    def _check_confidence(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and len(value) != len(self.ids) - self.context_len:
+            raise ValueError(
+                f"confidence must hold one value per supervised token ({len(self.ids)} ids - "
+                f"{self.context_len} context = {len(self.ids) - self.context_len}), got "
+                f"{len(value)}"
+            )
 
     @context_len.validator
     def _check_context_len(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -260,7 +274,12 @@ def load_examples(
                         f'"ids" hold token id {max(ids)} but the tokenizer has {vocab} tokens; '
                         "the row was written for another model"
                     )
-                example = Example(ids, int(row.get("prompt_len", 0)))
+                confidence = row.get("confidence")
+                example = Example(
+                    ids,
+                    int(row.get("prompt_len", 0)),
+                    None if confidence is None else [float(c) for c in confidence],
+                )
             else:
                 example = Example(encode_row(row, tokenizer))
         except ValueError as error:
@@ -372,18 +391,32 @@ def _generate_texts(
     return [str(t).strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+class _TopProbabilities:
+    """A logits processor that records each step's top-1 probability per row (and changes nothing)."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.steps.append(torch.softmax(scores.float(), dim=-1).amax(dim=-1).cpu())
+        return scores
+
+
 def _generate_ids(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-) -> list[tuple[list[int], list[int]]]:
-    """Greedy continuations as exact token ids: ``(prompt_ids, response_ids)`` per prompt.
+) -> list[tuple[list[int], list[int], list[float]]]:
+    """Greedy continuations as exact token ids: ``(prompt_ids, response_ids, confidences)``.
 
     The response keeps the first EOS (where one came) and nothing after it, so the pair is the
     teacher's own argmax chain token for token (re-encoding decoded text can split differently).
+    ``confidences[i]`` is the teacher's top-1 probability when it wrote response token ``i``.
     """
+    from transformers import LogitsProcessorList
+
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -395,6 +428,7 @@ def _generate_ids(
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    recorder = _TopProbabilities()
     with torch.no_grad():
         output = model.generate(
             input_ids=batch["input_ids"].to(device),
@@ -403,16 +437,19 @@ def _generate_ids(
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([recorder]),
         )
     width = batch["input_ids"].shape[1]
-    pairs: list[tuple[list[int], list[int]]] = []
+    confidences = torch.stack(recorder.steps, dim=1) if recorder.steps else None
+    rows: list[tuple[list[int], list[int], list[float]]] = []
     for row in range(output.shape[0]):
         prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
         response = [int(t) for t in output[row, width:].tolist()]
         if eos is not None and eos in response:
             response = response[: response.index(eos) + 1]
-        pairs.append(([int(t) for t in prompt], response))
-    return pairs
+        confidence = [] if confidences is None else confidences[row, : len(response)].tolist()
+        rows.append(([int(t) for t in prompt], response, [round(c, 4) for c in confidence]))
+    return rows
 
 
 def _render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -526,7 +563,7 @@ def write_corpus(
                             break
                         continue
                 rendered = [_render_prompt(tokenizer, p) for p in prompts]
-                id_pairs: list[tuple[list[int], list[int]] | None]
+                id_pairs: list[tuple[list[int], list[int], list[float]] | None]
                 if temperature > 0.0:
                     responses = _generate_texts(
                         model,
@@ -558,8 +595,11 @@ def write_corpus(
                     if pair is not None:
                         # The exact greedy chain: training targets are the teacher's own argmax
                         # tokens, and only the response is supervised (the prompt is context).
+                        # The teacher's confidence per response token lets training focus on
+                        # the runs ConfAdapt can accept.
                         row["ids"] = pair[0] + pair[1]
                         row["prompt_len"] = len(pair[0])
+                        row["confidence"] = pair[2]
                     handle.write(json.dumps(row) + "\n")
                     rows.append(row)
                     seen.add(prompt)
@@ -593,6 +633,8 @@ class TokenStream:
       epoch: how many times the stream wrapped.
       supervised: per token, whether it is a training target (``None``: all are).
       starts: where each sequence starts in ``tokens``.
+      confidence: per token, the teacher's top-1 probability when it wrote it (1 where unknown);
+        ``None`` when no sequence carries any.
     """
 
     tokens: IntArray
@@ -600,6 +642,7 @@ class TokenStream:
     epoch: int = 0
     supervised: npt.NDArray[np.bool_] | None = None
     starts: IntArray | None = None
+    confidence: FloatArray | None = None
 
     @classmethod
     def from_sequences(
@@ -620,7 +663,8 @@ class TokenStream:
         """
         arrays: list[IntArray] = []
         flags: list[npt.NDArray[np.bool_]] = []
-        any_context = False
+        confidences: list[FloatArray] = []
+        any_context = any_confidence = False
         for index, item in enumerate(sequences):
             sequence: Sequence[int] = item.ids if isinstance(item, Example) else item
             context_len = item.context_len if isinstance(item, Example) else 0
@@ -639,6 +683,11 @@ class TokenStream:
             arrays.append(array.astype(np.int64))
             flag = np.ones(array.shape[0], dtype=np.bool_)
             flag[:context_len] = False
+            confidence = np.ones(array.shape[0], dtype=np.float32)
+            if isinstance(item, Example) and item.confidence is not None:
+                confidence[context_len:] = item.confidence
+                any_confidence = True
+            confidences.append(confidence)
             any_context = any_context or context_len > 0
             flags.append(flag)
         if not arrays:
@@ -653,6 +702,7 @@ class TokenStream:
             tokens=np.concatenate([arrays[i] for i in order]),
             supervised=supervised,
             starts=starts,
+            confidence=np.concatenate([confidences[i] for i in order]) if any_confidence else None,
         )
 
     def __len__(self) -> int:
@@ -675,7 +725,7 @@ class TokenStream:
 
     def take_weighted(
         self, num_windows: int, window_len: int, *, row_aligned: bool = False
-    ) -> tuple[IntArray, FloatArray]:
+    ) -> tuple[IntArray, FloatArray, FloatArray]:
         """The next windows (as ``take``) and each token's weight as a training target.
 
         Args:
@@ -688,8 +738,9 @@ class TokenStream:
             is cut.
 
         Returns:
-          ``(windows, weights)``, both of shape ``(num_windows, window_len)``; a weight is 0 for
-          a context token (a prompt) and 1 for a supervised one.
+          ``(windows, weights, confidence)``, each of shape ``(num_windows, window_len)``; a
+          weight is 0 for a context token (a prompt) and 1 for a supervised one; confidence is
+          the teacher's top-1 probability when it wrote the token (1 where unknown).
 
         Raises:
           ValueError: if the stream is shorter than one window.
@@ -701,20 +752,26 @@ class TokenStream:
             )
         windows = np.empty((num_windows, window_len), dtype=np.int64)
         weights = np.ones((num_windows, window_len), dtype=np.float32)
+        confidence = np.ones((num_windows, window_len), dtype=np.float32)
         if row_aligned:
-            self._fill_row_aligned(windows, weights)
-            return windows, weights
+            self._fill_row_aligned(windows, weights, confidence)
+            return windows, weights, confidence
         for row in range(num_windows):
             if self.cursor + window_len > len(self):
                 self.cursor = 0
                 self.epoch += 1
-            windows[row] = self.tokens[self.cursor : self.cursor + window_len]
+            cut = slice(self.cursor, self.cursor + window_len)
+            windows[row] = self.tokens[cut]
             if self.supervised is not None:
-                weights[row] = self.supervised[self.cursor : self.cursor + window_len]
+                weights[row] = self.supervised[cut]
+            if self.confidence is not None:
+                confidence[row] = self.confidence[cut]
             self.cursor += window_len
-        return windows, weights
+        return windows, weights, confidence
 
-    def _fill_row_aligned(self, windows: IntArray, weights: FloatArray) -> None:
+    def _fill_row_aligned(
+        self, windows: IntArray, weights: FloatArray, confidence: FloatArray
+    ) -> None:
         starts = self.starts if self.starts is not None else np.zeros(1, dtype=np.int64)
         total, window_len = len(self), windows.shape[1]
         for row in range(windows.shape[0]):
@@ -728,6 +785,8 @@ class TokenStream:
             own = np.arange(window_len) < end - start
             flags = self.supervised[index] if self.supervised is not None else True
             weights[row] = np.where(own & flags, 1.0, 0.0)
+            if self.confidence is not None:
+                confidence[row] = self.confidence[index]
             self.cursor += 1
 
     def state_dict(self) -> dict[str, int]:

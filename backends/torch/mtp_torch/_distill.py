@@ -53,7 +53,14 @@ from mtp_torch._data import TokenStream
 if TYPE_CHECKING:
     from mtp_torch._model import MTPModel
 
-__all__ = ["DistillConfig", "StepMetrics", "cpu_preset", "distill", "find_blocks"]
+__all__ = [
+    "DistillConfig",
+    "StepMetrics",
+    "cpu_bf16_is_fast",
+    "cpu_preset",
+    "distill",
+    "find_blocks",
+]
 
 _LOSSES = ("hard", "soft", "gt")
 # Config fields that may change between a run and its resumption (they do not change the
@@ -151,6 +158,13 @@ class DistillConfig:
         ``TokenStream.take_weighted``): targets then see the full context they were written
         with, which a teacher-written corpus needs for its tokens to be the teacher's argmax;
         ``False`` cuts windows from the concatenated stream (the paper's packing).
+      confident_targets: focus the mask offsets on what ConfAdapt can accept: offset ``j`` of a
+        region keeps its full weight only where the teacher wrote the targets of offsets
+        ``0 .. j`` each with top-1 probability ``>= confident_targets`` (a corpus from
+        ``write_corpus`` records them); elsewhere it gets ``unconfident_weight``.  Offset 0
+        (the ordinary next token) always keeps its weight.  ``None``: every target alike.
+      unconfident_weight: weight of the mask targets outside a confident run (see above); above
+        0 so the student still learns to be unsure there.
       lora_rank: ``> 0``: train LoRA adapters of this rank (``peft``) on every linear layer of
         the trained blocks (all blocks, or the top ``train_layers``) instead of their weights;
         the teacher is then the same model with its adapters disabled (no second copy), and
@@ -192,6 +206,8 @@ class DistillConfig:
     train_layers: int | None = attrs.field(default=None, validator=_optional_non_negative_int)
     train_mask_embedding: bool = attrs.field(default=True)
     row_windows: bool = attrs.field(default=False)
+    confident_targets: float | None = attrs.field(default=None)
+    unconfident_weight: float = attrs.field(default=0.1, validator=_non_negative_float)
     lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
     lora_alpha: float | None = attrs.field(default=None)
     seed: int = attrs.field(default=0)
@@ -236,6 +252,15 @@ class DistillConfig:
         if value is not None:
             _positive_float(self, attribute, value)
 
+    @confident_targets.validator
+    def _check_confident_targets(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+        ):
+            raise ValueError(
+                f"confident_targets must be None or a probability in (0, 1], got {value!r}"
+            )
+
     @lora_alpha.validator
     def _check_lora_alpha(self, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is not None:
@@ -273,18 +298,29 @@ class DistillConfig:
         return values
 
 
-def cpu_preset(**overrides: Any) -> DistillConfig:
-    """The quick conversion ``mtp convert`` runs by default: cheap steps on a few CPU cores.
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    Chosen from measurements on SmolLM2-135M-Instruct (fp32, one thread of a shared 2-core
-    CPU): a step of this preset costs ~3.9 s against ~8.2 s for the paper's layout (``S = 160``,
-    ``k_max = 16``, all weights), and supervises ~2.6x more predictions per CPU-second, because
-    only the top 8 blocks train with the embeddings frozen (backward stops there) and the small
-    ``k_max`` packs 16 regions per sequence.  A KL anchor at every real slot keeps the student's
-    ordinary next-token predictions close to the teacher's; learning rates of 1e-4 and more on
-    the upper blocks visibly changed the model's greedy output within 20 steps.  Expect little
-    acceleration from a 10-minute CPU run (about 1.0-1.05 tokens per forward at ConfAdapt 0.9);
-    longer runs, or a GPU, are what the method needs.
+
+def cpu_preset(**overrides: Any) -> DistillConfig:
+    """The conversion ``mtp convert`` runs by default: the most learning per CPU-second we found.
+
+    Chosen by measurement on SmolLM2-135M-Instruct (2 CPU cores; docs/results.md has the
+    curves), for a corpus the teacher wrote itself (``write_corpus``):
+
+    - ``loss="gt"`` on the teacher's own greedy text equals the hard-teacher target wherever the
+      student's block matches the teacher, and needs no teacher pass;
+    - ``row_windows``: each window starts at a row, so every target is the teacher's argmax
+      given the context it was written with (cut windows agreed only ~70% at offset 0);
+    - LoRA (rank 64, scale 1, lr 1e-3) on the top 8 blocks, embeddings frozen: backward stops
+      at block 22, and the result ships as a few-MB delta;
+    - ``confident_targets``: mask offsets train fully only inside runs of confident teacher
+      tokens, the only runs ConfAdapt can accept;
+    - bfloat16 autocast where the CPU has native bf16 (2.6x float32 matmuls measured).
 
     Args:
       **overrides: any ``DistillConfig`` field, replacing the preset's value.
@@ -294,17 +330,23 @@ def cpu_preset(**overrides: Any) -> DistillConfig:
     """
     preset: dict[str, Any] = {
         "k_max": 4,
-        "loss": "hard",
+        "loss": "gt",
         "steps": 1_000_000,
         "minutes": 10.0,
-        "lr": 3e-5,
-        "warmup_steps": 5,
-        "batch_size": 4,
-        "seq_len": 128,
+        "lr": 1e-3,
+        "warmup_steps": 20,
+        "weight_decay": 0.0,
+        "batch_size": 2,
+        "seq_len": 400,
         "num_regions": None,
         "train_layers": 8,
         "train_mask_embedding": False,
-        "prefix_loss_weight": 1.0,
+        "lora_rank": 64,
+        "row_windows": True,
+        "confident_targets": 0.6,
+        "unconfident_weight": 0.2,
+        "prefix_loss_weight": 0.0,
+        "bf16": True if cpu_bf16_is_fast() else None,
         "checkpoint_every": 50,
     }
     preset.update(overrides)
@@ -439,6 +481,7 @@ class _Packed:
     layout: TrainingLayout
     windows: torch.Tensor  # (B, window_len) ground-truth token ids
     weights: torch.Tensor  # (B, window_len) 1 where a token is a training target, 0 for context
+    confidence: torch.Tensor  # (B, window_len) the teacher's top-1 probability per token (or 1)
     input_ids: torch.Tensor  # (B, S)
     position_ids: torch.Tensor  # (B, S)
     allowed: torch.Tensor  # (B, 1, S, S) bool
@@ -459,6 +502,7 @@ def _pack(
     mask_token_id: int,
     device: torch.device,
     prefix_loss: bool,
+    confidence_np: np.ndarray | None = None,
 ) -> _Packed:
     batch = windows_np.shape[0]
     windows = torch.from_numpy(windows_np).to(device)
@@ -481,6 +525,11 @@ def _pack(
         layout=layout,
         windows=windows,
         weights=torch.from_numpy(np.ascontiguousarray(weights_np)).to(device),
+        confidence=(
+            torch.ones(windows.shape, dtype=torch.float32, device=device)
+            if confidence_np is None
+            else torch.from_numpy(np.ascontiguousarray(confidence_np)).to(device)
+        ),
         input_ids=input_ids,
         position_ids=position_ids,
         allowed=allowed,
@@ -548,6 +597,14 @@ def _batch_loss(
     target_index = _index(layout.target_index, device)
     targets = packed.windows[:, target_index]
     target_weights = packed.weights[:, target_index]
+    loss_weights = target_weights
+    if cfg.confident_targets is not None:
+        # Offset j counts fully only inside a run of confident teacher tokens 0..j.
+        sure = (packed.confidence[:, target_index] >= cfg.confident_targets).float()
+        run = torch.cumprod(sure, dim=-1)
+        factor = run + (1.0 - run) * cfg.unconfident_weight
+        factor[..., 0] = 1.0
+        loss_weights = target_weights * factor
     teacher_logits = None
     teacher_kept = None
     if cfg.loss != "gt":
@@ -573,7 +630,7 @@ def _batch_loss(
         teacher_logits,
         kind=cfg.loss,
         targets=targets,
-        weights=target_weights,
+        weights=loss_weights,
         entropy_weight=cfg.entropy_weight,
     )
     if cfg.prefix_loss_weight > 0 and packed.prefix_at is not None:
@@ -904,7 +961,7 @@ def distill(
                 offset = int(generator.integers(0, prefix_len))
                 layout = training_layout(TrainingLayoutSpec(cfg.seq_len, k, num_regions, offset))
                 # 2. The global batch of windows; this process packs its slice.
-                windows, weights = stream.take_weighted(
+                windows, weights, confidence = stream.take_weighted(
                     cfg.batch_size, layout.spec.window_len, row_aligned=cfg.row_windows
                 )
                 mine = slice(rank * local_batch, (rank + 1) * local_batch)
@@ -915,6 +972,7 @@ def distill(
                     mask_token_id,
                     device,
                     cfg.prefix_loss_weight > 0,
+                    confidence[mine],
                 )
                 sync = (
                     ddp_model.no_sync()

@@ -7,6 +7,7 @@ acceptance, sampling, and a lossless mode (``verify=True``) whose output equals 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -105,6 +106,66 @@ def _policy_from_config(config: Any) -> ConfAdapt:
     return ConfAdapt(**settings)
 
 
+_MANIFEST = "mtp_lm_manifest.json"
+
+
+def _manifest_files(directory: Path) -> set[str]:
+    """Files an earlier ``save_pretrained`` wrote into ``directory`` (its manifest), else none."""
+    try:
+        listed = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {str(name) for name in listed} | {_MANIFEST}
+
+
+def _foreign_files(target: Path) -> list[str]:
+    """Names in ``target`` that no earlier mtp-lm save wrote (``[]`` for a new directory)."""
+    if target.is_file():
+        raise FileExistsError(f"{target} is a file; give a directory path to save into")
+    if not target.is_dir():
+        return []
+    ours = _manifest_files(target)
+    return sorted(p.name for p in target.iterdir() if p.name not in ours)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync every file of ``directory`` and the directory itself (data on disk before renames)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target`` by renames; an earlier save there is removed afterwards."""
+    backup = None
+    if target.exists():
+        backup = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if backup is not None:
+            os.rename(backup, target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _merge_into(staging: Path, target: Path) -> None:
+    """Move ``staging``'s files into ``target`` one by one, keeping files mtp-lm did not write."""
+    stale = _manifest_files(target) - {p.name for p in staging.iterdir()}
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == _MANIFEST):
+        os.replace(path, target / path.name)  # the manifest last: it names a complete save
+    for name in stale:
+        (target / name).unlink(missing_ok=True)
+
+
 def _as_id_list(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
     if value is None:
         return []
@@ -186,7 +247,9 @@ class MTPModel:
         from mtp_torch._default import load_named
 
         source = str(path_or_name)
-        named = load_named(source, parse_dtype(dtype) if dtype not in (None, "auto") else torch.float32)  # type: ignore[arg-type]
+        named = load_named(
+            source, parse_dtype(dtype) if dtype not in (None, "auto") else torch.float32
+        )  # type: ignore[arg-type]
         if named is not None:
             named_model, named_tokenizer = named
             if device is not None:
@@ -209,25 +272,35 @@ class MTPModel:
         directory: str | os.PathLike[str],
         k_max: int | None = None,
         threshold: float | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Path:
         """Write a plain transformers checkpoint plus the MTP settings, atomically.
 
-        The directory holds safetensors weights, the tokenizer (if any) and a config carrying
-        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``; stock
-        ``AutoModelForCausalLM.from_pretrained`` loads it unchanged.  Everything is written to a
-        temporary directory beside ``directory`` and renamed into place (an existing directory is
-        replaced).
+        The directory holds safetensors weights, the tokenizer (if any), a config carrying
+        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, and a manifest of the files
+        written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM.from_pretrained`` loads
+        it unchanged.  Everything is written to a temporary directory beside ``directory``:
+
+        - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
+          replaced by a rename (a reader sees the old save or the new one, never a mix);
+        - a directory holding other files is refused unless ``overwrite=True``; then the new
+          files replace same-named ones one by one and the files of an earlier save that the new
+          one lacks are removed, but files this method did not write are never deleted.
 
         Args:
           directory: output directory.
           k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
           threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
+          overwrite: write into a directory that holds files of its own.
 
         Returns:
           The directory written.
 
         Raises:
           ValueError: if ``k_max`` or ``threshold`` is out of range.
+          FileExistsError: if ``directory`` holds files other than an earlier save's and
+            ``overwrite`` is false, or is a file.
         """
         current = self.default_policy
         base = current if isinstance(current, ConfAdapt) else ConfAdapt()
@@ -236,6 +309,13 @@ class MTPModel:
             k_max=base.k_max if k_max is None else k_max,
         )
         target = Path(directory)
+        foreign = _foreign_files(target)
+        if foreign and not overwrite:
+            raise FileExistsError(
+                f"{target} holds files mtp-lm did not write ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new directory, or "
+                "pass overwrite=True (--overwrite) to write beside them"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         config = self.model.config
         previous = {
@@ -249,13 +329,15 @@ class MTPModel:
             self.model.save_pretrained(staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            backup = None
-            if target.exists():
-                backup = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(target, backup)
-            os.rename(staging, target)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
+            written = sorted(p.name for p in staging.iterdir())
+            (staging / _MANIFEST).write_text(
+                json.dumps({"format": 1, "files": written}), encoding="utf-8"
+            )
+            _sync_directory(staging)
+            if foreign:
+                _merge_into(staging, target)
+            else:
+                _replace_directory(staging, target)
         finally:
             for key, value in previous.items():
                 setattr(config, key, value)

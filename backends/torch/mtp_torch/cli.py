@@ -23,12 +23,15 @@ SUBCOMMANDS = ("generate", "convert", "bench")
 _POLICY_FORMS = "'confadapt', 'confadapt:THRESHOLD', 'confadapt:THRESHOLD:K_MAX' or 'static:K'"
 
 
-def parse_policy(spec: str) -> AcceptancePolicy:
+def parse_policy(spec: str, default: AcceptancePolicy | None = None) -> AcceptancePolicy:
     """Parse a policy spec such as ``confadapt:0.9``, ``confadapt:0.9:8`` or ``static:3``.
 
     Args:
       spec: ``confadapt`` (defaults), ``confadapt:THRESHOLD``, ``confadapt:THRESHOLD:K_MAX`` or
         ``static:K``.
+      default: the model's stored policy (``MTPModel.default_policy``): a ConfAdapt spec that
+        leaves out the threshold or ``k_max`` takes them from it, so a checkpoint trained for
+        ``k_max = 4`` decodes with 4 unless told otherwise.
 
     Returns:
       The ``ConfAdapt`` or ``StaticK`` policy.
@@ -45,6 +48,8 @@ def parse_policy(spec: str) -> AcceptancePolicy:
     try:
         if name == "confadapt" and len(fields) <= 2:
             settings: dict[str, float | int] = {}
+            if isinstance(default, ConfAdapt):
+                settings.update(threshold=default.threshold, k_max=default.k_max)
             if fields:
                 settings["threshold"] = float(fields[0])
             if len(fields) == 2:
