@@ -192,3 +192,16 @@ def test_confident_targets_weight_only_confident_runs() -> None:
         logits[:, :, 0].reshape(-1, logits.shape[-1]), targets[:, :, 0].reshape(-1)
     )
     assert torch.allclose(losses["gated"], offset0, atol=1e-5)
+
+
+def test_the_running_acceptance_estimate_follows_confadapt() -> None:
+    from mtp_torch._distill import _confident_run
+
+    sure, unsure = 10.0, 0.0  # logit gaps: softmax top-1 ~1.0 and 0.5 over two tokens
+    logits = torch.tensor(
+        [[[[sure, 0.0], [sure, 0.0], [unsure, 0.0]], [[unsure, 0.0], [sure, 0.0], [sure, 0.0]]]]
+    )
+    weights = torch.ones(1, 2, 3)
+    assert _confident_run(logits, weights) == pytest.approx((2 + 1) / 2)
+    weights[0, 1, 0] = 0.0  # the second region's first target is context: not counted
+    assert _confident_run(logits, weights) == pytest.approx(2.0)

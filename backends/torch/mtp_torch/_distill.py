@@ -369,6 +369,9 @@ class StepMetrics:
       tokens_per_s: ``supervised_tokens`` per second of this step.
       elapsed_s: seconds since the run (or its resumption) started.
       epoch: passes over the token stream completed.
+      accepted_at_0_9: tokens ConfAdapt(0.9, k) would keep per step on this step's training
+        regions (teacher-forced; the student's own confidences, right or wrong): a cheap
+        running estimate of tokens per forward.
     """
 
     step: int
@@ -381,6 +384,7 @@ class StepMetrics:
     tokens_per_s: float
     elapsed_s: float
     epoch: int
+    accepted_at_0_9: float = 1.0
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -954,6 +958,7 @@ def distill(
             ks: list[int] = []
             supervised = 0
             last_agreement: list[float] = []
+            accepts: list[float] = []
             for micro in range(cfg.grad_accum):
                 # 1. Block size, grid offset and layout; the same on every process.
                 k = int(generator.integers(2, cfg.k_max + 1))
@@ -1002,6 +1007,7 @@ def distill(
                         hits = (hits * target_weights).reshape(-1, k).sum(0)
                         rates = hits / target_weights.reshape(-1, k).sum(0).clamp_min(1.0)
                     last_agreement = [float(v) for v in rates]
+                    accepts.append(_confident_run(student_logits.detach(), target_weights))
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
                 if cfg.clip is not None
@@ -1028,6 +1034,7 @@ def distill(
                 tokens_per_s=supervised / max(now - step_started, 1e-9),
                 elapsed_s=now - started,
                 epoch=stream.epoch,
+                accepted_at_0_9=float(np.mean(accepts)) if accepts else 1.0,
             )
             if log_handle is not None and step % cfg.log_every == 0:
                 log_handle.write(json.dumps(attrs.asdict(metrics)) + "\n")
@@ -1069,6 +1076,14 @@ def distill(
     mtp = MTPModel(student, mask_token_id=mask_token_id, tokenizer=tokenizer)
     mtp.delta = delta
     return mtp
+
+
+def _confident_run(student_logits: torch.Tensor, target_weights: torch.Tensor) -> float:
+    """Mean tokens ConfAdapt(0.9) keeps per region, over regions whose first target is trained."""
+    confident = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1) >= 0.9
+    kept = torch.cumprod(confident.long(), dim=-1).sum(dim=-1).clamp_min(1).float()
+    counted = target_weights[..., 0] > 0
+    return float(kept[counted].mean()) if bool(counted.any()) else 1.0
 
 
 def _match_vocab(teacher_logits: torch.Tensor, vocab: int, mask_token_id: int) -> torch.Tensor:
