@@ -226,3 +226,47 @@ def test_policy_without_k_max_takes_the_checkpoints() -> None:
     assert parse_policy("confadapt", stored) == stored
     assert parse_policy("confadapt:0.9:8", stored) == ConfAdapt(threshold=0.9, k_max=8)
     assert parse_policy("static:2", stored) == StaticK(2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--model", "/no/such/model", "--prompt", "hi"], "does not exist"),
+        (["generate", "--model", "./missing-dir", "--prompt", "hi"], "does not exist"),
+        (["generate", "--policy", "confadapt:2.0", "--prompt", "hi"], "threshold"),
+        (["convert", "--model", "default", "--steps", "1"], "already converted"),
+    ],
+)
+def test_command_errors_are_one_line_without_traceback(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mtp {args[0]}: error: ") and message in err[0]
+
+
+def test_directory_without_config_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "not a model"
+
+
+def test_unexpected_errors_are_one_line_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mtp_torch import _cmd_generate
+
+    def boom(args: object) -> int:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(_cmd_generate, "run", boom)
+    assert main(["generate", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "mtp generate: error: RuntimeError: disk on fire (rerun with --debug for the traceback)"
+    ]
+    with pytest.raises(RuntimeError):
+        main(["--debug", "generate", "--prompt", "hi"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -577,3 +578,99 @@ def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
     mtp = distill(teacher, sequences, cfg)
     assert mtp.model.get_input_embeddings().weight.shape[0] == 65
     assert mtp.model.get_output_embeddings().weight.shape[0] == 65
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: a NaN loss used to train on and write NaN weights."""
+    import mtp_torch._distill as distill_module
+
+    calls = {"n": 0}
+    real = distill_module._batch_loss
+
+    def poisoned(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] > 4:  # two micro-steps a step: step 3 diverges
+            return (out[0] * float("nan"), *out[1:])
+        return out
+
+    monkeypatch.setattr(distill_module, "_batch_loss", poisoned)
+    cfg = _resume_config(tmp_path, 6)
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="diverged at step 3"):
+        distill(model, random_corpus(), cfg)
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (not caught as an Exception)."""
+
+
+def test_a_kill_while_replacing_a_checkpoint_keeps_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10: re-saving the same step deleted the checkpoint latest.json named first."""
+    import mtp_torch._checkpoint as checkpoint_module
+
+    corpus = random_corpus()
+    distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))  # finished: checkpoint of step 2
+
+    real_replace = os.replace
+
+    def killed_moving_a_directory(source: object, target: object) -> None:
+        if Path(str(source)).is_dir():
+            raise _Killed  # the moment the new checkpoint directory would be put in place
+        real_replace(source, target)  # type: ignore[arg-type]
+
+    # Re-running the finished run with --resume saves step 2 again; die mid-save.
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed_moving_a_directory)
+    with pytest.raises(_Killed):
+        distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))
+    monkeypatch.undo()
+    latest = checkpoint_module.latest_checkpoint(tmp_path)
+    assert latest is not None and (latest / "model.safetensors").is_file()
+    resumed = distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 3))
+    assert resumed is not None
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
+    assert not list(tmp_path.glob(".*tmp*")), "temporary directories must not pile up"
+
+
+def test_a_kill_mid_save_leaves_no_temporary_directory_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mtp_torch._checkpoint as checkpoint_module
+
+    real_save = checkpoint_module.save_file
+
+    def dies_on_rng(tensors: object, path: str, *args: object, **kwargs: object) -> None:
+        if path.endswith("rng.safetensors"):
+            raise _Killed
+        real_save(tensors, path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_module, "save_file", dies_on_rng)
+    with pytest.raises(_Killed):
+        distill(tiny_gpt2(), random_corpus(), _resume_config(tmp_path, 2))
+    monkeypatch.undo()
+    # A kill leaves its staging directory (the except clause never runs under SIGKILL): fake it.
+    (tmp_path / ".checkpoint-00000002.abc.tmp").mkdir(parents=True, exist_ok=True)
+    distill(tiny_gpt2(), random_corpus(), _resume_config(tmp_path, 2))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resumed_metrics_log_has_each_step_once(tmp_path: Path) -> None:
+    """Issue 10: steps after the last checkpoint were logged twice after a resume."""
+    log = tmp_path / "metrics.jsonl"
+
+    def kill_after_step_3(metrics: object) -> None:
+        if metrics.step == 3:
+            raise _Killed
+
+    cfg = _resume_config(tmp_path / "ckpt", 4, log_path=str(log))
+    with pytest.raises(_Killed):
+        distill(tiny_gpt2(), random_corpus(), cfg, on_step=kill_after_step_3)
+    distill(tiny_gpt2(), random_corpus(), cfg)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

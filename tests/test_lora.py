@@ -205,3 +205,39 @@ def test_the_running_acceptance_estimate_follows_confadapt() -> None:
     assert _confident_run(logits, weights) == pytest.approx((2 + 1) / 2)
     weights[0, 1, 0] = 0.0  # the second region's first target is context: not counted
     assert _confident_run(logits, weights) == pytest.approx(2.0)
+
+
+def test_convert_writes_a_delta_that_rebuilds_the_saved_model(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtp_torch.cli import main as cli_main
+    from tests.test_distill import _tiny_model_dir
+
+    model_dir = _tiny_model_dir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "what is two plus three the answer five " * 6}) + "\n")
+    out, delta = tmp_path / "out", tmp_path / "delta.safetensors"
+    args = ["convert", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    args += ["--k-max", "2", "--seq-len", "16", "--batch-size", "2", "--steps", "2"]
+    args += ["--lora-rank", "4", "--delta-out", str(delta), "--no-progress", "--lr", "0.05"]
+    assert cli_main(args) == 0
+    recorded = (tmp_path / "delta.safetensors.sha256").read_text().split()[0]
+    assert recorded == file_sha256(delta)
+    tensors, metadata = load_delta(delta)
+    assert metadata["k_max"] == "2" and metadata["lora_rank"] == "4"
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    mask_id = add_mask_token(base, AutoTokenizer.from_pretrained(model_dir))
+    apply_delta(base, tensors, mask_id)
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, mask_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, saved(ids).logits, rtol=1e-2, atol=1e-3)
+
+
+def test_convert_refuses_a_delta_without_lora(tmp_path: Path) -> None:
+    from mtp_torch.cli import main as cli_main
+
+    args = ["convert", "--lora-rank", "0", "--delta-out", str(tmp_path / "d.safetensors")]
+    assert cli_main(args) == 2

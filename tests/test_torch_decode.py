@@ -517,3 +517,22 @@ def test_sliding_window_limits_the_context() -> None:
     )
     with pytest.raises(ValueError, match="sliding window"):
         backend.forward(cache, step, CoreSampling(), 0)
+
+
+def test_seeded_sampling_is_reproducible_across_threads() -> None:
+    """Issue 10: a generator shared by the backend let concurrent calls reseed each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = cached_model("llama", init=0.5)
+    mtp = MTPModel(model, mask_token_id=3)
+    ids = torch.tensor([[1, 2, 3]])
+
+    def sample(seed: int) -> tuple[int, ...]:
+        out = mtp.generate(ids, policy=StaticK(2), max_new_tokens=24, temperature=1.0, seed=seed)
+        return tuple(out.sequences[0].tolist())
+
+    seeds = [s % 5 for s in range(30)]
+    alone = {seed: sample(seed) for seed in set(seeds)}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(sample, seeds))
+    assert together == [alone[seed] for seed in seeds]

@@ -145,7 +145,6 @@ class TorchBackend:
         text_config = model.config.get_text_config(decoder=True)
         self.sliding_window = _sliding_window(text_config)
         self.max_length = context_window(model.config)
-        self._generator: torch.Generator | None = None
 
     @property
     def device(self) -> torch.device:
@@ -290,10 +289,11 @@ class TorchBackend:
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             tempered = tempered.masked_fill(drop, float("-inf"))
         probabilities = torch.softmax(tempered, dim=-1).reshape(-1, vocab)
-        if self._generator is None or self._generator.device != scores.device:
-            self._generator = torch.Generator(device=scores.device)
-        self._generator.manual_seed(int(seed))
-        drawn = torch.multinomial(probabilities, num_samples=1, generator=self._generator)
+        # A generator per draw: a shared one let concurrent generate() calls (threads) reseed
+        # each other's draws, so one seed could give two outputs.
+        generator = torch.Generator(device=scores.device)
+        generator.manual_seed(int(seed))
+        drawn = torch.multinomial(probabilities, num_samples=1, generator=generator)
         return drawn.reshape(scores.shape[:-1])
 
     def crop(self, cache: DynamicCache, length: int) -> DynamicCache:

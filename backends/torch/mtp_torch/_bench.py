@@ -663,6 +663,7 @@ class _Engine:
     precision: str
     hf_model: Any  # a transformers PreTrainedModel (its generate() is untyped)
     mtp_model: Any
+    baseline_model: Any = None  # whose generate() the baselines run; None: hf_model
 
 
 @attrs.define
@@ -737,8 +738,11 @@ def _run_once(
                 pad_token_id=pad_id,
                 prompt_lookup_num_tokens=spec.prompt_lookup_tokens,
             )
+            reference_model = (
+                engine.baseline_model if engine.baseline_model is not None else engine.hf_model
+            )
             with torch.inference_mode():
-                sequences = engine.hf_model.generate(
+                sequences = reference_model.generate(
                     input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     generation_config=config,
@@ -816,6 +820,7 @@ def run_benchmark(
     teacher_label: str | None = None,
     meta: dict[str, Any] | None = None,
     log: Log | None = None,
+    baseline_model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Run every method on the same prompts and return the report.
 
@@ -840,6 +845,9 @@ def run_benchmark(
       teacher_label: how the report names the teacher (a path); ``None`` for the default.
       meta: extra fields for the report's ``meta`` (command, model path, data file ...).
       log: progress messages (``None``: silent).
+      baseline_model: the model whose transformers ``generate`` the ``greedy`` and
+        ``prompt_lookup`` rows run (e.g. the unconverted model a conversion started from);
+        ``None``: ``mtp_model.model``.  Speed-ups and agreement are against its greedy output.
 
     Returns:
       The report: ``{"meta", "cost_curve", "k_max_choice", "methods": [row, ...], "summary"}``;
@@ -903,7 +911,7 @@ def run_benchmark(
             precision=precision,
         )
 
-    engines = {"base": _Engine("base", hf_model, mtp_model)}
+    engines = {"base": _Engine("base", hf_model, mtp_model, baseline_model)}
     specs = methods_for("base")
     if config.quantize == "int8":
         say("quantising Linear layers to int8 (dynamic) ...")
@@ -911,7 +919,8 @@ def run_benchmark(
         quantized_mtp = type(mtp_model)(
             quantized, mask_token_id=mtp_model.mask_token_id, tokenizer=tokenizer
         )
-        engines["int8"] = _Engine("int8", quantized, quantized_mtp)
+        quantized_baseline = None if baseline_model is None else quantize_int8(baseline_model)
+        engines["int8"] = _Engine("int8", quantized, quantized_mtp, quantized_baseline)
         specs += methods_for("int8")
     traces = {spec.name: _Trace() for spec in specs}
     max_new = int(config.max_new_tokens)

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,23 @@ def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file in ``directory`` and the directory: on disk before it is renamed."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(directory)
 
 
 def _optimizer_to_flat(
@@ -156,7 +174,12 @@ def save_checkpoint(
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{_PREFIX}*.tmp"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{_PREFIX}{step:08d}"
+    if final.exists():
+        # Never replace the checkpoint latest.json may name: a new name, then the pointer.
+        final = root / f"{_PREFIX}{step:08d}.{time.time_ns()}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{_PREFIX}{step:08d}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -174,13 +197,14 @@ def save_checkpoint(
         }
         with open(tmp / "state.json", "w", encoding="utf-8") as handle:
             json.dump(state, handle)
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_tree(tmp)
         os.replace(tmp, final)
+        _fsync_directory(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_json_atomic(root / _LATEST, {"checkpoint": final.name, "step": int(step)})
+    _fsync_directory(root)
     older = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name != final.name)
     for stale in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(stale, ignore_errors=True)

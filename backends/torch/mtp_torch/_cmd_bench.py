@@ -25,7 +25,7 @@ from mtp_torch._bench import (
     run_benchmark,
     write_report,
 )
-from mtp_torch._default import DEFAULT_MODEL_NAME
+from mtp_torch._default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``mtp bench`` options on ``parser``."""
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL_NAME,
-        help=f"converted checkpoint directory (or {DEFAULT_MODEL_NAME!r}, the embedded default)",
+        default="default",
+        help="converted checkpoint directory, or 'default' (the embedded default "
+        f"{DEFAULT_MODEL_NAME}, converted by the delta shipped in the package)",
     )
     parser.add_argument(
         "--data",
@@ -128,8 +129,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher",
         default=None,
-        help="original model directory scoring the generated tokens, or 'default' for the "
-        "embedded default model (default: the checkpoint itself as a plain LM over real tokens)",
+        help="original model directory scoring the generated tokens, or 'default-base' for "
+        "the unconverted embedded default (default: the checkpoint itself as a plain LM over "
+        "real tokens)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="model whose transformers greedy generate (and prompt lookup) is the baseline, "
+        "e.g. 'default-base', the model a conversion started from (default: the checkpoint "
+        "itself)",
     )
     parser.add_argument("--no-cost-curve", action="store_true", help="skip the cost-curve timing")
     parser.add_argument("--cost-max-tokens", type=int, default=32, help="widest pass timed")
@@ -151,10 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_teacher(path: str, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if path in ("default", DEFAULT_MODEL_NAME):
-        from mtp_torch._default import default_model_dir
-
-        path = str(default_model_dir())
+    named = load_named(path)
+    if named is not None:
+        model: torch.nn.Module = named[0].to(device)
+        model.eval()
+        return model
     teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
@@ -211,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
         data, mtp.tokenizer, num_prompts=args.num_prompts, chat=not args.no_chat_template
     )
     teacher = _load_teacher(args.teacher, device) if args.teacher else None
+    baseline = None
+    if args.baseline:
+        same = args.baseline == args.teacher and teacher is not None
+        baseline = teacher if same else _load_teacher(args.baseline, device)
     report = run_benchmark(
         mtp,
         prompts,
@@ -223,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             "command": " ".join(["mtp", "bench", *_argv(args)]),
         },
         log=say,
+        baseline_model=baseline,
     )
     write_report(report, args.out)
     print(format_markdown(report))
@@ -251,22 +266,17 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``mtp bench`` as a stand-alone command (same options as the subcommand).
+    """Run ``mtp bench`` as a stand-alone command (same options and errors as the subcommand).
 
     Args:
       argv: arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-      The exit status: 0 on success, 2 on bad input.
+      The exit status: 0 on success, 2 when it fails.
     """
-    parser = argparse.ArgumentParser(prog="mtp bench", description=(__doc__ or "").splitlines()[0])
-    add_arguments(parser)
-    args: Any = parser.parse_args(None if argv is None else list(argv))
-    try:
-        return run(args)
-    except ValueError as error:
-        print(f"mtp bench: error: {error}", file=sys.stderr)
-        return 2
+    from mtp_torch.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else list(argv))])
 
 
 if __name__ == "__main__":  # pragma: no cover

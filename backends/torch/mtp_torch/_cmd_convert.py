@@ -374,7 +374,8 @@ def _corpus(
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
-    if args.delta_out is not None and not (args.lora_rank or cpu_preset().lora_rank):
+    rank = args.lora_rank if args.lora_rank is not None else cpu_preset().lora_rank
+    if args.delta_out is not None and not rank:
         raise ValueError("--delta-out needs LoRA adapters: add --lora-rank N (N > 0)")
     model, tokenizer, model_name = _load_model(args.model, args.device)
     out = Path(args.out) if args.out else Path(f"{model_name}-mtp")

@@ -922,6 +922,8 @@ def distill(
             state = load_checkpoint(found, model=student, optimizer=optimizer, generator=generator)
             stream.load_state_dict(state["data"])
             step = int(state["step"])
+    if cfg.log_path is not None and rank == 0:
+        _drop_logged_steps_after(Path(cfg.log_path), step)
 
     ddp_model: Any = student
     if world_size > 1:
@@ -995,6 +997,7 @@ def distill(
                         autocast,
                         teacher_context,
                     )
+                    _check_finite("loss", float(loss.detach()), step, cfg)
                     (loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
                 losses.append(float(loss.detach()))
                 ks.append(k)
@@ -1015,6 +1018,7 @@ def distill(
                     torch.stack([p.grad.norm() for p in trainable if p.grad is not None])
                 )
             )
+            _check_finite("gradient norm", float(grad_norm), step, cfg)
             before = [w[mask_token_id].detach().clone() for w in embeddings]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1076,6 +1080,38 @@ def distill(
     mtp = MTPModel(student, mask_token_id=mask_token_id, tokenizer=tokenizer)
     mtp.delta = delta
     return mtp
+
+
+def _drop_logged_steps_after(path: Path, step: int) -> None:
+    """Forget metrics of steps after ``step`` (rolled back by a resume), rewriting atomically."""
+    if not path.is_file():
+        return
+    kept: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            logged = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+        if logged <= step:
+            kept.append(line)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _check_finite(what: str, value: float, step: int, cfg: DistillConfig) -> None:
+    """Stop the run, weights untouched, at the first non-finite loss or gradient."""
+    if math.isfinite(value):
+        return
+    where = (
+        f"; the last good checkpoint stays in {cfg.out_dir} (resume from it with a lower lr)"
+        if cfg.out_dir is not None
+        else ""
+    )
+    raise ValueError(
+        f"training diverged at step {step + 1}: the {what} is {value}; no update was applied. "
+        f"Lower lr (now {cfg.lr:g}), keep clip on (now {cfg.clip}) or train in float32{where}"
+    )
 
 
 def _confident_run(student_logits: torch.Tensor, target_weights: torch.Tensor) -> float:

@@ -106,6 +106,25 @@ def _policy_from_config(config: Any) -> ConfAdapt:
     return ConfAdapt(**settings)
 
 
+def _check_model_source(source: str) -> None:
+    """Raise ``FileNotFoundError`` for a local path that cannot hold a model (before the Hub)."""
+    path = Path(source).expanduser()
+    looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json, so it is not a model directory; pass a directory "
+                "written by save_pretrained (or mtp convert)"
+            )
+    elif path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the model's directory")
+    elif looks_local:
+        raise FileNotFoundError(
+            f"model directory {path} does not exist; check the path, or use 'default' / "
+            "'default-base' for the embedded default"
+        )
+
+
 _MANIFEST = "mtp_lm_manifest.json"
 
 
@@ -255,9 +274,17 @@ class MTPModel:
             if device is not None:
                 named_model.to(device)
             return cls(named_model, tokenizer=named_tokenizer)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            source, dtype=parse_dtype(dtype), trust_remote_code=False
-        )
+        _check_model_source(source)
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                source, dtype=parse_dtype(dtype), trust_remote_code=False
+            )
+        except OSError as error:
+            raise FileNotFoundError(
+                f"cannot load a model from {source!r}: {' '.join(str(error).split())[:300]}; "
+                "pass a directory written by save_pretrained (or mtp convert), 'default' or "
+                "'default-base'"
+            ) from error
         if device is not None:
             model.to(device)
         model.eval()

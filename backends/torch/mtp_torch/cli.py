@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-token prediction via self-distillation (arXiv 2602.06019).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback when a command fails"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name in _available_subcommands():
@@ -95,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-      The process exit status: 0 on success, 2 on bad input.
+      The process exit status: 0 on success, 2 when the command fails (one line
+      ``mtp <command>: error: ...`` on stderr; ``--debug`` raises instead, with the traceback).
     """
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
@@ -105,10 +109,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args._run(args)
-    except ValueError as error:
-        print(f"mtp {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:  # every failure is one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"mtp {args.command}: error: {_describe(error)}", file=sys.stderr)
         return 2
     return status
+
+
+def _describe(error: BaseException) -> str:
+    """One line for the user: our own errors as they are, others with their type and a hint."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, TypeError, FileNotFoundError, FileExistsError)):
+        return message
+    return f"{type(error).__name__}: {message} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover
