@@ -126,6 +126,7 @@ EXPECTED_OUTPUT = {
     "threshold_sweep.py": "tokens/forward",
     "convert_tiny_model.py": "saved to and restored from",
     "benchmark_tiny.py": "methods benchmarked",
+    "gpu_convert_default.py": "delta written: True",
 }
 
 

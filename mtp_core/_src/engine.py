@@ -143,7 +143,9 @@ def _validate(
 ) -> None:
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt of token ids")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if int(max_new_tokens) < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:

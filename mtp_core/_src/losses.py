@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 
-
 def array_namespace(*arrays: Any) -> Any:
     """The array-API namespace of ``arrays`` (imported lazily: ``import mtp_core`` needs only numpy)."""
     import array_api_compat

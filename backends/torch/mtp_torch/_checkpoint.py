@@ -34,6 +34,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_checkpoint_state",
     "save_checkpoint",
 ]
 
@@ -70,6 +71,30 @@ def _fsync_tree(directory: Path) -> None:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     _fsync_directory(directory)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file, or a ``ValueError`` that names it and says what to do."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is corrupt ({error}); delete that checkpoint directory (and latest.json if "
+            "it names it) to resume from an earlier one, or start a new out_dir"
+        ) from error
+    if not isinstance(value, dict) or ("checkpoint" not in value and "step" not in value):
+        raise ValueError(f"{path} is not an mtp-lm checkpoint file; start a new out_dir")
+    return value
+
+
+def read_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON state of a checkpoint directory (``step``, ``config`` ...), validated.
+
+    Raises:
+      ValueError: if ``state.json`` is corrupt or not a checkpoint's.
+    """
+    return _read_json(Path(directory) / "state.json")
 
 
 def _optimizer_to_flat(
@@ -226,8 +251,7 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     pointer = Path(out_dir) / _LATEST
     if not pointer.is_file():
         return None
-    with open(pointer, encoding="utf-8") as handle:
-        name = str(json.load(handle)["checkpoint"])
+    name = str(_read_json(pointer)["checkpoint"])
     directory = Path(out_dir) / name
     if not (directory / "state.json").is_file():
         raise ValueError(
@@ -259,8 +283,7 @@ def load_checkpoint(
       ValueError: if the checkpoint format is unknown.
     """
     root = Path(directory)
-    with open(root / "state.json", encoding="utf-8") as handle:
-        state: dict[str, Any] = json.load(handle)
+    state = _read_json(root / "state.json")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{root} has checkpoint format {state.get('format')!r}, this version reads "

@@ -30,7 +30,7 @@ from mtp_torch._distill import (
     distill,
     find_blocks,
 )
-from mtp_torch._model import parse_dtype
+from mtp_torch._model import _foreign_files, parse_dtype
 
 __all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run"]
 
@@ -199,6 +199,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write --out even if it holds files mtp-lm did not write (they are kept)",
+    )
     parser.add_argument(
         "--checkpoint-every",
         type=int,
@@ -377,6 +382,11 @@ def run(args: argparse.Namespace) -> int:
     rank = args.lora_rank if args.lora_rank is not None else cpu_preset().lora_rank
     if args.delta_out is not None and not rank:
         raise ValueError("--delta-out needs LoRA adapters: add --lora-rank N (N > 0)")
+    if args.out and _foreign_files(Path(args.out)) and not args.overwrite:
+        raise FileExistsError(
+            f"--out {args.out} holds files mtp-lm did not write; choose a new directory or add "
+            "--overwrite (your files are kept)"
+        )
     model, tokenizer, model_name = _load_model(args.model, args.device)
     out = Path(args.out) if args.out else Path(f"{model_name}-mtp")
     checkpoint_dir = out.parent / f"{out.name}.ckpt"
@@ -395,7 +405,9 @@ def run(args: argparse.Namespace) -> int:
     mtp = distill(model, sequences, cfg, tokenizer=tokenizer, on_step=last.append)
     if rank != 0:
         return 0
-    path = mtp.save_pretrained(out, k_max=cfg.k_max, threshold=args.threshold)
+    path = mtp.save_pretrained(
+        out, k_max=cfg.k_max, threshold=args.threshold, overwrite=args.overwrite
+    )
     if args.delta_out is not None:
         from mtp_torch._delta import file_sha256, save_delta
 

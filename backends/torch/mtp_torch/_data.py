@@ -196,6 +196,14 @@ def _token_ids(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _float_tuple(values: Iterable[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
 @attrs.frozen
 class Example:
     """One training sequence whose first ``context_len`` tokens are context, never targets.
@@ -210,11 +218,9 @@ class Example:
         (``len(ids) - context_len`` values), or ``None`` when unknown.
     """
 
-    ids: tuple[int, ...] = attrs.field(converter=tuple)
+    ids: tuple[int, ...] = attrs.field(converter=_int_tuple)
     context_len: int = attrs.field(default=0)
-    confidence: tuple[float, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(tuple)
-    )
+    confidence: tuple[float, ...] | None = attrs.field(default=None, converter=_float_tuple)
 
     @confidence.validator
     def _check_confidence(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -585,7 +591,7 @@ def write_corpus(
                 for prompt, response, pair in zip(prompts, responses, id_pairs, strict=True):
                     if not response or prompt in seen or len(rows) >= num_examples:
                         continue
-                    row = {
+                    row: dict[str, Any] = {
                         "messages": [
                             {"role": "user", "content": prompt},
                             {"role": "assistant", "content": response},
@@ -666,6 +672,11 @@ class TokenStream:
         confidences: list[FloatArray] = []
         any_context = any_confidence = False
         for index, item in enumerate(sequences):
+            if isinstance(item, (int, np.integer, str, bytes)):
+                raise TypeError(
+                    f"sequences must be a list of token-id lists (one per document), but item "
+                    f"{index} is {item!r}; wrap a single document as [ids]"
+                )
             sequence: Sequence[int] = item.ids if isinstance(item, Example) else item
             context_len = item.context_len if isinstance(item, Example) else 0
             array = np.asarray(list(sequence))

@@ -242,8 +242,8 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
       ValueError: if its checksum does not match, or it does not fit the base model.
     """
     from mtp_torch._delta import apply_delta, load_delta
-    from mtp_torch._mask import add_mask_token
-    from mtp_torch._model import K_MAX_CONFIG_KEY, MASK_TOKEN_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+    from mtp_torch._mask import MASK_TOKEN_CONFIG_KEY, add_mask_token
+    from mtp_torch._model import K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY
 
     path = default_delta_path()
     _check_shipped_delta(path)

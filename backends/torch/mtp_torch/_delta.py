@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 __all__ = ["DELTA_FORMAT", "apply_delta", "file_sha256", "load_delta", "lora_delta", "save_delta"]
 
@@ -50,8 +49,11 @@ def lora_delta(peft_model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
 
     base = peft_model.get_base_model()
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+    for name, found in base.named_modules():
+        if not isinstance(found, LoraLayer):
+            continue
+        module: Any = found
+        if "default" not in module.lora_A:
             continue
         scale = float(module.scaling["default"])
         down = module.lora_A["default"].weight.detach().float().cpu() * scale
@@ -143,7 +145,7 @@ def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
     return tensors, metadata
 
 
-def apply_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], mask_token_id: int) -> None:
+def apply_delta(model: Any, tensors: Mapping[str, torch.Tensor], mask_token_id: int) -> None:
     """Add a delta to ``model`` in place: ``W += up @ down`` per module, then set the mask rows.
 
     Args:
@@ -159,13 +161,13 @@ def apply_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], mask_toke
     with torch.no_grad():
         for name in pairs:
             try:
-                module = model.get_submodule(name)
+                module: Any = model.get_submodule(name)
             except AttributeError as error:
                 raise ValueError(
                     f"the delta changes {name!r}, which this model does not have; it was made "
                     "for another model"
                 ) from error
-            weight = module.weight  # type: ignore[union-attr]
+            weight: torch.Tensor = module.weight
             update = tensors[f"{name}.up"].float() @ tensors[f"{name}.down"].float()
             if tuple(update.shape) != tuple(weight.shape):
                 raise ValueError(
@@ -173,10 +175,10 @@ def apply_delta(model: nn.Module, tensors: Mapping[str, torch.Tensor], mask_toke
                     f"{tuple(weight.shape)}; it was made for another model"
                 )
             weight.add_(update.to(device=weight.device, dtype=weight.dtype))
-        inputs = model.get_input_embeddings().weight  # type: ignore[operator]
+        inputs = model.get_input_embeddings().weight
         if _MASK_ROW in tensors:
             inputs[mask_token_id] = tensors[_MASK_ROW].to(inputs.device, inputs.dtype)
-        output = model.get_output_embeddings()  # type: ignore[operator]
+        output = model.get_output_embeddings()
         if _MASK_OUT_ROW in tensors and output is not None and output.weight is not inputs:
             output.weight[mask_token_id] = tensors[_MASK_OUT_ROW].to(
                 output.weight.device, output.weight.dtype

