@@ -217,7 +217,6 @@ def decode(
     stop = frozenset(int(token) for token in stop_token_ids)
     k = int(policy.num_positions)
     rng = np.random.default_rng(seed)
-    batch = len(prompts)
     rows = [
         _Row(index=i, next_position=0, pending=[int(t) for t in prompt])
         for i, prompt in enumerate(prompts)

@@ -41,6 +41,7 @@ def array_device(array: Any) -> Any:
 __all__ = [
     "Array",
     "ArrayT",
+    "LOSS_KINDS",
     "LossKind",
     "agreement",
     "distillation_loss",
@@ -52,7 +53,9 @@ __all__ = [
 ]
 
 LossKind = Literal["hard", "soft", "gt"]
-_LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
+#: The loss kinds ``distillation_loss`` takes (their one home: ``LossKind``).
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
+_LOSS_KINDS = LOSS_KINDS
 
 
 class Array(Protocol):

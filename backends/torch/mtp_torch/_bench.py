@@ -68,6 +68,15 @@ from mtp_torch._cost import (
     speedup_ceiling,
 )
 
+# The paper's ConfAdapt threshold; its one home is ConfAdapt's own default.
+DEFAULT_THRESHOLD: float = ConfAdapt().threshold
+# The sweep's defaults, read by bench_methods, BenchConfig and `mtp bench` alike.
+_SWEEP_K_MAX: tuple[int | str, ...] = (4, 8, 16)
+_SWEEP_THRESHOLDS: tuple[float, ...] = (0.99, 0.95, DEFAULT_THRESHOLD, 0.8, 0.7, 0.6)
+_SWEEP_STATIC: tuple[int, ...] = (2, 3)
+_SWEEP_VERIFY: tuple[float, ...] = (DEFAULT_THRESHOLD,)
+_PROMPT_LOOKUP_TOKENS = 10
+
 __all__ = [
     "BenchConfig",
     "BenchPrompt",
@@ -400,11 +409,11 @@ def _policy_label(policy: AcceptancePolicy | None) -> str | None:
 
 
 def bench_methods(
-    k_max: Sequence[int | str] = (4, 8, 16),
-    thresholds: Sequence[float] = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6),
-    static: Sequence[int] = (2, 3),
-    verify_thresholds: Sequence[float] = (0.9,),
-    prompt_lookup_tokens: int | None = 10,
+    k_max: Sequence[int | str] = _SWEEP_K_MAX,
+    thresholds: Sequence[float] = _SWEEP_THRESHOLDS,
+    static: Sequence[int] = _SWEEP_STATIC,
+    verify_thresholds: Sequence[float] = _SWEEP_VERIFY,
+    prompt_lookup_tokens: int | None = _PROMPT_LOOKUP_TOKENS,
     auto_policies: dict[float, AcceptancePolicy] | None = None,
     precision: str = "base",
     baselines: bool = True,
@@ -516,15 +525,13 @@ class BenchConfig:
     """
 
     max_new_tokens: int = 256
-    k_max: tuple[int | str, ...] = attrs.field(default=(4, 8, 16), converter=_k_tuple)
-    thresholds: tuple[float, ...] = attrs.field(
-        default=(0.99, 0.95, 0.9, 0.8, 0.7, 0.6), converter=float_tuple
-    )
-    static: tuple[int, ...] = attrs.field(default=(2, 3), converter=int_tuple)
-    verify_thresholds: tuple[float, ...] = attrs.field(default=(0.9,), converter=float_tuple)
+    k_max: tuple[int | str, ...] = attrs.field(default=_SWEEP_K_MAX, converter=_k_tuple)
+    thresholds: tuple[float, ...] = attrs.field(default=_SWEEP_THRESHOLDS, converter=float_tuple)
+    static: tuple[int, ...] = attrs.field(default=_SWEEP_STATIC, converter=int_tuple)
+    verify_thresholds: tuple[float, ...] = attrs.field(default=_SWEEP_VERIFY, converter=float_tuple)
     repeats: int = 1
     quantize: str | None = None
-    prompt_lookup_tokens: int | None = 10
+    prompt_lookup_tokens: int | None = _PROMPT_LOOKUP_TOKENS
     cost_curve: bool = True
     cost_max_tokens: int = 32
     cost_context: int = 200

@@ -69,7 +69,8 @@ def _k_list(text: str) -> tuple[int | str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``mtp bench`` options on ``parser``."""
+    """Register the ``mtp bench`` options on ``parser`` (defaults: ``BenchConfig``'s)."""
+    defaults = BenchConfig()
     parser.add_argument(
         "--model",
         default="default",
@@ -80,46 +81,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         help="prompts, JSON lines with 'question' (GSM8K; chat template applied), 'prompt' or "
-        "'text'; default ../shared/data/gsm8k/test.jsonl next to the repository if present",
+        "'text' (default: the bundled held-out GSM8K test rows and instructions)",
     )
     parser.add_argument("--out", default="bench_report.json", help="JSON report to write")
     parser.add_argument(
         "--plot", default=None, help="PNG plot to write (default: the report's path with .png)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--num-prompts", type=int, default=50, help="first N prompts of --data")
     parser.add_argument(
         "--k-max",
         type=_k_list,
-        default=(4, 8, 16),
+        default=defaults.k_max,
         help="ConfAdapt k_max values, comma-separated; 'auto' adds the cost-aware choice",
     )
     parser.add_argument(
         "--thresholds",
         type=_float_list,
-        default=(0.99, 0.95, 0.9, 0.8, 0.7, 0.6),
+        default=defaults.thresholds,
         help="ConfAdapt thresholds, comma-separated",
     )
     parser.add_argument(
         "--static",
         type=_int_list,
-        default=(2, 3),
+        default=defaults.static,
         help="static-k values, comma-separated ('' for none)",
     )
     parser.add_argument(
         "--verify-thresholds",
         type=_float_list,
-        default=(0.9,),
+        default=defaults.verify_thresholds,
         help="thresholds also run in the lossless mode, each k_max ('' for none)",
     )
     parser.add_argument(
         "--prompt-lookup-tokens",
         type=int,
-        default=10,
+        default=defaults.prompt_lookup_tokens,
         help="prompt_lookup_num_tokens of the prompt-lookup baseline (0 skips it)",
     )
-    parser.add_argument("--repeats", type=int, default=1, help="timed passes; speed is the median")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=defaults.repeats,
+        help="timed passes; speed is the median",
+    )
     parser.add_argument(
         "--quantize",
         choices=["int8"],

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mtp_core import ConfAdapt
+from mtp_core._src.losses import LOSS_KINDS
 from mtp_torch._data import Example, load_examples, read_seed_prompts, write_corpus
 from mtp_torch._default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 from mtp_torch._distill import (
@@ -90,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--loss",
-        choices=("hard", "soft", "gt"),
+        choices=LOSS_KINDS,
         default=None,
         help=f"training objective (default {preset.loss})",
     )
@@ -216,8 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
         type=float,
-        default=0.9,
-        help="ConfAdapt threshold stored as the model's default (default 0.9)",
+        default=ConfAdapt().threshold,
+        help=f"ConfAdapt threshold stored as the model's default (default {ConfAdapt().threshold})",
     )
     corpus = parser.add_argument_group("self-written corpus (when --data is not given)")
     corpus.add_argument(

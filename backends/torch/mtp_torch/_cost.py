@@ -478,7 +478,7 @@ def _probe_prompt_ids(mtp_model: Any, probe_prompts: Sequence[Any] | None) -> li
 
 def auto_policy(
     mtp_model: Any,
-    threshold: float = 0.9,
+    threshold: float = ConfAdapt().threshold,
     candidates: Sequence[int] = DEFAULT_K_CANDIDATES,
     probe_prompts: Sequence[Any] | None = None,
     *,

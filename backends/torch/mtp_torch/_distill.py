@@ -46,7 +46,7 @@ from mtp_core._src.layout import (
     default_num_regions,
     training_layout,
 )
-from mtp_core._src.losses import LossKind, agreement, distillation_loss
+from mtp_core._src.losses import LOSS_KINDS, LossKind, agreement, distillation_loss
 from mtp_torch._checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -67,7 +67,6 @@ __all__ = [
     "find_blocks",
 ]
 
-_LOSSES = ("hard", "soft", "gt")
 # Config fields that may change between a run and its resumption (they do not change the
 # trajectory of the weights, only when and where it stops, saves and logs).
 _RESUMABLE_FIELDS = frozenset(
@@ -247,8 +246,8 @@ class DistillConfig:
 
     @loss.validator
     def _check_loss(self, attribute: attrs.Attribute[str], value: str) -> None:
-        if value not in _LOSSES:
-            raise ValueError(f"loss must be one of {_LOSSES}, got {value!r}")
+        if value not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {value!r}")
 
     @minutes.validator
     def _check_minutes(self, attribute: attrs.Attribute[Any], value: Any) -> None:
