@@ -107,6 +107,7 @@ def save_delta(
     os.close(fd)
     try:
         save_file(stored, tmp, metadata=info)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shipped file unreadable to others
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
