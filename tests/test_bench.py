@@ -490,3 +490,14 @@ def test_metric_properties(a: list[int], b: list[int]) -> None:
     assert (f1 == pytest.approx(1.0)) == (Counter(a) == Counter(b))
     assert token_f1(a, a) == 1.0
     assert common_prefix_length(a, a) == len(a)
+
+
+def test_auto_candidates_stop_at_the_trained_k_max() -> None:
+    from types import SimpleNamespace
+
+    from mtp_torch._bench import _auto_candidates
+
+    trained = SimpleNamespace(default_policy=ConfAdapt(0.9, 4))
+    assert _auto_candidates((1, 2, 4, 8, 16), trained) == (1, 2, 4)
+    assert _auto_candidates((2, 8), SimpleNamespace(default_policy=ConfAdapt(0.9, 3))) == (1, 2, 3)
+    assert _auto_candidates((1, 8), SimpleNamespace(default_policy=StaticK(2))) == (1, 8)

@@ -890,14 +890,15 @@ def run_benchmark(
         )
     auto_policies: dict[float, AcceptancePolicy] = {}
     if "auto" in config.k_max:
+        candidates = _auto_candidates(config.auto_candidates, mtp_model)
         if curve is None:
-            curve = measure_cost_curve(hf_model, max_tokens=max(2 * max(config.auto_candidates), 2))
+            curve = measure_cost_curve(hf_model, max_tokens=max(2 * max(candidates), 2))
         probe = [list(p.input_ids) for p in prompts[: max(int(config.probe_prompts), 1)]]
         for tau in sorted({*config.thresholds, *config.verify_thresholds}):
             policy = auto_policy(
                 mtp_model,
                 tau,
-                candidates=config.auto_candidates,
+                candidates=candidates,
                 probe_prompts=probe,
                 curve=curve,
                 max_new_tokens=config.probe_tokens,
@@ -1073,6 +1074,18 @@ def run_benchmark(
         "summary": _summary(rows),
     }
     return report
+
+
+def _auto_candidates(candidates: Sequence[int], mtp_model: Any) -> tuple[int, ...]:
+    """The ``k_max`` candidates of ``"auto"``, capped at the ``k_max`` the model was trained for.
+
+    Mask offsets beyond the trained ``k_max`` were never taught, so probing them only costs
+    time; the trained value itself is always a candidate.
+    """
+    trained = getattr(getattr(mtp_model, "default_policy", None), "k_max", None)
+    if not isinstance(trained, int):
+        return tuple(int(k) for k in candidates)
+    return tuple(sorted({int(k) for k in candidates if int(k) <= trained} | {1, trained}))
 
 
 def _k_max_choices(rows: Sequence[dict[str, Any]], curve: CostCurve | None) -> list[dict[str, Any]]:
