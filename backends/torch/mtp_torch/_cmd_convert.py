@@ -379,6 +379,16 @@ def _corpus(
     return load_examples(cache, tokenizer, limit=args.num_examples)
 
 
+def _trained_steps(last: list[StepMetrics], checkpoint_dir: Path) -> int:
+    """Optimizer steps the saved model has had (a resumed run may take none itself)."""
+    if last:
+        return int(last[-1].step)
+    from mtp_torch._checkpoint import latest_checkpoint, read_checkpoint_state
+
+    found = latest_checkpoint(checkpoint_dir)
+    return int(read_checkpoint_state(found)["step"]) if found is not None else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
     rank = args.lora_rank if args.lora_rank is not None else cpu_preset().lora_rank
@@ -423,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
                 "k_max": cfg.k_max,
                 "threshold": args.threshold,
                 "lora_rank": cfg.lora_rank,
-                "steps": last[-1].step if last else 0,
+                "steps": _trained_steps(last, checkpoint_dir),
             },
         )
         digest = file_sha256(delta_path)
@@ -435,9 +445,9 @@ def run(args: argparse.Namespace) -> int:
         "k_max": cfg.k_max,
         "threshold": args.threshold,
     }
+    summary["step"] = _trained_steps(last, checkpoint_dir)
     if last:
         summary.update(
-            step=last[-1].step,
             loss=round(last[-1].loss, 4),
             agreement=[round(a, 3) for a in last[-1].agreement],
         )
