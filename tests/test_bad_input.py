@@ -245,3 +245,12 @@ def test_convert_checks_its_output_directory_before_training(
     monkeypatch.setattr(convert, "_load_model", lambda *a: pytest.fail("loaded before checking"))
     assert cli_main(["convert", "--out", str(out), "--steps", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_save_is_readable_like_any_new_directory(tmp_path: Path, mtp: MTPModel) -> None:
+    mask = os.umask(0o022)
+    try:
+        target = mtp.save_pretrained(tmp_path / "out")
+    finally:
+        os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o755

@@ -130,7 +130,10 @@ def _check_tokenizer(tokenizer: Any) -> None:
 def _write_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     """Save into a temporary directory beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    from mtp_torch._model import _umask_permissions
+
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _umask_permissions(staging)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -147,6 +147,13 @@ def _foreign_files(target: Path) -> list[str]:
     return sorted(p.name for p in target.iterdir() if p.name not in ours)
 
 
+def _umask_permissions(directory: Path) -> None:
+    """Give a ``mkdtemp`` directory (mode 0700) the mode a plain ``mkdir`` would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
 def _sync_directory(directory: Path) -> None:
     """fsync every file of ``directory`` and the directory itself (data on disk before renames)."""
     for path in directory.iterdir():
@@ -367,6 +374,7 @@ class MTPModel:
             key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
         }
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        _umask_permissions(staging)
         try:
             setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
             setattr(config, K_MAX_CONFIG_KEY, int(policy.k_max))
