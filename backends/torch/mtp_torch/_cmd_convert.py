@@ -339,9 +339,6 @@ def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> Disti
         preset_layers = cpu_preset().train_layers
         if preset_layers is not None and preset_layers >= len(find_blocks(model)):
             overrides["train_layers"] = None
-    if args.data is not None and args.loss is None:
-        # The preset's "gt" loss is the hard-teacher target only on text the teacher wrote.
-        overrides["loss"] = "hard"
     return cpu_preset(**overrides)
 
 
