@@ -150,11 +150,11 @@ def load_corpus(
     *,
     limit: int | None = None,
 ) -> list[list[int]]:
-    """Read and tokenize a training corpus file.
+    """Read and tokenize a training corpus file (the token ids of ``load_examples``' rows).
 
     Args:
-      path: a ``.jsonl`` file (rows as in ``encode_row``) or any other file read as one
-        plain-text document.
+      path: a ``.jsonl`` file (rows as in ``encode_row``, or written by ``write_corpus``) or any
+        other file read as one plain-text document.
       tokenizer: the model's tokenizer.
       limit: read at most this many rows (``None``: all).
 
@@ -165,27 +165,7 @@ def load_corpus(
       ValueError: if the file is missing, a row is malformed (the message names its line), or
         the corpus holds no tokens.
     """
-    source = Path(path)
-    if not source.is_file():
-        raise ValueError(f"corpus file {source} does not exist; pass a .jsonl or .txt file")
-    sequences: list[list[int]] = []
-    if source.suffix in (".jsonl", ".json"):
-        for number, row in read_jsonl(source):
-            if limit is not None and len(sequences) >= limit:
-                break
-            try:
-                ids = encode_row(row, tokenizer)
-            except ValueError as error:
-                raise ValueError(f"{source}:{number}: {error}") from error
-            if ids:
-                sequences.append(ids)
-    else:
-        text = source.read_text(encoding="utf-8")
-        if text.strip():
-            sequences.append(_encode_text(tokenizer, text, append_eos=True))
-    if not sequences:
-        raise ValueError(f"corpus {source} is empty: it holds no text to train on")
-    return sequences
+    return [list(example.ids) for example in load_examples(path, tokenizer, limit=limit)]
 
 
 def _token_ids(value: Any, what: str) -> tuple[int, ...]:
@@ -265,8 +245,13 @@ def load_examples(
         ``"prompt_len"`` outside the row, or ids beyond the tokenizer's vocabulary.
     """
     source = Path(path)
-    if source.suffix not in (".jsonl", ".json") or not source.is_file():
-        return [Example(ids) for ids in load_corpus(source, tokenizer, limit=limit)]
+    if not source.is_file():
+        raise ValueError(f"corpus file {source} does not exist; pass a .jsonl or .txt file")
+    if source.suffix not in (".jsonl", ".json"):
+        text = source.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"corpus {source} is empty: it holds no text to train on")
+        return [Example(_encode_text(tokenizer, text, append_eos=True))]
     examples: list[Example] = []
     vocab = len(tokenizer)
     for number, row in read_jsonl(source):
