@@ -8,16 +8,11 @@ online self-distillation (``distill`` with a ``DistillConfig``).
 Method: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch._backend import TorchBackend as TorchBackend
-from mtp_torch._bench import BenchConfig as BenchConfig
-from mtp_torch._bench import run_benchmark as run_benchmark
-from mtp_torch._cost import CostCurve as CostCurve
-from mtp_torch._cost import auto_policy as auto_policy
-from mtp_torch._cost import choose_k_max as choose_k_max
-from mtp_torch._cost import measure_cost_curve as measure_cost_curve
-from mtp_torch._cost import speedup_ceiling as speedup_ceiling
 from mtp_torch._default import load_default as load_default
 from mtp_torch._distill import DistillConfig as DistillConfig
 from mtp_torch._distill import distill as distill
@@ -43,3 +38,34 @@ __all__ = [
     "run_benchmark",
     "speedup_ceiling",
 ]
+
+if TYPE_CHECKING:
+    from mtp_torch._bench import BenchConfig as BenchConfig
+    from mtp_torch._bench import run_benchmark as run_benchmark
+    from mtp_torch._cost import CostCurve as CostCurve
+    from mtp_torch._cost import auto_policy as auto_policy
+    from mtp_torch._cost import choose_k_max as choose_k_max
+    from mtp_torch._cost import measure_cost_curve as measure_cost_curve
+    from mtp_torch._cost import speedup_ceiling as speedup_ceiling
+
+# The benchmark and the cost curve load on first use: `import mtp_torch` stays light (no
+# benchmark, no Unix-only `resource`).
+_LAZY = {
+    "BenchConfig": "mtp_torch._bench",
+    "run_benchmark": "mtp_torch._bench",
+    "CostCurve": "mtp_torch._cost",
+    "auto_policy": "mtp_torch._cost",
+    "choose_k_max": "mtp_torch._cost",
+    "measure_cost_curve": "mtp_torch._cost",
+    "speedup_ceiling": "mtp_torch._cost",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mtp_torch' has no attribute {name!r}")
