@@ -345,6 +345,16 @@ def user_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
     return prefix
 
 
+def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> Any:
+    """Text prompts tokenized as one left-padded batch (the tokenizer's side left as it was)."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = old_side
+
+
 def _generate_texts(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -354,14 +364,7 @@ def _generate_texts(
     temperature: float,
 ) -> list[str]:
     """Batched ``model.generate`` on left-padded text prompts; decoded continuations."""
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(
-            list(prompts), add_special_tokens=False, padding=True, return_tensors="pt"
-        )
-    finally:
-        tokenizer.padding_side = old_side
+    batch = _left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -408,14 +411,7 @@ def _generate_ids(
     """
     from transformers import LogitsProcessorList
 
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(
-            list(prompts), add_special_tokens=False, padding=True, return_tensors="pt"
-        )
-    finally:
-        tokenizer.padding_side = old_side
+    batch = _left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
