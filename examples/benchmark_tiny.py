@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mtp_torch import MTPModel
-from mtp_torch.cli import main as mtp_main
+from mtp_torch.cli.app import main as mtp_main
 
 QUESTIONS = [
     ("Tom has 3 bags with 4 apples each . How many apples does Tom have ?", "#### 12"),

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mtp_torch.cli import main as mtp
+from mtp_torch.cli.app import main as mtp
 
 # Step 2-4 settings for one GPU; any flag given on the command line overrides these.
 GPU_SETTINGS = [

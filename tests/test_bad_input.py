@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import DistillConfig, MTPModel, distill
-from mtp_torch._data import TokenStream
-from mtp_torch.cli import main as cli_main
+from mtp_torch.cli.app import main as cli_main
+from mtp_torch.training.data import TokenStream
 from tests.synthetic import tiny_llama
 
 OURS = (ValueError, TypeError, FileNotFoundError)
@@ -237,7 +237,7 @@ def test_generate_never_fails_raw(
 def test_convert_checks_its_output_directory_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import mtp_torch._cmd_convert as convert
+    import mtp_torch.cli.convert as convert
 
     out = tmp_path / "out"
     out.mkdir()

@@ -1,4 +1,4 @@
-"""The benchmark harness ``mtp bench`` (``mtp_torch._bench``, ``mtp_torch._cmd_bench``).
+"""The benchmark harness ``mtp bench`` (``mtp_torch.bench.runner``, ``mtp_torch.cli.bench``).
 
 End to end on a tiny random Llama checkpoint with a tiny offline word-level tokenizer; the
 metrics (GSM8K answer extraction, token F1, common prefix) as pure functions.  No timing asserts.
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp_core import ConfAdapt, StaticK
-from mtp_torch._bench import (
+from mtp_torch.bench.runner import (
     BenchConfig,
     BenchPrompt,
     answers_match,
@@ -62,7 +62,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted tiny checkpoint directory (mask token stored in its config)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mtp_torch._model import MTPModel
+    from mtp_torch.decoding.model import MTPModel
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_mtp_bench_end_to_end(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
-    from mtp_torch._cmd_bench import main
+    from mtp_torch.cli.bench import main
 
     out = tmp_path / "report.json"
     plot = tmp_path / "plot.png"
@@ -211,7 +211,7 @@ def test_mtp_bench_end_to_end(checkpoint: Path, data_file: Path, tmp_path: Path)
 
 
 def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file: Path) -> None:
-    from mtp_torch._model import MTPModel
+    from mtp_torch.decoding.model import MTPModel
 
     mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
     prompts = load_prompts(data_file, mtp.tokenizer, num_prompts=1)
@@ -262,7 +262,7 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
 
 
 def test_cli_dispatcher_runs_bench(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
-    from mtp_torch.cli import main
+    from mtp_torch.cli.app import main
 
     out = tmp_path / "r.json"
     status = main(
@@ -303,7 +303,7 @@ def test_cli_dispatcher_runs_bench(checkpoint: Path, data_file: Path, tmp_path: 
 def test_cli_reports_missing_data(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mtp_torch._cmd_bench import main
+    from mtp_torch.cli.bench import main
 
     status = main(["--model", str(checkpoint), "--data", str(tmp_path / "nope.jsonl"), "--quiet"])
     assert status == 2
@@ -495,7 +495,7 @@ def test_metric_properties(a: list[int], b: list[int]) -> None:
 def test_auto_candidates_stop_at_the_trained_k_max() -> None:
     from types import SimpleNamespace
 
-    from mtp_torch._bench import _auto_candidates
+    from mtp_torch.bench.runner import _auto_candidates
 
     trained = SimpleNamespace(default_policy=ConfAdapt(0.9, 4))
     assert _auto_candidates((1, 2, 4, 8, 16), trained) == (1, 2, 4)

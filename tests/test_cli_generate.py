@@ -170,7 +170,7 @@ def test_only_installed_subcommands_are_registered() -> None:
     parser = build_parser()
     subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     choices = set(subcommands[0].choices)
-    installed = {name for name in SUBCOMMANDS if importlib.util.find_spec(f"mtp_torch._cmd_{name}")}
+    installed = {name for name in SUBCOMMANDS if importlib.util.find_spec(f"mtp_torch.cli.{name}")}
     assert "generate" in choices
     assert choices == installed
 
@@ -257,7 +257,7 @@ def test_directory_without_config_is_refused(
 def test_unexpected_errors_are_one_line_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mtp_torch import _cmd_generate
+    from mtp_torch.cli import generate as _cmd_generate
 
     def boom(args: object) -> int:
         raise RuntimeError("disk on fire")

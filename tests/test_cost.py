@@ -1,4 +1,4 @@
-"""The hardware cost curve and the cost-aware choice of k_max (``mtp_torch._cost``).
+"""The hardware cost curve and the cost-aware choice of k_max (``mtp_torch.bench.cost``).
 
 The arithmetic is tested on synthetic curves (no timing asserts); the measurement only for its
 shape on a tiny random model.
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp_core import ConfAdapt, StaticK
-from mtp_torch._cost import (
+from mtp_torch.bench.cost import (
     CostCurve,
     acceptance_from_histogram,
     auto_policy,

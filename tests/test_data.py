@@ -1,4 +1,4 @@
-"""Training corpora (mtp_torch._data): file formats, the token stream, the self-written corpus."""
+"""Training corpora (mtp_torch.training.data): file formats, the token stream, the self-written corpus."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtp_torch import _data
-from mtp_torch._data import (
+from mtp_torch._resources import package_data
+from mtp_torch.training import data as _data
+from mtp_torch.training.data import (
     TokenStream,
     encode_row,
     load_corpus,
@@ -23,7 +24,7 @@ from mtp_torch._data import (
 from tests.synthetic import make_tokenizer, tiny_llama
 
 # The GSM8K train sample bundled with the package (mtp convert's default seed prompts).
-GSM8K_TRAIN = Path(_data.__file__).resolve().parent / "data" / "gsm8k_train_sample.jsonl"
+GSM8K_TRAIN = package_data("gsm8k_train_sample.jsonl")
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

@@ -1,4 +1,4 @@
-"""Self-distillation training (mtp_torch._distill): layout in torch, losses, resume, learning."""
+"""Self-distillation training (mtp_torch.training.distill): layout in torch, losses, resume, learning."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from transformers import (
 
 from mtp_core import ConfAdapt
 from mtp_core._src.layout import TrainingLayoutSpec, training_layout
-from mtp_torch._distill import (
+from mtp_torch.cli.app import main as cli_main
+from mtp_torch.decoding.mask import add_mask_token
+from mtp_torch.decoding.model import MTPModel
+from mtp_torch.training.distill import (
     DistillConfig,
     _batch_loss,
     _pack,
@@ -32,9 +35,6 @@ from mtp_torch._distill import (
     distill,
     find_blocks,
 )
-from mtp_torch._mask import add_mask_token
-from mtp_torch._model import MTPModel
-from mtp_torch.cli import main as cli_main
 from tests.synthetic import (
     make_language,
     make_tokenizer,
@@ -584,7 +584,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 10: a NaN loss used to train on and write NaN weights."""
-    import mtp_torch._distill as distill_module
+    import mtp_torch.training.distill as distill_module
 
     calls = {"n": 0}
     real = distill_module._batch_loss
@@ -613,7 +613,7 @@ def test_a_kill_while_replacing_a_checkpoint_keeps_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 10: re-saving the same step deleted the checkpoint latest.json named first."""
-    import mtp_torch._checkpoint as checkpoint_module
+    import mtp_torch.training.checkpoint as checkpoint_module
 
     corpus = random_corpus()
     distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))  # finished: checkpoint of step 2
@@ -641,7 +641,7 @@ def test_a_kill_while_replacing_a_checkpoint_keeps_the_run(
 def test_a_kill_mid_save_leaves_no_temporary_directory_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mtp_torch._checkpoint as checkpoint_module
+    import mtp_torch.training.checkpoint as checkpoint_module
 
     real_save = checkpoint_module.save_file
 

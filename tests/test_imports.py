@@ -10,11 +10,11 @@ def test_importing_mtp_torch_stays_light() -> None:
 
     code = (
         "import sys, mtp_torch; "
-        "heavy = [m for m in ('mtp_torch._bench', 'mtp_torch._cost', 'resource', 'matplotlib') "
+        "heavy = [m for m in ('mtp_torch.bench.runner', 'mtp_torch.bench.cost', 'resource', 'matplotlib') "
         "if m in sys.modules]; "
         "assert not heavy, heavy; "
         "assert mtp_torch.BenchConfig().max_new_tokens > 0; "
-        "assert 'mtp_torch._bench' in sys.modules"
+        "assert 'mtp_torch.bench.runner' in sys.modules"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False

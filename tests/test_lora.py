@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mtp_torch import DistillConfig, add_mask_token, distill
-from mtp_torch._data import Example, TokenStream
-from mtp_torch._delta import apply_delta, file_sha256, load_delta, save_delta
+from mtp_torch.training.data import Example, TokenStream
+from mtp_torch.weights.delta import apply_delta, file_sha256, load_delta, save_delta
 from tests.synthetic import make_language, tiny_llama, train_teacher
 
 pytest.importorskip("peft")
@@ -158,7 +158,7 @@ def test_confident_targets_weight_only_confident_runs() -> None:
     import numpy as np
 
     from mtp_core._src.layout import TrainingLayoutSpec, training_layout
-    from mtp_torch._distill import _batch_loss, _pack
+    from mtp_torch.training.distill import _batch_loss, _pack
 
     model = tiny_llama(32, layers=1)
     mask_id = add_mask_token(model)
@@ -195,7 +195,7 @@ def test_confident_targets_weight_only_confident_runs() -> None:
 
 
 def test_the_running_acceptance_estimate_follows_confadapt() -> None:
-    from mtp_torch._distill import _confident_run
+    from mtp_torch.training.distill import _confident_run
 
     sure, unsure = 10.0, 0.0  # logit gaps: softmax top-1 ~1.0 and 0.5 over two tokens
     logits = torch.tensor(
@@ -212,7 +212,7 @@ def test_convert_writes_a_delta_that_rebuilds_the_saved_model(tmp_path: Path) ->
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mtp_torch.cli import main as cli_main
+    from mtp_torch.cli.app import main as cli_main
     from tests.test_distill import _tiny_model_dir
 
     model_dir = _tiny_model_dir(tmp_path)
@@ -237,7 +237,7 @@ def test_convert_writes_a_delta_that_rebuilds_the_saved_model(tmp_path: Path) ->
 
 
 def test_convert_refuses_a_delta_without_lora(tmp_path: Path) -> None:
-    from mtp_torch.cli import main as cli_main
+    from mtp_torch.cli.app import main as cli_main
 
     args = ["convert", "--lora-rank", "0", "--delta-out", str(tmp_path / "d.safetensors")]
     assert cli_main(args) == 2

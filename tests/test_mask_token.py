@@ -22,7 +22,8 @@ from transformers import (
 )
 
 from mtp_core import ConfAdapt, StaticK
-from mtp_torch import MTPModel, _default, add_mask_token
+from mtp_torch import MTPModel, add_mask_token
+from mtp_torch.weights import default as _default
 
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz .,?!")
 SPECIALS = ["<unk>", "<pad>", "<eos>"]

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from mtp_numpy import write_safetensors
 
 VOCAB = 50

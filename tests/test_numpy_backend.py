@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from mtp_core import ConfAdapt, Sampling, StaticK, StepInputs, decode, load_backend
 from mtp_numpy import (
     KVCache,
     LlamaWeights,
@@ -34,8 +36,6 @@ from mtp_numpy import (
     sample_tokens,
     write_safetensors,
 )
-
-from mtp_core import ConfAdapt, Sampling, StaticK, StepInputs, decode, load_backend
 from tests import strategies as S
 
 torch = pytest.importorskip("torch")

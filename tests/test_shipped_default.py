@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mtp_core import ConfAdapt
-from mtp_torch import MTPModel, _default
-from mtp_torch._bench import default_data_path, encode_prompt
-from mtp_torch._delta import file_sha256, load_delta
+from mtp_torch import MTPModel
+from mtp_torch.bench.runner import default_data_path, encode_prompt
+from mtp_torch.weights import default as _default
+from mtp_torch.weights.delta import file_sha256, load_delta
 
 DELTA = _default.default_delta_path()
 

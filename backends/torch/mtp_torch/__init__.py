@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
-from mtp_torch._backend import TorchBackend as TorchBackend
-from mtp_torch._default import load_default as load_default
-from mtp_torch._distill import DistillConfig as DistillConfig
-from mtp_torch._distill import distill as distill
-from mtp_torch._mask import add_mask_token as add_mask_token
-from mtp_torch._model import GenerateOutput as GenerateOutput
-from mtp_torch._model import MTPModel as MTPModel
+from mtp_torch.decoding.backend import TorchBackend as TorchBackend
+from mtp_torch.decoding.mask import add_mask_token as add_mask_token
+from mtp_torch.decoding.model import GenerateOutput as GenerateOutput
+from mtp_torch.decoding.model import MTPModel as MTPModel
+from mtp_torch.training.distill import DistillConfig as DistillConfig
+from mtp_torch.training.distill import distill as distill
+from mtp_torch.weights.default import load_default as load_default
 
 __all__ = [
     "BenchConfig",
@@ -40,24 +40,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mtp_torch._bench import BenchConfig as BenchConfig
-    from mtp_torch._bench import run_benchmark as run_benchmark
-    from mtp_torch._cost import CostCurve as CostCurve
-    from mtp_torch._cost import auto_policy as auto_policy
-    from mtp_torch._cost import choose_k_max as choose_k_max
-    from mtp_torch._cost import measure_cost_curve as measure_cost_curve
-    from mtp_torch._cost import speedup_ceiling as speedup_ceiling
+    from mtp_torch.bench.cost import CostCurve as CostCurve
+    from mtp_torch.bench.cost import auto_policy as auto_policy
+    from mtp_torch.bench.cost import choose_k_max as choose_k_max
+    from mtp_torch.bench.cost import measure_cost_curve as measure_cost_curve
+    from mtp_torch.bench.cost import speedup_ceiling as speedup_ceiling
+    from mtp_torch.bench.runner import BenchConfig as BenchConfig
+    from mtp_torch.bench.runner import run_benchmark as run_benchmark
 
 # The benchmark and the cost curve load on first use: `import mtp_torch` stays light (no
 # benchmark, no Unix-only `resource`).
 _LAZY = {
-    "BenchConfig": "mtp_torch._bench",
-    "run_benchmark": "mtp_torch._bench",
-    "CostCurve": "mtp_torch._cost",
-    "auto_policy": "mtp_torch._cost",
-    "choose_k_max": "mtp_torch._cost",
-    "measure_cost_curve": "mtp_torch._cost",
-    "speedup_ceiling": "mtp_torch._cost",
+    "BenchConfig": "mtp_torch.bench.runner",
+    "run_benchmark": "mtp_torch.bench.runner",
+    "CostCurve": "mtp_torch.bench.cost",
+    "auto_policy": "mtp_torch.bench.cost",
+    "choose_k_max": "mtp_torch.bench.cost",
+    "measure_cost_curve": "mtp_torch.bench.cost",
+    "speedup_ceiling": "mtp_torch.bench.cost",
 }
 
 

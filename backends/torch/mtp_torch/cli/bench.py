@@ -3,7 +3,7 @@
 ``mtp bench --model DIR`` decodes the same prompts one at a time with transformers' greedy
 ``generate`` (the baseline), prompt-lookup decoding, MTP static k, a ConfAdapt sweep and the
 lossless mode, then writes a JSON report, prints a Markdown table and plots quality against
-speed-up.  See ``mtp_torch._bench`` for what each column means.
+speed-up.  See ``mtp_torch.bench.runner`` for what each column means.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mtp_torch._bench import (
+from mtp_torch.bench.runner import (
     BenchConfig,
     default_data_path,
     format_markdown,
@@ -25,7 +25,7 @@ from mtp_torch._bench import (
     run_benchmark,
     write_report,
 )
-from mtp_torch._default import DEFAULT_MODEL_NAME, load_named
+from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
       ValueError: on bad options, a missing prompt file, or a model without a tokenizer.
     """
-    from mtp_torch._model import MTPModel, parse_dtype
+    from mtp_torch.decoding.model import MTPModel, parse_dtype
 
     def say(message: str) -> None:
         if not args.quiet:
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       The exit status: 0 on success, 2 when it fails.
     """
-    from mtp_torch.cli import main as cli_main
+    from mtp_torch.cli.app import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else list(argv))])
 

@@ -47,16 +47,16 @@ from mtp_core._src.layout import (
     training_layout,
 )
 from mtp_core._src.losses import LOSS_KINDS, LossKind, agreement, distillation_loss
-from mtp_torch._checkpoint import (
+from mtp_torch.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_state,
     save_checkpoint,
 )
-from mtp_torch._data import Example, TokenStream
+from mtp_torch.training.data import Example, TokenStream
 
 if TYPE_CHECKING:
-    from mtp_torch._model import MTPModel
+    from mtp_torch.decoding.model import MTPModel
 
 __all__ = [
     "DistillConfig",
@@ -870,8 +870,8 @@ def distill(
       ValueError: for a model that is not a causal LM, an empty or too short corpus, a
         ``k_max`` that does not fit a region, or a checkpoint written with other settings.
     """
-    from mtp_torch._mask import add_mask_token
-    from mtp_torch._model import MTPModel
+    from mtp_torch.decoding.mask import add_mask_token
+    from mtp_torch.decoding.model import MTPModel
 
     cfg = DistillConfig() if cfg is None else cfg
     rank, world_size, local_rank = _distributed()
@@ -1094,7 +1094,7 @@ def distill(
     delta = None
     if cfg.lora_rank > 0:
         # The adapters as a compact low-rank delta, then merged into plain weights.
-        from mtp_torch._delta import lora_delta
+        from mtp_torch.weights.delta import lora_delta
 
         delta = lora_delta(student, mask_token_id)
         student = student.merge_and_unload()

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
-from mtp_torch._cost import (
+from mtp_torch._resources import package_data
+from mtp_torch.bench.cost import (
     DEFAULT_K_CANDIDATES,
     CostCurve,
     acceptance_from_histogram,
@@ -128,7 +129,7 @@ def default_data_path() -> Path:
     Returns:
       The path of ``bench_prompts.jsonl`` inside the installed package.
     """
-    return Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
+    return package_data("bench_prompts.jsonl")
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
@@ -184,7 +185,7 @@ def load_prompts(
       ValueError: for a line that is not a JSON object or has none of the three fields, or a
         file with no prompt.
     """
-    from mtp_torch._data import read_jsonl
+    from mtp_torch.training.data import read_jsonl
 
     if num_prompts is not None and int(num_prompts) < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")

@@ -22,9 +22,10 @@ import torch
 
 from mtp_core import ConfAdapt
 from mtp_core._src.losses import LOSS_KINDS
-from mtp_torch._data import Example, load_examples, read_seed_prompts, write_corpus
-from mtp_torch._default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
-from mtp_torch._distill import (
+from mtp_torch._resources import package_data
+from mtp_torch.decoding.model import _foreign_files, parse_dtype
+from mtp_torch.training.data import Example, load_examples, read_seed_prompts, write_corpus
+from mtp_torch.training.distill import (
     DistillConfig,
     StepMetrics,
     _distributed,
@@ -32,7 +33,7 @@ from mtp_torch._distill import (
     distill,
     find_blocks,
 )
-from mtp_torch._model import _foreign_files, parse_dtype
+from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 
 __all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run"]
 
@@ -60,7 +61,7 @@ def default_seed_prompts() -> Path:
                 "of prompts or unset it"
             )
         return Path(from_env)
-    return Path(__file__).resolve().parent / "data" / "gsm8k_train_sample.jsonl"
+    return package_data("gsm8k_train_sample.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,7 +381,7 @@ def _trained_steps(last: list[StepMetrics], checkpoint_dir: Path) -> int:
     """Optimizer steps the saved model has had (a resumed run may take none itself)."""
     if last:
         return int(last[-1].step)
-    from mtp_torch._checkpoint import latest_checkpoint, read_checkpoint_state
+    from mtp_torch.training.checkpoint import latest_checkpoint, read_checkpoint_state
 
     found = latest_checkpoint(checkpoint_dir)
     return int(read_checkpoint_state(found)["step"]) if found is not None else 0
@@ -418,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
         out, k_max=cfg.k_max, threshold=args.threshold, overwrite=args.overwrite
     )
     if args.delta_out is not None:
-        from mtp_torch._delta import file_sha256, save_delta
+        from mtp_torch.weights.delta import file_sha256, save_delta
 
         assert mtp.delta is not None  # checked before training
         delta_path = save_delta(

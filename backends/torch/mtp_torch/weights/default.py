@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mtp_torch._resources import package_data
+
 __all__ = [
     "BASE_NAMES",
     "CACHE_ENV",
@@ -130,7 +132,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
 def _write_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     """Save into a temporary directory beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    from mtp_torch._model import _umask_permissions
+    from mtp_torch.decoding.model import _umask_permissions
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     _umask_permissions(staging)
@@ -206,11 +208,11 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
 def default_delta_path() -> Path:
     """The shipped delta that converts the embedded default (inside the installed package)."""
-    return Path(__file__).resolve().parent / "data" / _DELTA_FILE
+    return package_data(_DELTA_FILE)
 
 
 def _check_shipped_delta(path: Path) -> None:
-    from mtp_torch._delta import file_sha256
+    from mtp_torch.weights.delta import file_sha256
 
     if not path.is_file():
         raise FileNotFoundError(
@@ -244,9 +246,9 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
       FileNotFoundError: if the delta is not in the installed package.
       ValueError: if its checksum does not match, or it does not fit the base model.
     """
-    from mtp_torch._delta import apply_delta, load_delta
-    from mtp_torch._mask import MASK_TOKEN_CONFIG_KEY, add_mask_token
-    from mtp_torch._model import K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+    from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token
+    from mtp_torch.decoding.model import K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+    from mtp_torch.weights.delta import apply_delta, load_delta
 
     path = default_delta_path()
     _check_shipped_delta(path)

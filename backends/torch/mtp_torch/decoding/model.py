@@ -22,8 +22,8 @@ import numpy.typing as npt
 import torch
 
 from mtp_core import AcceptancePolicy, ConfAdapt, Sampling, decode
-from mtp_torch._backend import TorchBackend
-from mtp_torch._mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
+from mtp_torch.decoding.backend import TorchBackend
+from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
@@ -282,7 +282,7 @@ class MTPModel:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mtp_torch._default import load_named
+        from mtp_torch.weights.default import load_named
 
         source = str(path_or_name)
         wanted = parse_dtype(dtype)

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from mtp_torch._default import DEFAULT_MODEL_NAME
-from mtp_torch._model import MTPModel, parse_dtype
-from mtp_torch.cli import parse_policy
+from mtp_torch.cli.options import parse_policy
+from mtp_torch.decoding.model import MTPModel, parse_dtype
+from mtp_torch.weights.default import DEFAULT_MODEL_NAME
 
 __all__ = ["add_arguments", "run"]
 

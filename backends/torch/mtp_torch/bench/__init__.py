@@ -1,0 +1,1 @@
+"""Benchmarking: speed and quality of MTP decoding against baselines, and the cost curve."""

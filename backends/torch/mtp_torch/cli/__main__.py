@@ -1,0 +1,7 @@
+"""``python -m mtp_torch.cli`` runs the ``mtp`` command line."""
+
+import sys
+
+from mtp_torch.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the distillation config, step and loop, its data, corpus and checkpoints."""

@@ -1,0 +1,1 @@
+"""Weights: the embedded default model and the compact MTP delta shipped for it."""
