@@ -464,7 +464,7 @@ def _probe_prompt_ids(mtp_model: Any, probe_prompts: Sequence[Any] | None) -> li
                     "string probe prompts need a tokenizer: load the model with one "
                     "(MTPModel.from_pretrained) or pass token id lists as probe_prompts"
                 )
-            from mtp_torch.bench.runner import encode_prompt
+            from mtp_torch.text import encode_prompt
 
             result.append(encode_prompt(tokenizer, prompt, chat=True))
         else:

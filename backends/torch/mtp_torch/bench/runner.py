@@ -68,6 +68,7 @@ from mtp_torch.bench.cost import (
     measure_cost_curve,
     speedup_ceiling,
 )
+from mtp_torch.text import cut_at_stop, encode_prompt, stop_token_ids
 
 # The paper's ConfAdapt threshold; its one home is ConfAdapt's own default.
 DEFAULT_THRESHOLD: float = ConfAdapt().threshold
@@ -86,7 +87,6 @@ __all__ = [
     "bench_methods",
     "common_prefix_length",
     "default_data_path",
-    "encode_prompt",
     "extract_final_number",
     "format_markdown",
     "gsm8k_reference",
@@ -130,34 +130,6 @@ def default_data_path() -> Path:
       The path of ``bench_prompts.jsonl`` inside the installed package.
     """
     return package_data("bench_prompts.jsonl")
-
-
-def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
-    """Token ids of a prompt, as a user turn of the chat template when the tokenizer has one.
-
-    Args:
-      tokenizer: a transformers tokenizer.
-      text: the prompt (a question or an instruction).
-      chat: apply the chat template (with the assistant turn opened) if there is one; when
-        ``False`` or without a template, the text is tokenized as is (special tokens added).
-
-    Returns:
-      The token ids (non-empty).
-    """
-    if chat and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    ids = [int(t) for t in ids]
-    if not ids:
-        raise ValueError(
-            f"the prompt {text[:40]!r} encodes to no tokens; give a non-empty prompt or a "
-            "tokenizer that adds a BOS token"
-        )
-    return ids
 
 
 def load_prompts(
@@ -686,31 +658,6 @@ class _Trace:
     peak_memory_mb: float = 0.0
 
 
-def _eos_ids(mtp_model: Any, hf_model: torch.nn.Module) -> list[int]:
-    ids: list[int] = []
-    config_eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
-    if config_eos is None:
-        config_eos = getattr(hf_model.config, "eos_token_id", None)
-    tokenizer = getattr(mtp_model, "tokenizer", None)
-    if config_eos is None and tokenizer is not None:
-        config_eos = tokenizer.eos_token_id
-    if isinstance(config_eos, int):
-        ids = [config_eos]
-    elif isinstance(config_eos, (list, tuple)):
-        ids = [int(t) for t in config_eos]
-    return ids
-
-
-def _trim(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Generated tokens up to and including the first stop token."""
-    out: list[int] = []
-    for token in tokens:
-        out.append(int(token))
-        if int(token) in eos_ids:
-            break
-    return out
-
-
 def _run_once(
     spec: MethodSpec,
     engine: _Engine,
@@ -757,7 +704,7 @@ def _run_once(
                 )
         _synchronize(device)
         elapsed = time.perf_counter() - start
-    generated = _trim(sequences[0, input_ids.shape[1] :].tolist(), eos_ids)
+    generated = cut_at_stop(sequences[0, input_ids.shape[1] :].tolist(), eos_ids)
     return generated, list(widths), histogram, elapsed
 
 
@@ -873,7 +820,7 @@ def run_benchmark(
     hf_model.eval()
     device = _model_device(hf_model)
     base_dtype = str(next(hf_model.parameters()).dtype).replace("torch.", "")
-    eos_ids = _eos_ids(mtp_model, hf_model)
+    eos_ids = stop_token_ids(None, hf_model, getattr(mtp_model, "tokenizer", None))
     tokenizer = getattr(mtp_model, "tokenizer", None)
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:

@@ -11,6 +11,7 @@ import torch
 
 from mtp_torch.cli.options import parse_policy
 from mtp_torch.decoding.model import MTPModel, parse_dtype
+from mtp_torch.text import encode_prompt
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME
 
 __all__ = ["add_arguments", "run"]
@@ -52,19 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
 
 
-def _encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> torch.Tensor:
-    """Token ids ``(1, prompt_len)`` of the prompt, through the chat template when asked."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    else:
-        encoded = tokenizer(prompt, return_tensors="pt")
-    ids: torch.Tensor = encoded["input_ids"]
-    return ids
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp generate``; print the text (streamed) or, with ``--json``, one JSON object."""
     if args.policy is not None:
@@ -77,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.model} has no tokenizer; save one with the model to use `mtp generate`"
         )
-    input_ids = _encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template).to(device)
+    prompt_ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
+    input_ids = torch.tensor([prompt_ids], device=device)
 
     streamed: list[int] = []
     printed = [""]

@@ -24,6 +24,7 @@ import torch
 from mtp_core import AcceptancePolicy, ConfAdapt, Sampling, decode
 from mtp_torch.decoding.backend import TorchBackend
 from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
+from mtp_torch.text import as_token_ids, stop_token_ids
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
@@ -190,23 +191,6 @@ def _merge_into(staging: Path, target: Path) -> None:
         os.replace(path, target / path.name)  # the manifest last: it names a complete save
     for name in stale:
         (target / name).unlink(missing_ok=True)
-
-
-def _as_id_list(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return [int(value)]
-    if isinstance(value, (str, bytes, bool)) or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
-    ):
-        raise TypeError(
-            f"eos_token_id must be a token id or a list of token ids, got {value!r}; convert "
-            "token strings with tokenizer.convert_tokens_to_ids"
-        )
-    return [int(v) for v in value]
 
 
 class MTPModel:
@@ -447,7 +431,7 @@ class MTPModel:
             raise TypeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = self._check_input_ids(input_ids)
         mask = self._attention_mask(ids, attention_mask)
-        stop_ids = self._stop_token_ids(eos_token_id)
+        stop_ids = stop_token_ids(eos_token_id, self.model)
         pad_token_id = self._pad_token_id(stop_ids)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
         chosen = self.default_policy if policy is None else policy
@@ -541,22 +525,16 @@ class MTPModel:
             return mask.to(device=ids.device).bool()
         generation_config = getattr(self.model, "generation_config", None)
         pad = getattr(generation_config, "pad_token_id", None)
-        eos = _as_id_list(getattr(generation_config, "eos_token_id", None))
+        eos = as_token_ids(getattr(generation_config, "eos_token_id", None))
         if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):
             return ids != int(pad)
         return torch.ones_like(ids, dtype=torch.bool)
-
-    def _stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
-        if eos_token_id is None:
-            generation_config = getattr(self.model, "generation_config", None)
-            return _as_id_list(getattr(generation_config, "eos_token_id", None))
-        return _as_id_list(eos_token_id)
 
     def _pad_token_id(self, stop_ids: list[int]) -> int:
         generation_config = getattr(self.model, "generation_config", None)
         pad = getattr(generation_config, "pad_token_id", None)
         if pad is not None:
-            return int(_as_id_list(pad)[0])
+            return int(as_token_ids(pad)[0])
         if stop_ids:
             return stop_ids[0]
         return 0

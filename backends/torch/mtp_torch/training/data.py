@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from mtp_torch.text import chat_prompt
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -440,13 +442,8 @@ def _generate_ids(
 
 
 def _render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    if _has_chat_template(tokenizer):
-        return str(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        )
-    return f"Question: {prompt}\nAnswer:"
+    rendered = chat_prompt(tokenizer, prompt)
+    return f"Question: {prompt}\nAnswer:" if rendered is None else rendered
 
 
 def write_corpus(
