@@ -36,6 +36,8 @@ from mtp_core._src.policies import check_confidences as check_confidences
 from mtp_core._src.registry import available_backends as available_backends
 from mtp_core._src.registry import load_backend as load_backend
 from mtp_core._src.registry import register_backend as register_backend
+from mtp_core._src.sampling import draw_tokens as draw_tokens
+from mtp_core._src.sampling import filtered_probabilities as filtered_probabilities
 
 __version__ = "0.1.0"
 
@@ -58,7 +60,9 @@ __all__ = [
     "decode",
     "default_num_regions",
     "distillation_loss",
+    "draw_tokens",
     "entropy",
+    "filtered_probabilities",
     "ground_truth_loss",
     "hard_teacher_loss",
     "inference_layout",

@@ -100,3 +100,25 @@ def logit_batches(
         "weights": draw(weights),
         "targets": draw(targets),
     }
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+@st.composite
+def sampling_cases(draw: st.DrawFn, max_rows: int = 4, max_vocab: int = 9) -> dict[str, object]:
+    """float64 logits (rows, vocab) with ties mixed in, settings with temperature > 0, uniforms."""
+    from mtp_core import Sampling
+
+    rows = draw(st.integers(min_value=1, max_value=max_rows))
+    vocab = draw(st.integers(min_value=2, max_value=max_vocab))
+    logits = draw(hnp.arrays(np.float64, (rows, vocab), elements=_logit_values))
+    sampling = Sampling(
+        temperature=draw(st.sampled_from([0.3, 1.0, 2.5])),
+        top_p=draw(st.sampled_from([0.05, 0.5, 0.9, 1.0])),
+        top_k=draw(st.integers(min_value=0, max_value=vocab + 1)),
+    )
+    uniforms = draw(
+        hnp.arrays(np.float64, (rows,), elements=st.floats(0.0, 1.0, exclude_max=True))
+    )
+    return {"logits": logits, "sampling": sampling, "uniforms": uniforms}

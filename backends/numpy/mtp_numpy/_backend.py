@@ -17,6 +17,8 @@ from mtp_core import (
     StepInputs,
     StepOutputs,
     decode,
+    draw_tokens,
+    filtered_probabilities,
 )
 from mtp_numpy._llama import (
     DecoderConfig,
@@ -66,26 +68,8 @@ def sample_tokens(logits: npt.ArrayLike, sampling: Sampling, rng: np.random.Gene
     if sampling.greedy:
         greedy: IntArray = np.argmax(scores, axis=-1).astype(np.int64)
         return greedy
-    vocab = scores.shape[-1]
-    scores = scores / float(sampling.temperature)
-    top_k = int(sampling.top_k)
-    if 0 < top_k < vocab:
-        kth = np.partition(scores, vocab - top_k, axis=-1)[..., vocab - top_k : vocab - top_k + 1]
-        scores = np.where(scores < kth, -np.inf, scores)
-    probs = _softmax(scores)
-    if float(sampling.top_p) < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = mass_before < float(sampling.top_p)
-        keep_sorted[..., 0] = True
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        probs = np.where(keep, probs, 0.0)
-    cdf = np.cumsum(probs, axis=-1)
-    draws = rng.random(cdf.shape[:-1] + (1,)) * cdf[..., -1:]
-    # The first token whose cumulative mass exceeds the draw (never a zero-probability token).
-    sampled: IntArray = np.minimum((cdf <= draws).sum(axis=-1), vocab - 1).astype(np.int64)
+    probs = filtered_probabilities(scores, sampling)
+    sampled: IntArray = draw_tokens(probs, rng.random(probs.shape[:-1])).astype(np.int64)
     return sampled
 
 

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
-from mtp_core import Sampling, StepInputs, StepOutputs
+from mtp_core import Sampling, StepInputs, StepOutputs, draw_tokens, filtered_probabilities
 
 __all__ = ["TorchBackend", "context_window"]
 
@@ -274,27 +274,16 @@ class TorchBackend:
         Returns:
           Sampled token ids ``(batch, n)``.
         """
-        vocab = scores.shape[-1]
-        tempered = scores / float(sampling.temperature)
-        top_k = int(sampling.top_k)
-        if 0 < top_k < vocab:
-            kth_value = torch.topk(tempered, top_k, dim=-1).values[..., -1:]
-            tempered = tempered.masked_fill(tempered < kth_value, float("-inf"))
-        top_p = float(sampling.top_p)
-        if top_p < 1.0:
-            sorted_logits, order = torch.sort(tempered, dim=-1, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-            drop_sorted = mass_before >= top_p  # the most likely token always survives
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            tempered = tempered.masked_fill(drop, float("-inf"))
-        probabilities = torch.softmax(tempered, dim=-1).reshape(-1, vocab)
+        probabilities = filtered_probabilities(scores, sampling)
         # A generator per draw: a shared one let concurrent generate() calls (threads) reseed
         # each other's draws, so one seed could give two outputs.
         generator = torch.Generator(device=scores.device)
         generator.manual_seed(int(seed))
-        drawn = torch.multinomial(probabilities, num_samples=1, generator=generator)
-        return drawn.reshape(scores.shape[:-1])
+        uniforms = torch.rand(
+            scores.shape[:-1], generator=generator, device=scores.device, dtype=scores.dtype
+        )
+        drawn: torch.Tensor = draw_tokens(probabilities, uniforms)
+        return drawn
 
     def crop(self, cache: DynamicCache, length: int) -> DynamicCache:
         """Keep the first ``length`` slots of every row (drops the mask slots of a step)."""
