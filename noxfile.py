@@ -63,3 +63,10 @@ def build(session: nox.Session) -> None:
     """Build the sdist and wheel."""
     session.install("build")
     session.run("python", "-m", "build")
+
+
+@nox.session(python=PYTHON)
+def gpu_check(session: nox.Session) -> None:
+    """The GPU check (docs/guides/gpu_check.md): pass ``-- --device cuda`` on a CUDA machine."""
+    _install(session)
+    session.run("python", "examples/gpu_check.py", *session.posargs)

@@ -127,6 +127,7 @@ EXPECTED_OUTPUT = {
     "convert_tiny_model.py": "saved to and restored from",
     "benchmark_tiny.py": "methods benchmarked",
     "gpu_convert_default.py": "delta written: True",
+    "gpu_check.py": "gpu check passed: True",
 }
 
 
