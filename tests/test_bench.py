@@ -1,4 +1,4 @@
-"""The benchmark harness ``mtp bench`` (``mtp_torch.bench.runner``, ``mtp_torch.cli.bench``).
+"""The benchmark harness ``mtp bench`` (``mtp_torch.bench``, ``mtp_torch.cli.bench``).
 
 End to end on a tiny random Llama checkpoint with a tiny offline word-level tokenizer; the
 metrics (GSM8K answer extraction, token F1, common prefix) as pure functions.  No timing asserts.
@@ -17,19 +17,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp_core import ConfAdapt, StaticK
-from mtp_torch.bench.runner import (
-    BenchConfig,
-    BenchPrompt,
+from mtp_torch.bench.config import BenchConfig
+from mtp_torch.bench.methods import GreedyGenerate, bench_methods
+from mtp_torch.bench.prompts import BenchPrompt, load_prompts
+from mtp_torch.bench.quality import (
     answers_match,
-    bench_methods,
     common_prefix_length,
     extract_final_number,
-    format_markdown,
     gsm8k_reference,
-    load_prompts,
-    run_benchmark,
     token_f1,
 )
+from mtp_torch.bench.report import format_markdown
+from mtp_torch.bench.runner import run_benchmark
 
 WORDS = (
     "how many apples does she have left ? there are 3 5 12 7 a the is answer "
@@ -230,7 +229,8 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
         probe_tokens=4,
     )
     messages: list[str] = []
-    report = run_benchmark(mtp, prompts, config, log=messages.append)
+    typed = run_benchmark(mtp, prompts, config, log=messages.append)
+    report = typed.to_dict()  # the JSON that `mtp bench --out` writes
     rows = {row["name"]: row for row in report["methods"]}
     assert set(rows) == {
         "greedy",
@@ -251,8 +251,10 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
     assert auto["policy"] in ("StaticK(1)", "ConfAdapt(threshold=0.5, k_max=2)")
     assert not report["summary"]["mtp_speedup_same_precision"]["name"].endswith("_int8")
     assert any("k_max=auto" in message for message in messages)
-    table = format_markdown(report)
+    table = format_markdown(typed)
     assert table.count("\n| ") >= len(rows) and "greedy_int8" in table
+    assert format_markdown(report) == table  # the JSON form formats the same
+    assert typed.row("greedy_int8").speedup == 1.0
     # The fp32 model was not touched by quantisation.
     assert next(mtp.model.parameters()).dtype == torch.float32
     assert all(
@@ -365,11 +367,11 @@ def test_bench_methods_names_and_policies() -> None:
         "verify_confadapt_0.9_k4",
         "verify_confadapt_0.9_k16",
     ]
-    by_name = {s.name: s for s in specs}
+    by_name = {s.name: s.describe() for s in specs}
     assert by_name["static_3"].policy == StaticK(3)
     assert by_name["verify_confadapt_0.9_k16"].policy == ConfAdapt(0.9, 16)
     assert by_name["verify_confadapt_0.9_k16"].verify
-    assert by_name["greedy"].policy is None and not by_name["greedy"].is_mtp
+    assert by_name["greedy"].policy is None and isinstance(specs[0], GreedyGenerate)
     int8 = bench_methods(
         k_max=(4,), thresholds=(0.9,), static=(), verify_thresholds=(), precision="int8"
     )
@@ -387,7 +389,7 @@ def test_bench_methods_auto_needs_a_resolved_policy() -> None:
         auto_policies={0.9: StaticK(1)},
         prompt_lookup_tokens=None,
     )
-    assert specs[-1].name == "confadapt_0.9_kauto" and specs[-1].k_max == 1
+    assert specs[-1].name == "confadapt_0.9_kauto" and specs[-1].describe().k_max == 1
 
 
 def test_bench_methods_rejects_duplicates() -> None:

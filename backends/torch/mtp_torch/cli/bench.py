@@ -3,7 +3,8 @@
 ``mtp bench --model DIR`` decodes the same prompts one at a time with transformers' greedy
 ``generate`` (the baseline), prompt-lookup decoding, MTP static k, a ConfAdapt sweep and the
 lossless mode, then writes a JSON report, prints a Markdown table and plots quality against
-speed-up.  See ``mtp_torch.bench.runner`` for what each column means.
+speed-up.  See ``mtp_torch.bench.runner`` for what the run does and
+``mtp_torch.bench.report.MethodRow`` for what each column means.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ from typing import Any
 
 import torch
 
-from mtp_torch.bench.runner import (
-    BenchConfig,
-    default_data_path,
-    format_markdown,
-    load_prompts,
-    plot_report,
-    run_benchmark,
-    write_report,
-)
+from mtp_torch.bench.config import BenchConfig
+from mtp_torch.bench.plot import plot_report
+from mtp_torch.bench.prompts import default_data_path, load_prompts
+from mtp_torch.bench.report import format_markdown, write_report
+from mtp_torch.bench.runner import run_benchmark
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
