@@ -1,4 +1,4 @@
-"""The benchmark harness ``mtp bench`` (``mtp_torch.bench.runner``, ``mtp_torch.cli.bench``).
+"""The benchmark harness ``mtp bench`` (``mtp_torch.bench``, ``mtp_torch.cli.bench``).
 
 End to end on a tiny random Llama checkpoint with a tiny offline word-level tokenizer; the
 metrics (GSM8K answer extraction, token F1, common prefix) as pure functions.  No timing asserts.
@@ -17,19 +17,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp_core import ConfAdapt, StaticK
-from mtp_torch.bench.runner import (
-    BenchConfig,
-    BenchPrompt,
+from mtp_torch.bench.config import BenchConfig
+from mtp_torch.bench.methods import GreedyGenerate, bench_methods
+from mtp_torch.bench.prompts import BenchPrompt, load_prompts
+from mtp_torch.bench.quality import (
     answers_match,
-    bench_methods,
     common_prefix_length,
     extract_final_number,
-    format_markdown,
     gsm8k_reference,
-    load_prompts,
-    run_benchmark,
     token_f1,
 )
+from mtp_torch.bench.report import format_markdown
+from mtp_torch.bench.runner import run_benchmark
 
 WORDS = (
     "how many apples does she have left ? there are 3 5 12 7 a the is answer "
@@ -230,7 +229,8 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
         probe_tokens=4,
     )
     messages: list[str] = []
-    report = run_benchmark(mtp, prompts, config, log=messages.append)
+    typed = run_benchmark(mtp, prompts, config, log=messages.append)
+    report = typed.to_dict()  # the JSON that `mtp bench --out` writes
     rows = {row["name"]: row for row in report["methods"]}
     assert set(rows) == {
         "greedy",
@@ -251,8 +251,10 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
     assert auto["policy"] in ("StaticK(1)", "ConfAdapt(threshold=0.5, k_max=2)")
     assert not report["summary"]["mtp_speedup_same_precision"]["name"].endswith("_int8")
     assert any("k_max=auto" in message for message in messages)
-    table = format_markdown(report)
+    table = format_markdown(typed)
     assert table.count("\n| ") >= len(rows) and "greedy_int8" in table
+    assert format_markdown(report) == table  # the JSON form formats the same
+    assert typed.row("greedy_int8").speedup == 1.0
     # The fp32 model was not touched by quantisation.
     assert next(mtp.model.parameters()).dtype == torch.float32
     assert all(
@@ -365,11 +367,11 @@ def test_bench_methods_names_and_policies() -> None:
         "verify_confadapt_0.9_k4",
         "verify_confadapt_0.9_k16",
     ]
-    by_name = {s.name: s for s in specs}
+    by_name = {s.name: s.describe() for s in specs}
     assert by_name["static_3"].policy == StaticK(3)
     assert by_name["verify_confadapt_0.9_k16"].policy == ConfAdapt(0.9, 16)
     assert by_name["verify_confadapt_0.9_k16"].verify
-    assert by_name["greedy"].policy is None and not by_name["greedy"].is_mtp
+    assert by_name["greedy"].policy is None and isinstance(specs[0], GreedyGenerate)
     int8 = bench_methods(
         k_max=(4,), thresholds=(0.9,), static=(), verify_thresholds=(), precision="int8"
     )
@@ -387,7 +389,7 @@ def test_bench_methods_auto_needs_a_resolved_policy() -> None:
         auto_policies={0.9: StaticK(1)},
         prompt_lookup_tokens=None,
     )
-    assert specs[-1].name == "confadapt_0.9_kauto" and specs[-1].k_max == 1
+    assert specs[-1].name == "confadapt_0.9_kauto" and specs[-1].describe().k_max == 1
 
 
 def test_bench_methods_rejects_duplicates() -> None:
@@ -501,3 +503,218 @@ def test_auto_candidates_stop_at_the_trained_k_max() -> None:
     assert _auto_candidates((1, 2, 4, 8, 16), trained) == (1, 2, 4)
     assert _auto_candidates((2, 8), SimpleNamespace(default_policy=ConfAdapt(0.9, 3))) == (1, 2, 3)
     assert _auto_candidates((1, 8), SimpleNamespace(default_policy=StaticK(2))) == (1, 8)
+
+
+# --- method classes on the tiny model -----------------------------------------------------------
+
+
+def _tiny_engine(checkpoint: Path) -> tuple[Any, Any, Any]:
+    from mtp_torch.bench.methods import DecodeSettings, Engine
+    from mtp_torch.decoding.model import MTPModel
+
+    mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
+    engine = Engine("base", mtp.model, mtp)
+    eos = mtp.tokenizer.eos_token_id
+    return mtp, engine, DecodeSettings(6, [eos], mtp.tokenizer.pad_token_id)
+
+
+def test_every_method_class_decodes_the_tiny_model(checkpoint: Path) -> None:
+    """Each BenchMethod runs through `timed_decode`; the lossless ones reproduce greedy."""
+    from mtp_torch.bench.measure import Trace, timed_decode
+    from mtp_torch.bench.methods import (
+        AutoKDecoding,
+        ConfAdaptDecoding,
+        PromptLookup,
+        StaticKDecoding,
+    )
+
+    mtp, engine, settings = _tiny_engine(checkpoint)
+    prompt = _one_prompt(mtp.tokenizer, "how many apples does she have left ?")
+    greedy = timed_decode(GreedyGenerate(), engine, prompt, settings)
+    assert 1 <= len(greedy.generated) <= settings.max_new_tokens
+    assert len(greedy.widths) == len(greedy.generated)  # one pass per token (prefill included)
+    assert greedy.accepted_histogram == () and greedy.seconds >= 0.0
+    lossless = [
+        PromptLookup(3),
+        StaticKDecoding(1),
+        ConfAdaptDecoding(0.3, 4, verify=True),
+        AutoKDecoding(0.3, StaticK(1)),
+        AutoKDecoding(0.3, ConfAdapt(0.3, 2), verify=True),
+    ]
+    for method in lossless:
+        decoded = timed_decode(method, engine, prompt, settings)
+        assert decoded.generated == greedy.generated, method.name
+    for method in (StaticKDecoding(2), ConfAdaptDecoding(0.3, 4)):
+        decoded = timed_decode(method, engine, prompt, settings)
+        assert len(decoded.generated) <= settings.max_new_tokens
+        # The MTP rows report an accepted histogram: one entry per decoding step.
+        assert sum(decoded.accepted_histogram) == len(decoded.widths)
+        trace = Trace()
+        trace.record(decoded)
+        assert trace.histogram == list(decoded.accepted_histogram)
+        assert method.describe().policy == method.policy
+
+
+def test_method_classes_describe_their_rows() -> None:
+    from mtp_torch.bench.methods import (
+        AutoKDecoding,
+        ConfAdaptDecoding,
+        PromptLookup,
+        StaticKDecoding,
+    )
+
+    rows = [
+        (GreedyGenerate(), "greedy", "greedy", None),
+        (PromptLookup(3, "int8"), "prompt_lookup_int8", "prompt_lookup", None),
+        (StaticKDecoding(2), "static_2", "static", 2),
+        (ConfAdaptDecoding(0.9, 4), "confadapt_0.9_k4", "confadapt", 4),
+        (ConfAdaptDecoding(0.9, 4, verify=True), "verify_confadapt_0.9_k4", "verify", 4),
+        (
+            AutoKDecoding(0.5, StaticK(1), precision="int8"),
+            "confadapt_0.5_kauto_int8",
+            "confadapt",
+            1,
+        ),
+    ]
+    for method, name, family, k_max in rows:
+        info = method.describe()
+        assert (method.name, info.name, info.family, info.k_max) == (name, name, family, k_max)
+    assert PromptLookup(3).describe().prompt_lookup_tokens == 3
+    assert AutoKDecoding(0.5, ConfAdapt(0.5, 8)).describe().k_max_auto
+
+
+def _one_prompt(tokenizer: Any, text: str) -> BenchPrompt:
+    from mtp_torch.text import encode_prompt
+
+    return BenchPrompt(text=text, input_ids=encode_prompt(tokenizer, text, chat=True))
+
+
+# --- the typed report ---------------------------------------------------------------------------
+
+ROW_KEYS = [
+    "name",
+    "family",
+    "precision",
+    "policy",
+    "verify",
+    "threshold",
+    "k_max",
+    "k_max_auto",
+    "prompt_lookup_tokens",
+    "num_prompts",
+    "generated_tokens",
+    "forward_passes",
+    "tokens_per_forward",
+    "mean_pass_width",
+    "seconds",
+    "seconds_per_repeat",
+    "tokens_per_second",
+    "accuracy",
+    "num_correct",
+    "num_graded",
+    "teacher_nll",
+    "teacher_nll_skipped_tokens",
+    "agreement_prefix",
+    "agreement_prefix_fraction",
+    "exact_match",
+    "token_f1",
+    "peak_memory_mb",
+    "accepted_histogram",
+    "speedup",
+    "speedup_vs_fp32_greedy",
+    "speedup_ceiling",
+]
+# Quantised rows also compare with greedy of their own precision.
+INT8_ROW_KEYS = [
+    *ROW_KEYS[: ROW_KEYS.index("speedup")],
+    "agreement_prefix_same_precision",
+    "token_f1_same_precision",
+    *ROW_KEYS[ROW_KEYS.index("speedup") :],
+]
+
+
+def test_typed_report_round_trips_to_the_same_json(
+    checkpoint: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """The JSON keeps the keys it had as a dict; from_dict(to_dict(r)) == r."""
+    from mtp_torch.bench.plot import plot_report
+    from mtp_torch.bench.report import BenchReport, write_report
+    from mtp_torch.decoding.model import MTPModel
+
+    mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
+    prompts = load_prompts(data_file, mtp.tokenizer, num_prompts=1)
+    config = BenchConfig(
+        max_new_tokens=4,
+        k_max=(2, "auto"),
+        thresholds=(0.5,),
+        static=(2,),
+        verify_thresholds=(0.5,),
+        quantize="int8",
+        prompt_lookup_tokens=2,
+        cost_max_tokens=2,
+        cost_repeats=1,
+        auto_candidates=(1, 2),
+        probe_prompts=1,
+        probe_tokens=2,
+    )
+    report = run_benchmark(mtp, prompts, config)
+    data = report.to_dict()
+
+    assert list(data) == ["meta", "cost_curve", "k_max_choice", "methods", "summary"]
+    for row in data["methods"]:
+        assert list(row) == (INT8_ROW_KEYS if row["name"].endswith("_int8") else ROW_KEYS)
+    assert list(data["summary"]) == [
+        "mtp_speedup_same_precision",
+        "lossless_speedup_same_precision",
+        "fastest_vs_fp32_greedy",
+    ]
+    assert list(data["summary"]["fastest_vs_fp32_greedy"]) == [
+        "name",
+        "precision",
+        "speedup_vs_fp32_greedy",
+        "tokens_per_forward",
+        "accuracy",
+        "teacher_nll",
+    ]
+    assert [list(choice) for choice in data["k_max_choice"]] == [
+        ["threshold", "from_method", "acceptance", "expected_speedup", "chosen_k_max"]
+    ]
+    assert {"machine", "device", "dtype", "teacher", "speedup_definition"} <= set(data["meta"])
+
+    out = tmp_path / "report.json"
+    write_report(report, out)
+    loaded = json.loads(out.read_text(encoding="utf-8"))
+    assert loaded == data
+    assert BenchReport.from_dict(loaded) == report
+    assert BenchReport.from_dict(loaded).to_dict() == data
+    assert format_markdown(loaded) == format_markdown(report)
+    plot_report(loaded, tmp_path / "plot.png")  # the plot reads a loaded JSON file too
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    families = {row.family for row in report.methods}
+    assert families == {"greedy", "prompt_lookup", "static", "confadapt", "verify"}
+
+
+def test_report_rows_store_non_finite_floats_as_none() -> None:
+    from mtp_torch.bench.report import MethodRow
+
+    row = MethodRow.from_dict(
+        {
+            **dict.fromkeys(ROW_KEYS, None),
+            "name": "greedy",
+            "family": "greedy",
+            "precision": "float32",
+            "verify": False,
+            "k_max_auto": False,
+            "num_prompts": 1,
+            "generated_tokens": 0,
+            "forward_passes": 0,
+            "seconds": float("nan"),
+            "seconds_per_repeat": [0.5],
+            "num_graded": 0,
+            "teacher_nll_skipped_tokens": 0,
+            "speedup": float("inf"),
+        }
+    )
+    assert row.seconds is None and row.speedup is None
+    assert list(row.to_dict()) == ROW_KEYS
+    json.dumps(row.to_dict(), allow_nan=False)

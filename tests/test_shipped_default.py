@@ -15,7 +15,7 @@ import torch
 
 from mtp_core import ConfAdapt
 from mtp_torch import MTPModel
-from mtp_torch.bench.runner import default_data_path
+from mtp_torch.bench.prompts import default_data_path
 from mtp_torch.text import encode_prompt
 from mtp_torch.weights import default as _default
 from mtp_torch.weights.delta import file_sha256, load_delta

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "COST_CONTEXT_LENGTH",
+    "COST_MAX_TOKENS",
+    "COST_REPEATS",
     "DEFAULT_K_CANDIDATES",
     "CostCurve",
     "acceptance_from_histogram",
@@ -53,6 +56,10 @@ __all__ = [
 FloatArray = npt.NDArray[np.float64]
 
 DEFAULT_K_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16)
+# How the cost curve is measured by default (``measure_cost_curve``, ``BenchConfig``, ``mtp bench``).
+COST_MAX_TOKENS: int = 32
+COST_CONTEXT_LENGTH: int = 200
+COST_REPEATS: int = 5
 
 # Probe prompts for ``auto_policy`` when the caller gives none: short, varied, like the GSM8K
 # chain-of-thought answers the paper measures acceptance on.
@@ -343,9 +350,9 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_cost_curve(
     model: torch.nn.Module,
-    max_tokens: int = 32,
-    context_length: int = 200,
-    repeats: int = 5,
+    max_tokens: int = COST_MAX_TOKENS,
+    context_length: int = COST_CONTEXT_LENGTH,
+    repeats: int = COST_REPEATS,
     warmup: int = 1,
     seed: int = 0,
 ) -> CostCurve:

@@ -3,7 +3,8 @@
 ``mtp bench --model DIR`` decodes the same prompts one at a time with transformers' greedy
 ``generate`` (the baseline), prompt-lookup decoding, MTP static k, a ConfAdapt sweep and the
 lossless mode, then writes a JSON report, prints a Markdown table and plots quality against
-speed-up.  See ``mtp_torch.bench.runner`` for what each column means.
+speed-up.  See ``mtp_torch.bench.runner`` for what the run does and
+``mtp_torch.bench.report.MethodRow`` for what each column means.
 """
 
 from __future__ import annotations
@@ -16,15 +17,11 @@ from typing import Any
 
 import torch
 
-from mtp_torch.bench.runner import (
-    BenchConfig,
-    default_data_path,
-    format_markdown,
-    load_prompts,
-    plot_report,
-    run_benchmark,
-    write_report,
-)
+from mtp_torch.bench.config import BenchConfig
+from mtp_torch.bench.plot import plot_report
+from mtp_torch.bench.prompts import default_data_path, load_prompts
+from mtp_torch.bench.report import format_markdown, write_report
+from mtp_torch.bench.runner import run_benchmark
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
@@ -71,6 +68,14 @@ def _k_list(text: str) -> tuple[int | str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``mtp bench`` options on ``parser`` (defaults: ``BenchConfig``'s)."""
     defaults = BenchConfig()
+    _add_io_arguments(parser)
+    _add_method_arguments(parser, defaults)
+    _add_measure_arguments(parser, defaults)
+    _add_model_arguments(parser)
+
+
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the prompts, and where the report goes."""
     parser.add_argument(
         "--model",
         default="default",
@@ -88,8 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, help="PNG plot to write (default: the report's path with .png)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--num-prompts", type=int, default=50, help="first N prompts of --data")
+    parser.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed questions/prompts without the chat template",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig) -> None:
+    """Which methods run: the sweep, the baselines, the int8 copy."""
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument(
         "--k-max",
         type=_k_list,
@@ -121,17 +136,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt_lookup_num_tokens of the prompt-lookup baseline (0 skips it)",
     )
     parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=defaults.quantize,
+        help="also bench a dynamically int8-quantised copy (CPU only), reported in separate rows",
+    )
+
+
+def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig) -> None:
+    """How speed is measured: repeats and the cost curve."""
+    parser.add_argument(
         "--repeats",
         type=int,
         default=defaults.repeats,
         help="timed passes; speed is the median",
     )
+    parser.add_argument("--no-cost-curve", action="store_true", help="skip the cost-curve timing")
     parser.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="also bench a dynamically int8-quantised copy (CPU only), reported in separate rows",
+        "--cost-max-tokens", type=int, default=defaults.cost_max_tokens, help="widest pass timed"
     )
+    parser.add_argument(
+        "--cost-repeats", type=int, default=defaults.cost_repeats, help="timed passes per width"
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The teacher, the baseline model, the device and the dtype."""
     parser.add_argument(
         "--teacher",
         default=None,
@@ -146,21 +176,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. 'default-base', the model a conversion started from (default: the checkpoint "
         "itself)",
     )
-    parser.add_argument("--no-cost-curve", action="store_true", help="skip the cost-curve timing")
-    parser.add_argument("--cost-max-tokens", type=int, default=32, help="widest pass timed")
-    parser.add_argument("--cost-repeats", type=int, default=5, help="timed passes per width")
-    parser.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="feed questions/prompts without the chat template",
-    )
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument(
         "--dtype",
         default=None,
         help="float32, bfloat16, float16 or auto (default: float32 on cpu, bfloat16 on cuda)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
 
 
 def _load_teacher(path: str, device: str) -> torch.nn.Module:
