@@ -9,6 +9,8 @@ allows).  ``resource`` (Unix only) is imported only where the fallback needs it.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy as copy_module
 import os
 import platform
@@ -148,7 +150,7 @@ class Decoded:
 def timed_decode(
     method: BenchMethod, engine: Engine, prompt: BenchPrompt, settings: DecodeSettings
 ) -> Decoded:
-    """Decode one prompt with ``method``, counting the forward passes of ``engine.hf_model``.
+    """Decode one prompt with ``method``, counting the forward passes of the model it runs.
 
     Args:
       method: the method.
@@ -161,14 +163,23 @@ def timed_decode(
     """
     device = model_device(engine.hf_model)
     input_ids = torch.tensor([list(prompt.input_ids)], dtype=torch.long, device=device)
-    with count_forwards(engine.hf_model) as widths:
+    # The transformers baselines may run another model (--baseline): count both, since only
+    # one of them runs for any method.
+    baseline = engine.reference_model
+    with contextlib.ExitStack() as stack:
+        widths = stack.enter_context(count_forwards(engine.hf_model))
+        baseline_widths = (
+            stack.enter_context(count_forwards(baseline))
+            if baseline is not engine.hf_model
+            else []
+        )
         synchronize(device)
         start = time.perf_counter()
         out = method.generate(engine, input_ids, settings)
         synchronize(device)
         elapsed = time.perf_counter() - start
     generated = cut_at_stop(out.sequences[0, input_ids.shape[1] :].tolist(), settings.eos_token_ids)
-    return Decoded(generated, list(widths), out.accepted_histogram, elapsed)
+    return Decoded(generated, [*widths, *baseline_widths], out.accepted_histogram, elapsed)
 
 
 @attrs.define
