@@ -152,6 +152,12 @@ def test_unsupported_generation_configs_are_refused(
         mtp.generate(ids, attention_mask=mask, generation_config=config)
 
 
+def test_a_bad_pad_id_is_named(mtp: MTPModel) -> None:
+    ids, mask = encode(mtp, "hello world")
+    with pytest.raises(TypeError, match="pad_token_id"):
+        mtp.generate(ids, attention_mask=mask, pad_token_id="<pad>")  # type: ignore[arg-type]
+
+
 # --- stopping criteria ---------------------------------------------------------------------------
 
 

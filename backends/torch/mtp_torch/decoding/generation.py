@@ -119,7 +119,7 @@ def plan_generation(
     budget = _budget(max_new_tokens, field, prompt_width)
     eos = eos_token_id if eos_token_id is not None else field("eos_token_id")
     stop_ids = stop_token_ids(eos, model)
-    pad = pad_token_id if pad_token_id is not None else field("pad_token_id", model_default=True)
+    pad = _pad_id(pad_token_id if pad_token_id is not None else field("pad_token_id", True))
     sampling = _sampling(field, temperature, top_p, top_k)
     if verify and not sampling.greedy:
         raise ValueError(
@@ -130,10 +130,10 @@ def plan_generation(
     return GenerationPlan(
         max_new_tokens=budget,
         stop_ids=stop_ids,
-        pad_token_id=as_token_ids(pad)[0] if pad is not None else (stop_ids or [0])[0],
+        pad_token_id=pad if pad is not None else (stop_ids or [0])[0],
         sampling=sampling,
         criteria=_criteria(stopping_criteria, strings, tokenizer),
-        mask_pad_id=None if pad is None else as_token_ids(pad)[0],
+        mask_pad_id=pad,
         mask_eos_ids=as_token_ids(field("eos_token_id", model_default=True)),
     )
 
@@ -172,6 +172,19 @@ def _check_generation_config(generation_config: Any) -> None:
                 f"generation_config.{name}={value!r} is not supported by MTP decoding (it "
                 "decodes greedily or by sampling, one sequence per prompt); leave it unset"
             )
+
+
+def _pad_id(value: Any) -> int | None:
+    """A pad id as an int (a list of ids, as some configs hold, gives its first)."""
+    if value is None:
+        return None
+    try:
+        ids = as_token_ids(value)
+    except TypeError:
+        ids = []
+    if not ids:
+        raise TypeError(f"pad_token_id must be a token id, got {value!r}")
+    return ids[0]
 
 
 def _budget(max_new_tokens: Any, field: _Fields, prompt_width: int) -> int:
@@ -225,7 +238,7 @@ def _criteria(stopping_criteria: Any, stop_strings: Any, tokenizer: Any) -> Any:
             isinstance(text, str) and text for text in strings
         ):
             raise TypeError(
-                f"stop_strings must be a string or a list of strings, got {stop_strings!r}"
+                f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}"
             )
         if strings and tokenizer is None:
             raise ValueError(
