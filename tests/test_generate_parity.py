@@ -59,7 +59,8 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 def mtp() -> MTPModel:
     tokenizer = bpe_tokenizer()
     model = tiny_llama(len(tokenizer), dtype=torch.float64, seed=0).eval()
-    model.generation_config.eos_token_id = None  # each test says how rows stop
+    model.config.eos_token_id = None  # each test says how rows stop
+    model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     return MTPModel(model, tokenizer=tokenizer)
 
