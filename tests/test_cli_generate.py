@@ -160,6 +160,18 @@ def test_generate_text_mode_streams(checkpoint: Path, capsys: pytest.CaptureFixt
     assert captured.out.endswith("\n")
 
 
+def test_text_mode_streams_exactly_the_generated_text(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Text mode streams through transformers' TextStreamer: the same text as --json, then a
+    newline."""
+    arguments = ["--model", str(checkpoint), "--prompt", "abc", "--max-new-tokens", "9"]
+    arguments += ["--policy", "static:3", "--device", "cpu"]
+    record = run_json(capsys, *arguments)
+    assert main(["generate", *arguments]) == 0
+    assert capsys.readouterr().out == f"{record['text']}\n"
+
+
 def test_bad_policy_is_a_clean_error(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status = main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--policy", "fast"])
     assert status == 2

@@ -31,12 +31,14 @@ import numpy.typing as npt
 from mtp_core._src.backend import GREEDY, Backend, Sampling, StepInputs
 from mtp_core._src.policies import AcceptancePolicy
 
-__all__ = ["DecodeResult", "decode", "plan_step"]
+__all__ = ["DecodeResult", "StopCriterion", "decode", "plan_step"]
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 ChunkCallback = Callable[[int, IntArray], None]
+# ``criterion(row, generated)``: True ends the row after the last of its ``generated`` tokens.
+StopCriterion = Callable[[int, IntArray], bool]
 
 # Compact the cache when some row owns more than this many holes and they are over a quarter of
 # the cache.  Small enough that attention never wastes much, large enough to copy rarely.
@@ -52,7 +54,8 @@ class DecodeResult:
       num_forward_passes: forward passes made for the whole batch.
       forward_passes_per_row: ``(batch,)`` passes during which each row was still decoding.
       accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
-      finished_by_stop: ``(batch,)`` True where the row ended on a stop token.
+      finished_by_stop: ``(batch,)`` True where the row ended on a stop token (or where
+        ``stop_criterion`` ended it).
     """
 
     tokens: list[IntArray]
@@ -181,6 +184,7 @@ def decode(
     max_length: int | None = None,
     vocab_size: int | None = None,
     on_chunk: ChunkCallback | None = None,
+    stop_criterion: StopCriterion | None = None,
 ) -> DecodeResult:
     """Decode a batch of prompts several tokens per forward pass.
 
@@ -200,6 +204,10 @@ def decode(
         raise ``ValueError``.
       vocab_size: if given, ``mask_token_id`` is checked to lie in ``[0, vocab_size)``.
       on_chunk: called as ``on_chunk(row, tokens)`` with each row's newly emitted tokens.
+      stop_criterion: called as ``stop_criterion(row, generated)`` after each emitted token, in
+        order, with the row's generated tokens so far (that token last); ``True`` ends the row
+        there, the token kept, like a stop token.  A step that emits several tokens is checked
+        token by token, so the row stops where one-token-per-step decoding would.
 
     Returns:
       A ``DecodeResult`` with the generated tokens and the step statistics.
@@ -285,6 +293,10 @@ def decode(
                 kept_slots = len(row.pending)
                 next_drafts = []
             emitted, stopped = _truncate(emitted, stop, max_new_tokens - len(row.generated))
+            if stop_criterion is not None:
+                emitted, stopped = _cut_at_criterion(
+                    stop_criterion, row.index, row.generated, emitted, stopped
+                )
             histogram[min(len(emitted), k)] += 1
             row.generated.extend(emitted)
             row.next_position += kept_slots
@@ -347,6 +359,21 @@ def _truncate(emitted: list[int], stop: frozenset[int], budget: int) -> tuple[li
         if token in stop:
             return emitted[: position + 1], True
     return emitted, False
+
+
+def _cut_at_criterion(
+    criterion: StopCriterion,
+    row_index: int,
+    generated: list[int],
+    emitted: list[int],
+    stopped: bool,
+) -> tuple[list[int], bool]:
+    """Cut a chunk after the first token at which ``criterion`` ends the row (token kept)."""
+    for position in range(len(emitted)):
+        so_far = np.asarray([*generated, *emitted[: position + 1]], dtype=np.int64)
+        if criterion(row_index, so_far):
+            return emitted[: position + 1], True
+    return emitted, stopped
 
 
 def _compaction(visible: BoolArray) -> tuple[IntArray, BoolArray]:

@@ -23,7 +23,8 @@ import torch
 from mtp_core import ConfAdapt
 from mtp_core._src.losses import LOSS_KINDS
 from mtp_torch._resources import package_data
-from mtp_torch.decoding.model import _foreign_files, parse_dtype
+from mtp_torch.decoding.model import parse_dtype
+from mtp_torch.decoding.saving import foreign_files as _foreign_files
 from mtp_torch.training.data import Example, load_examples, read_seed_prompts, write_corpus
 from mtp_torch.training.distill import (
     DistillConfig,

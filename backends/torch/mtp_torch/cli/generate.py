@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 import torch
 
@@ -68,16 +67,12 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template)
     input_ids = torch.tensor([prompt_ids], device=device)
 
-    streamed: list[int] = []
-    printed = [""]
+    # The text streams through transformers' own TextStreamer (it ends with a newline).
+    from transformers import TextStreamer
 
-    def stream(row: int, tokens: Any) -> None:
-        streamed.extend(int(t) for t in tokens)
-        text = tokenizer.decode(streamed, skip_special_tokens=True)
-        sys.stdout.write(text[len(printed[0]) :])
-        sys.stdout.flush()
-        printed[0] = text
-
+    streamer = (
+        None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    )
     out = mtp.generate(
         input_ids,
         policy=policy,
@@ -87,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        on_chunk=None if args.json else stream,
+        streamer=streamer,
     )
     count = int(out.num_new_tokens[0])
     token_ids = out.sequences[0, input_ids.shape[1] : input_ids.shape[1] + count].tolist()
@@ -106,7 +101,6 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(record))
     else:
-        sys.stdout.write("\n")
         print(
             f"{count} tokens in {seconds:.2f} s ({rate:.1f} tokens/s), "
             f"{out.tokens_per_forward:.2f} tokens per forward pass",

@@ -7,12 +7,9 @@ acceptance, sampling, and a lossless mode (``verify=True``) whose output equals 
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from mtp_core import AcceptancePolicy, ConfAdapt, Sampling, decode
+from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
+from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
+from mtp_torch.decoding.generation import (
+    GenerationPlan,
+    plan_generation,
+    row_stop_criterion,
+    streaming_callback,
+)
 from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
-from mtp_torch.text import as_token_ids, stop_token_ids
+from mtp_torch.decoding.saving import check_model_source, read_manifest, write_checkpoint
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
@@ -107,92 +111,6 @@ def _policy_from_config(config: Any) -> ConfAdapt:
     return ConfAdapt(**settings)
 
 
-def _check_model_source(source: str) -> None:
-    """Raise ``FileNotFoundError`` for a local path that cannot hold a model (before the Hub)."""
-    path = Path(source).expanduser()
-    looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json, so it is not a model directory; pass a directory "
-                "written by save_pretrained (or mtp convert)"
-            )
-    elif path.exists():
-        raise FileNotFoundError(f"{path} is a file; pass the model's directory")
-    elif looks_local:
-        raise FileNotFoundError(
-            f"model directory {path} does not exist; check the path, or use 'default' / "
-            "'default-base' for the embedded default"
-        )
-
-
-_MANIFEST = "mtp_lm_manifest.json"
-
-
-def _manifest_files(directory: Path) -> set[str]:
-    """Files an earlier ``save_pretrained`` wrote into ``directory`` (its manifest), else none."""
-    try:
-        listed = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    return {str(name) for name in listed} | {_MANIFEST}
-
-
-def _foreign_files(target: Path) -> list[str]:
-    """Names in ``target`` that no earlier mtp-lm save wrote (``[]`` for a new directory)."""
-    if target.is_file():
-        raise FileExistsError(f"{target} is a file; give a directory path to save into")
-    if not target.is_dir():
-        return []
-    ours = _manifest_files(target)
-    return sorted(p.name for p in target.iterdir() if p.name not in ours)
-
-
-def _umask_permissions(directory: Path) -> None:
-    """Give a ``mkdtemp`` directory (mode 0700) the mode a plain ``mkdir`` would have."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-
-
-def _sync_directory(directory: Path) -> None:
-    """fsync every file of ``directory`` and the directory itself (data on disk before renames)."""
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Put ``staging`` at ``target`` by renames; an earlier save there is removed afterwards."""
-    backup = None
-    if target.exists():
-        backup = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-        os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
-def _merge_into(staging: Path, target: Path) -> None:
-    """Move ``staging``'s files into ``target`` one by one, keeping files mtp-lm did not write."""
-    stale = _manifest_files(target) - {p.name for p in staging.iterdir()}
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == _MANIFEST):
-        os.replace(path, target / path.name)  # the manifest last: it names a complete save
-    for name in stale:
-        (target / name).unlink(missing_ok=True)
-
-
 class MTPModel:
     """A transformers decoder-only causal LM decoding several tokens per forward pass.
 
@@ -208,6 +126,10 @@ class MTPModel:
       mask_token_id: the mask token id (also stored as ``model.config.mtp_mask_token_id``).
       default_policy: ``ConfAdapt`` built from the config keys ``mtp_threshold`` / ``mtp_k_max``
         when present, else ``ConfAdapt()``.
+      base_model: name of the model that was converted, for the model card (``None``: taken
+        from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
+      training_summary: what training reported (steps, data, loss, per-offset agreement ...),
+        shown in the model card; ``None`` when unknown.  See ``save_pretrained``.
 
     Raises:
       ValueError: for a mask id outside the embedding matrix, or a model the backend cannot
@@ -239,6 +161,8 @@ class MTPModel:
         self.default_policy: AcceptancePolicy = _policy_from_config(config)
         # What a LoRA conversion changed, as a compact low-rank delta (``distill`` sets it).
         self.delta: dict[str, torch.Tensor] | None = None
+        self.base_model: str | None = None
+        self.training_summary: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Loading and saving
@@ -276,7 +200,7 @@ class MTPModel:
             if device is not None:
                 named_model.to(device)
             return cls(named_model, tokenizer=named_tokenizer)
-        _check_model_source(source)
+        check_model_source(source)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 source, dtype=parse_dtype(dtype), trust_remote_code=False
@@ -301,7 +225,13 @@ class MTPModel:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-        return cls(model, tokenizer=tokenizer)
+        mtp = cls(model, tokenizer=tokenizer)
+        manifest = read_manifest(Path(source).expanduser())
+        if isinstance(manifest.get("base_model"), str):
+            mtp.base_model = manifest["base_model"]
+        if isinstance(manifest.get("training_summary"), dict):
+            mtp.training_summary = manifest["training_summary"]
+        return mtp
 
     def save_pretrained(
         self,
@@ -310,31 +240,38 @@ class MTPModel:
         threshold: float | None = None,
         *,
         overwrite: bool = False,
+        training_summary: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write a plain transformers checkpoint plus the MTP settings, atomically.
+        """Write a plain transformers checkpoint plus the MTP settings and a model card, atomically.
 
         The directory holds safetensors weights, the tokenizer (if any), a config carrying
-        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, and a manifest of the files
-        written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM.from_pretrained`` loads
-        it unchanged.  Everything is written to a temporary directory beside ``directory``:
+        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
+        base model, method, MTP settings, training summary, how to load it) and a manifest of
+        the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
+        unchanged.  Everything is written to a temporary directory beside ``directory``:
 
         - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
           replaced by a rename (a reader sees the old save or the new one, never a mix);
         - a directory holding other files is refused unless ``overwrite=True``; then the new
           files replace same-named ones one by one and the files of an earlier save that the new
-          one lacks are removed, but files this method did not write are never deleted.
+          one lacks are removed, but files this method did not write are never deleted (a
+          ``README.md`` of the user's own is kept, and no card is written).
 
         Args:
           directory: output directory.
           k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
           threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
           overwrite: write into a directory that holds files of its own.
+          training_summary: what training reported, for the card: ``steps``, ``data``,
+            ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
+            first) and any other entries; ``None`` uses ``self.training_summary``.
 
         Returns:
           The directory written.
 
         Raises:
           ValueError: if ``k_max`` or ``threshold`` is out of range.
+          TypeError: if ``training_summary`` is not a mapping.
           FileExistsError: if ``directory`` holds files other than an earlier save's and
             ``overwrite`` is false, or is a file.
         """
@@ -344,43 +281,47 @@ class MTPModel:
             threshold=base.threshold if threshold is None else threshold,
             k_max=base.k_max if k_max is None else k_max,
         )
+        summary = check_training_summary(
+            self.training_summary if training_summary is None else training_summary
+        )
         target = Path(directory)
-        foreign = _foreign_files(target)
-        if foreign and not overwrite:
-            raise FileExistsError(
-                f"{target} holds files mtp-lm did not write ({', '.join(foreign[:3])}"
-                f"{' ...' if len(foreign) > 3 else ''}); choose an empty or new directory, or "
-                "pass overwrite=True (--overwrite) to write beside them"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
         config = self.model.config
+        facts = CardFacts(
+            name=target.name or target.resolve().name,
+            base_model=base_model_name(config, self.base_model),
+            architecture=type(self.model).__name__,
+            mask_token_id=self.mask_token_id,
+            k_max=int(policy.k_max),
+            threshold=float(policy.threshold),
+            training_summary=summary,
+        )
+        settings = {
+            MASK_TOKEN_CONFIG_KEY: self.mask_token_id,
+            K_MAX_CONFIG_KEY: int(policy.k_max),
+            THRESHOLD_CONFIG_KEY: float(policy.threshold),
+        }
         previous = {
             key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
         }
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        _umask_permissions(staging)
-        try:
-            setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
-            setattr(config, K_MAX_CONFIG_KEY, int(policy.k_max))
-            setattr(config, THRESHOLD_CONFIG_KEY, float(policy.threshold))
+
+        def write_files(staging: Path) -> None:
+            for key, value in settings.items():
+                setattr(config, key, value)
             self.model.save_pretrained(staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
-            written = sorted(p.name for p in staging.iterdir())
-            (staging / _MANIFEST).write_text(
-                json.dumps({"format": 1, "files": written}), encoding="utf-8"
+
+        try:
+            return write_checkpoint(
+                target,
+                write_files,
+                overwrite=overwrite,
+                card=model_card(facts),
+                metadata={"base_model": facts.base_model, "training_summary": summary},
             )
-            _sync_directory(staging)
-            if foreign:
-                _merge_into(staging, target)
-            else:
-                _replace_directory(staging, target)
         finally:
             for key, value in previous.items():
                 setattr(config, key, value)
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return target
 
     # ------------------------------------------------------------------------------------------
     # Decoding
@@ -389,101 +330,147 @@ class MTPModel:
         self,
         input_ids: torch.Tensor,
         policy: AcceptancePolicy | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         attention_mask: torch.Tensor | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         verify: bool = False,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int = 0,
         on_chunk: ChunkCallback | None = None,
+        generation_config: Any = None,
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        pad_token_id: int | None = None,
     ) -> GenerateOutput:
-        """Decode a batch of prompts, several tokens per forward pass.
+        """Decode a batch of prompts, several tokens per forward pass (transformers' arguments).
 
         Args:
           input_ids: ``(batch, prompt_len)`` (or ``(prompt_len,)``) prompt token ids, left-padded
             when the prompts differ in length.
           policy: how many proposals to keep per step (``StaticK(k)``, ``ConfAdapt(...)``);
             ``None`` uses ``default_policy``.
-          max_new_tokens: generation budget per row.
-          attention_mask: ``(batch, prompt_len)`` 1 for real prompt tokens, 0 for padding; when
-            ``None`` it is inferred like transformers does (tokens equal to a pad id that is not
-            an EOS id are padding), else every token is real.
-          eos_token_id: stop token id(s); ``None`` uses ``generation_config.eos_token_id``.
+          max_new_tokens: budget per row; ``None``: ``generation_config``'s (or its
+            ``max_length`` less the prompt width), else 256.
+          attention_mask: ``(batch, prompt_len)`` 1 for real prompt tokens, 0 for padding;
+            ``None``: tokens equal to a pad id that is not an EOS id are padding (transformers).
+          eos_token_id: stop token id(s); ``None``: the generation config's, else the model's.
           verify: lossless mode: the same weights verify their own proposals, so the output
-            equals greedy decoding exactly (requires ``temperature == 0``).
-          temperature: 0 for greedy; else sampling temperature of every read position.
-          top_p: nucleus mass kept when sampling, in ``(0, 1]``.
-          top_k: keep only the k most likely tokens when sampling; 0 disables it.
+            equals greedy decoding exactly (requires greedy decoding).
+          temperature: 0 for greedy; ``None``: the generation config's if it has ``do_sample``,
+            else 0.  ``top_p`` (in ``(0, 1]``) and ``top_k`` (0: off) filter what is sampled.
           seed: seed of the sampling draws (same seed, same output).
           on_chunk: called as ``on_chunk(row, token_ids)`` with each row's newly emitted tokens.
+          generation_config: a ``transformers.GenerationConfig`` supplying what the arguments
+            leave unset (explicit arguments win; its unset fields come from the model's own);
+            beam search and logits processors are refused.
+          streamer: a transformers streamer (``TextStreamer`` ...), batch size 1: ``put`` gets
+            the prompt, then each step's new tokens (1-D, several with MTP), then ``end()``.
+          stopping_criteria: transformers ``StoppingCriteria`` (a list or a
+            ``StoppingCriteriaList``), called per row after every new token with the row's
+            ``(1, prompt_len + n)`` ids and ``scores=None``; ``True`` ends the row there like EOS.
+          stop_strings: end a row once its text ends with one of these strings (transformers'
+            ``StopStringCriteria``; the completing token is kept); needs a tokenizer.
+          tokenizer: the tokenizer for ``stop_strings``; ``None`` uses ``self.tokenizer``.
+          pad_token_id: id after a finished row (``None``: the config's, else the first stop id).
 
         Returns:
           A ``GenerateOutput``.
 
         Raises:
-          ValueError: for an empty prompt, a prompt that cannot fit ``max_new_tokens`` more
-            tokens in the context window, bad sampling settings, or ``verify`` with sampling.
+          ValueError: for an empty prompt, a prompt and budget beyond the context window, bad
+            sampling settings, ``verify`` with sampling, an unsupported generation config, stop
+            strings without a tokenizer, or a streamer with several prompts.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise TypeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         ids = self._check_input_ids(input_ids)
-        mask = self._attention_mask(ids, attention_mask)
-        stop_ids = stop_token_ids(eos_token_id, self.model)
-        pad_token_id = self._pad_token_id(stop_ids)
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+        plan = plan_generation(
+            self.model,
+            ids.shape[1],
+            generation_config,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stopping_criteria=stopping_criteria,
+            stop_strings=stop_strings,
+            tokenizer=self.tokenizer if tokenizer is None else tokenizer,
+            verify=verify,
+        )
+        mask = self._attention_mask(ids, attention_mask, plan)
+        chosen = self._check_policy(policy, streamer, ids.shape[0])
+        result, elapsed = self._run_engine(
+            ids, mask, chosen, plan, streamer=streamer, verify=verify, seed=seed, on_chunk=on_chunk
+        )
+        return _output(ids, result, plan.pad_token_id, elapsed)
+
+    def _check_policy(self, policy: Any, streamer: Any, batch: int) -> AcceptancePolicy:
+        """The policy to decode with (``None``: the default); a streamer needs one prompt."""
         chosen = self.default_policy if policy is None else policy
         if not isinstance(chosen, AcceptancePolicy):
             raise ValueError(
                 f"policy must be an acceptance policy such as StaticK(k) or ConfAdapt(...), "
                 f"got {chosen!r}"
             )
-        ids_host = ids.cpu()
-        mask_host = mask.cpu()
+        if streamer is not None and batch != 1:
+            raise ValueError(
+                f"a streamer follows one sequence, but input_ids holds {batch} prompts; stream "
+                "batch size 1 (as transformers requires), or use on_chunk(row, token_ids)"
+            )
+        return chosen
+
+    def _run_engine(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        policy: AcceptancePolicy,
+        plan: GenerationPlan,
+        *,
+        streamer: Any,
+        on_chunk: ChunkCallback | None,
+        **options: Any,
+    ) -> tuple[DecodeResult, float]:
+        """``mtp_core.decode`` of the real tokens of ``ids`` in eval mode, and its seconds.
+
+        A ``streamer`` gets the prompt first, then each step's tokens, then ``end()`` (also on
+        error, so that a ``TextIteratorStreamer``'s reader never waits forever).
+        """
+        ids_host, mask_host = ids.cpu(), mask.cpu()
         prompts = [ids_host[row][mask_host[row]].tolist() for row in range(ids_host.shape[0])]
         was_training = bool(self.model.training)
         self.model.eval()
+        if streamer is not None:
+            streamer.put(ids_host)
         start = time.perf_counter()
         try:
             result = decode(
                 self.backend,
                 prompts,
-                chosen,
+                policy,
                 mask_token_id=self.mask_token_id,
-                max_new_tokens=int(max_new_tokens),
-                stop_token_ids=stop_ids,
-                verify=verify,
-                sampling=sampling,
-                seed=seed,
+                max_new_tokens=plan.max_new_tokens,
+                stop_token_ids=plan.stop_ids,
+                sampling=plan.sampling,
                 # Padding slots of a block are never read or attended; the mask id is always a
                 # valid embedding row (a model's pad id need not be).
                 pad_token_id=self.mask_token_id,
                 max_length=self.backend.max_length,
                 vocab_size=embedding_rows(self.model),
-                on_chunk=on_chunk,
+                on_chunk=streaming_callback(streamer, on_chunk),
+                stop_criterion=row_stop_criterion(plan.criteria, ids),
+                **options,
             )
         finally:
             if was_training:
                 self.model.train()
-        elapsed = time.perf_counter() - start
-        lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
-        generated = int(lengths.max()) if lengths.size else 0
-        sequences = torch.full(
-            (ids.shape[0], ids.shape[1] + generated), pad_token_id, dtype=torch.long
-        )
-        sequences[:, : ids.shape[1]] = ids_host
-        for row, tokens in enumerate(result.tokens):
-            sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
-        return GenerateOutput(
-            sequences=sequences.to(ids.device),
-            num_forward_passes=int(result.num_forward_passes),
-            tokens_per_forward=float(result.tokens_per_forward),
-            accepted_histogram=result.accepted_histogram,
-            elapsed_s=elapsed,
-            num_new_tokens=lengths,
-        )
+            if streamer is not None:
+                streamer.end()
+        return result, time.perf_counter() - start
 
     def _check_input_ids(self, input_ids: Any) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
@@ -511,7 +498,9 @@ class MTPModel:
             )
         return ids
 
-    def _attention_mask(self, ids: torch.Tensor, attention_mask: Any) -> torch.Tensor:
+    def _attention_mask(
+        self, ids: torch.Tensor, attention_mask: Any, plan: GenerationPlan
+    ) -> torch.Tensor:
         """Boolean ``(batch, prompt_len)`` mask of real prompt tokens."""
         if attention_mask is not None:
             mask = torch.as_tensor(attention_mask)
@@ -523,18 +512,27 @@ class MTPModel:
                     f"{tuple(ids.shape)}; pass the mask returned by the tokenizer with the ids"
                 )
             return mask.to(device=ids.device).bool()
-        generation_config = getattr(self.model, "generation_config", None)
-        pad = getattr(generation_config, "pad_token_id", None)
-        eos = as_token_ids(getattr(generation_config, "eos_token_id", None))
-        if pad is not None and int(pad) not in eos and bool((ids == int(pad)).any()):
-            return ids != int(pad)
+        pad = plan.mask_pad_id
+        if pad is not None and pad not in plan.mask_eos_ids and bool((ids == pad).any()):
+            return ids != pad
         return torch.ones_like(ids, dtype=torch.bool)
 
-    def _pad_token_id(self, stop_ids: list[int]) -> int:
-        generation_config = getattr(self.model, "generation_config", None)
-        pad = getattr(generation_config, "pad_token_id", None)
-        if pad is not None:
-            return int(as_token_ids(pad)[0])
-        if stop_ids:
-            return stop_ids[0]
-        return 0
+
+def _output(
+    ids: torch.Tensor, result: DecodeResult, pad_token_id: int, elapsed: float
+) -> GenerateOutput:
+    """The engine's per-row tokens laid out like transformers' ``generate`` output."""
+    lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
+    generated = int(lengths.max()) if lengths.size else 0
+    sequences = torch.full((ids.shape[0], ids.shape[1] + generated), pad_token_id, dtype=torch.long)
+    sequences[:, : ids.shape[1]] = ids.cpu()
+    for row, tokens in enumerate(result.tokens):
+        sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
+    return GenerateOutput(
+        sequences=sequences.to(ids.device),
+        num_forward_passes=int(result.num_forward_passes),
+        tokens_per_forward=float(result.tokens_per_forward),
+        accepted_histogram=result.accepted_histogram,
+        elapsed_s=elapsed,
+        num_new_tokens=lengths,
+    )

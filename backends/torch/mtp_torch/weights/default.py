@@ -132,7 +132,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
 def _write_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     """Save into a temporary directory beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    from mtp_torch.decoding.model import _umask_permissions
+    from mtp_torch.decoding.saving import umask_permissions as _umask_permissions
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     _umask_permissions(staging)
