@@ -1,4 +1,4 @@
-"""Self-distillation training (mtp_torch.training.distill): layout in torch, losses, resume, learning."""
+"""Self-distillation training (mtp_torch.training): layout in torch, losses, resume, learning."""
 
 from __future__ import annotations
 
@@ -27,14 +27,11 @@ from mtp_core._src.layout import TrainingLayoutSpec, training_layout
 from mtp_torch.cli.app import main as cli_main
 from mtp_torch.decoding.mask import add_mask_token
 from mtp_torch.decoding.model import MTPModel
-from mtp_torch.training.distill import (
-    DistillConfig,
-    _batch_loss,
-    _pack,
-    cpu_preset,
-    distill,
-    find_blocks,
-)
+from mtp_torch.training.batch import pack_windows as _pack
+from mtp_torch.training.config import DistillConfig, cpu_preset
+from mtp_torch.training.distill import distill
+from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.step import _batch_loss
 from tests.synthetic import (
     make_language,
     make_tokenizer,
@@ -584,7 +581,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 10: a NaN loss used to train on and write NaN weights."""
-    import mtp_torch.training.distill as distill_module
+    import mtp_torch.training.step as distill_module
 
     calls = {"n": 0}
     real = distill_module._batch_loss

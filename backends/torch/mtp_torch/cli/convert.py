@@ -24,15 +24,12 @@ from mtp_core import ConfAdapt
 from mtp_core._src.losses import LOSS_KINDS
 from mtp_torch._resources import package_data
 from mtp_torch.decoding.model import _foreign_files, parse_dtype
+from mtp_torch.training.config import DistillConfig, cpu_preset
 from mtp_torch.training.data import Example, load_examples, read_seed_prompts, write_corpus
-from mtp_torch.training.distill import (
-    DistillConfig,
-    StepMetrics,
-    _distributed,
-    cpu_preset,
-    distill,
-    find_blocks,
-)
+from mtp_torch.training.distill import distill
+from mtp_torch.training.distributed import init_distributed
+from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.step import StepMetrics
 from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 
 __all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run"]
@@ -403,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args, checkpoint_dir, model)
     started = time.perf_counter()
     # Under torchrun, rank 0 writes the corpus cache and the others read it afterwards.
-    rank, world_size, _ = _distributed()
+    rank, world_size, _ = init_distributed()
     if rank == 0:
         sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
     if world_size > 1:
