@@ -25,7 +25,8 @@ from mtp_core._src.losses import LOSS_KINDS
 from mtp_torch._resources import package_data
 from mtp_torch.decoding.model import _foreign_files, parse_dtype
 from mtp_torch.training.config import DistillConfig, cpu_preset
-from mtp_torch.training.data import Example, load_examples, read_seed_prompts, write_corpus
+from mtp_torch.training.corpus import read_seed_prompts, write_corpus
+from mtp_torch.training.data import Example, load_examples
 from mtp_torch.training.distill import distill
 from mtp_torch.training.distributed import init_distributed
 from mtp_torch.training.parameters import find_blocks
