@@ -30,8 +30,10 @@ from mtp_torch.training.data import has_chat_template, read_jsonl
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["read_seed_prompts", "user_prefix", "write_corpus"]
+__all__ = ["GENERATE_BATCH_SIZE", "read_seed_prompts", "user_prefix", "write_corpus"]
 
+#: Prompts answered per ``generate`` call unless told otherwise (``write_corpus``, ``mtp convert``).
+GENERATE_BATCH_SIZE = 16
 _SENTINEL = "\x00MTP_USER_CONTENT\x00"
 # write_corpus stops after this many generation rounds in a row that added no new row.
 _MAX_STALLS = 8
@@ -211,7 +213,7 @@ def write_corpus(
     seed_prompts: Sequence[str] | None = None,
     max_new_tokens: int = 256,
     prompt_max_new_tokens: int = 64,
-    batch_size: int = 16,
+    batch_size: int = GENERATE_BATCH_SIZE,
     temperature: float = 0.0,
     prompt_temperature: float = 1.0,
     seed: int = 0,
