@@ -1,4 +1,4 @@
-"""Training corpora (mtp_torch.training.data): file formats, the token stream, the self-written corpus."""
+"""Training corpora (mtp_torch.training.data, .corpus): file formats, the token stream, the self-written corpus."""
 
 from __future__ import annotations
 
@@ -12,15 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp_torch._resources import package_data
-from mtp_torch.training import data as _data
-from mtp_torch.training.data import (
-    TokenStream,
-    encode_row,
-    load_corpus,
-    read_seed_prompts,
-    user_prefix,
-    write_corpus,
-)
+from mtp_torch.training import corpus as _data
+from mtp_torch.training.corpus import read_seed_prompts, user_prefix, write_corpus
+from mtp_torch.training.data import TokenStream, encode_row, load_corpus
 from tests.synthetic import make_tokenizer, tiny_llama
 
 # The GSM8K train sample bundled with the package (mtp convert's default seed prompts).

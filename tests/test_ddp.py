@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mtp_torch.training.distill import DistillConfig, distill
+from mtp_torch.training.config import DistillConfig
+from mtp_torch.training.distill import distill
 from tests.synthetic import tiny_llama
 
 VOCAB = 40

@@ -1,4 +1,4 @@
-"""Self-distillation training (mtp_torch.training.distill): layout in torch, losses, resume, learning."""
+"""Self-distillation training (mtp_torch.training): layout in torch, losses, resume, learning."""
 
 from __future__ import annotations
 
@@ -27,13 +27,18 @@ from mtp_core._src.layout import TrainingLayoutSpec, training_layout
 from mtp_torch.cli.app import main as cli_main
 from mtp_torch.decoding.mask import add_mask_token
 from mtp_torch.decoding.model import MTPModel
-from mtp_torch.training.distill import (
-    DistillConfig,
+from mtp_torch.training.batch import draw_batch
+from mtp_torch.training.batch import pack_windows as _pack
+from mtp_torch.training.config import DistillConfig, cpu_preset
+from mtp_torch.training.data import TokenStream
+from mtp_torch.training.distill import distill
+from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.step import (
+    StepMetrics,
+    StepStats,
     _batch_loss,
-    _pack,
-    cpu_preset,
-    distill,
-    find_blocks,
+    init_train_state,
+    train_step,
 )
 from tests.synthetic import (
     make_language,
@@ -360,6 +365,39 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert not list((tmp_path / "b").glob(".*tmp*"))
 
 
+def test_distill_is_train_step_in_a_loop() -> None:
+    """distill adds nothing to the step function: init_train_state, draw_batch and train_step
+    driven by hand give bitwise the same per-step losses and final weights (dropout on, with
+    gradient accumulation, warm-up, the mask-row rate and the prefix loss)."""
+    cfg = quiet(
+        steps=5, grad_accum=2, warmup_steps=2, mask_lr_multiplier=3.0, prefix_loss_weight=1.0
+    )
+    corpus = random_corpus(count=6, length=40)
+    logged: list[StepMetrics] = []
+    by_distill = distill(tiny_gpt2(dropout=0.1), corpus, cfg, on_step=logged.append).model
+    model = tiny_gpt2(dropout=0.1)
+    stream = TokenStream.from_sequences(corpus, seed=cfg.seed)
+    state = init_train_state(model, None, cfg, torch.device("cpu"))
+    by_hand: list[StepStats] = []
+    while state.step < cfg.steps:
+        batch = draw_batch(
+            state.generator,
+            stream,
+            cfg,
+            mask_token_id=state.mask_token_id,
+            device=torch.device("cpu"),
+        )
+        state, stats = train_step(state, batch)
+        by_hand.append(stats)
+    assert [s.loss for s in by_hand] == [m.loss for m in logged]
+    assert [s.grad_norm for s in by_hand] == [m.grad_norm for m in logged]
+    assert [s.ks for s in by_hand] == [m.ks for m in logged]
+    for (name, a), (_, b) in zip(
+        by_distill.state_dict().items(), model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 def test_resume_with_other_settings_is_rejected(tmp_path: Path) -> None:
     corpus = random_corpus()
     distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))
@@ -584,7 +622,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 10: a NaN loss used to train on and write NaN weights."""
-    import mtp_torch.training.distill as distill_module
+    import mtp_torch.training.step as distill_module
 
     calls = {"n": 0}
     real = distill_module._batch_loss

@@ -158,7 +158,8 @@ def test_confident_targets_weight_only_confident_runs() -> None:
     import numpy as np
 
     from mtp_core._src.layout import TrainingLayoutSpec, training_layout
-    from mtp_torch.training.distill import _batch_loss, _pack
+    from mtp_torch.training.batch import pack_windows as _pack
+    from mtp_torch.training.step import _batch_loss
 
     model = tiny_llama(32, layers=1)
     mask_id = add_mask_token(model)
@@ -195,7 +196,7 @@ def test_confident_targets_weight_only_confident_runs() -> None:
 
 
 def test_the_running_acceptance_estimate_follows_confadapt() -> None:
-    from mtp_torch.training.distill import _confident_run
+    from mtp_torch.training.step import _confident_run
 
     sure, unsure = 10.0, 0.0  # logit gaps: softmax top-1 ~1.0 and 0.5 over two tokens
     logits = torch.tensor(

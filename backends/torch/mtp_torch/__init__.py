@@ -16,7 +16,7 @@ from mtp_torch.decoding.backend import TorchBackend as TorchBackend
 from mtp_torch.decoding.mask import add_mask_token as add_mask_token
 from mtp_torch.decoding.model import GenerateOutput as GenerateOutput
 from mtp_torch.decoding.model import MTPModel as MTPModel
-from mtp_torch.training.distill import DistillConfig as DistillConfig
+from mtp_torch.training.config import DistillConfig as DistillConfig
 from mtp_torch.training.distill import distill as distill
 from mtp_torch.weights.default import load_default as load_default
 

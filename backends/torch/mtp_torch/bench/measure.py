@@ -10,7 +10,6 @@ allows).  ``resource`` (Unix only) is imported only where the fallback needs it.
 from __future__ import annotations
 
 import contextlib
-
 import copy as copy_module
 import os
 import platform

@@ -21,26 +21,32 @@ from typing import Any
 import torch
 
 from mtp_core import ConfAdapt
-from mtp_core._src.losses import LOSS_KINDS
 from mtp_torch._resources import package_data
+from mtp_torch.cli.options import ConfigOption, add_config_options, config_overrides
 from mtp_torch.decoding.model import parse_dtype
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
-from mtp_torch.training.data import Example, load_examples, read_seed_prompts, write_corpus
-from mtp_torch.training.distill import (
-    DistillConfig,
-    StepMetrics,
-    _distributed,
-    cpu_preset,
-    distill,
-    find_blocks,
-)
+from mtp_torch.training.config import DistillConfig, cpu_preset
+from mtp_torch.training.corpus import GENERATE_BATCH_SIZE, read_seed_prompts, write_corpus
+from mtp_torch.training.data import Example, load_examples
+from mtp_torch.training.distill import distill
+from mtp_torch.training.distributed import init_distributed
+from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.step import StepMetrics
 from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 
-__all__ = ["DEFAULT_NUM_EXAMPLES", "add_arguments", "default_seed_prompts", "run"]
+__all__ = [
+    "DEFAULT_NUM_EXAMPLES",
+    "DEFAULT_RESPONSE_TOKENS",
+    "TRAINING_OPTIONS",
+    "add_arguments",
+    "default_seed_prompts",
+    "run",
+]
 
 # Rows of the self-written corpus and their length cap: writing them is part of the coffee break.
 DEFAULT_NUM_EXAMPLES = 64
 DEFAULT_RESPONSE_TOKENS = 192
+_CORPUS_DTYPE = "float32"
 _SEED_PROMPTS_ENV = "MTP_SEED_PROMPTS"
 
 
@@ -65,9 +71,93 @@ def default_seed_prompts() -> Path:
     return package_data("gsm8k_train_sample.jsonl")
 
 
+def _train_layers(text: str) -> int | None:
+    """``--train-layers``: a block count, or ``all`` (every weight trains)."""
+    value = str(text).strip().lower()
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError as error:
+        raise ValueError(f"--train-layers must be an integer or 'all', got {text!r}") from error
+
+
+# The options that set DistillConfig fields; their defaults are cpu_preset's (shown in the help).
+_BUDGET_OPTIONS = (
+    ConfigOption("steps", "optimizer steps (no time limit)"),
+    ConfigOption("minutes", "training time budget in minutes (default {default})"),
+)
+TRAINING_OPTIONS = (
+    ConfigOption("k_max", "largest block size (default {default})"),
+    ConfigOption("loss", "training objective (default {default})"),
+    ConfigOption("lr", "learning rate (default {default})"),
+    ConfigOption("mask_lr_multiplier", "extra step size of the mask embedding (default {default})"),
+    ConfigOption("warmup_steps", "linear warm-up steps (default {default})"),
+    ConfigOption("batch_size", "packed sequences per step (default {default})"),
+    ConfigOption("grad_accum", "micro-steps per optimizer step (default {default})"),
+    ConfigOption("seq_len", "slots per packed sequence (default {default})"),
+    ConfigOption(
+        "num_regions",
+        "regions per sequence (default: {default})",
+        none_text="seq_len // (2 k_max), the paper's density",
+    ),
+    ConfigOption(
+        "train_layers",
+        "train only the top N blocks (+ mask embedding), or 'all' (default {default})",
+        none_text="all",
+        type=str,
+        parse=_train_layers,
+    ),
+    ConfigOption(
+        "train_mask_embedding",
+        "train the mask token's embedding rows (default: {default}; training them makes "
+        "backward reach the bottom block)",
+    ),
+    ConfigOption(
+        "lora_rank",
+        "LoRA adapters of this rank on the trained blocks, merged on save; 0 trains the "
+        "weights themselves (default {default})",
+    ),
+    ConfigOption(
+        "lora_alpha",
+        "LoRA scale numerator (default: {default})",
+        none_text="the rank, a scale of 1",
+    ),
+    ConfigOption(
+        "row_windows",
+        "start each training window at a corpus row, so targets see their whole context "
+        "(default: {default})",
+    ),
+    ConfigOption(
+        "confident_targets",
+        "train mask offsets fully only inside runs of tokens the teacher wrote with at least "
+        "this top-1 probability (what ConfAdapt can accept); 0 disables (default {default})",
+        none_text="0",
+        parse=lambda value: value or None,
+    ),
+    ConfigOption(
+        "unconfident_weight", "weight of mask targets outside such runs (default {default})"
+    ),
+    ConfigOption(
+        "bf16",
+        "bfloat16 autocast for the forward passes, also on the CPU (default: {default})",
+        none_text="CUDA only",
+    ),
+    ConfigOption(
+        "prefix_loss_weight",
+        "weight of the KL anchor to the teacher at the real tokens (default {default}; 0 "
+        "disables it)",
+    ),
+    ConfigOption("seed", "random seed (default {default})"),
+    ConfigOption("checkpoint_every", "steps between checkpoints (default {default})"),
+    ConfigOption(
+        "device", "cpu, cuda, cuda:1 ... (default: {default})", none_text="cuda if available"
+    ),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``mtp convert`` options on ``parser``."""
-    preset = cpu_preset()
     parser.add_argument(
         "--model",
         default="default-base",
@@ -81,127 +171,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "file (default: a corpus the model writes itself)",
     )
     parser.add_argument("--out", default=None, help="output directory (default: ./<model>-mtp)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps (no time limit)")
-    budget.add_argument(
-        "--minutes",
-        type=float,
-        default=None,
-        help=f"training time budget in minutes (default {preset.minutes:g})",
+    preset = cpu_preset()
+    add_config_options(
+        parser.add_mutually_exclusive_group(), DistillConfig, preset, _BUDGET_OPTIONS
     )
-    parser.add_argument(
-        "--k-max", type=int, default=None, help=f"largest block size (default {preset.k_max})"
-    )
-    parser.add_argument(
-        "--loss",
-        choices=LOSS_KINDS,
-        default=None,
-        help=f"training objective (default {preset.loss})",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=None, help=f"learning rate (default {preset.lr:g})"
-    )
-    parser.add_argument(
-        "--mask-lr-multiplier",
-        type=float,
-        default=None,
-        help=f"extra step size of the mask embedding (default {preset.mask_lr_multiplier:g})",
-    )
-    parser.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help=f"linear warm-up steps (default {preset.warmup_steps})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"packed sequences per step (default {preset.batch_size})",
-    )
-    parser.add_argument(
-        "--grad-accum", type=int, default=None, help="micro-steps per optimizer step"
-    )
-    parser.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        help=f"slots per packed sequence (default {preset.seq_len})",
-    )
-    parser.add_argument(
-        "--num-regions",
-        type=int,
-        default=None,
-        help="regions per sequence (default: seq_len // (2 k_max), the paper's density)",
-    )
-    parser.add_argument(
-        "--train-layers",
-        default=None,
-        help=f"train only the top N blocks (+ mask embedding), or 'all' (default {preset.train_layers})",
-    )
-    parser.add_argument(
-        "--train-mask-embedding",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="train the mask token's embedding rows (default: "
-        f"{'yes' if preset.train_mask_embedding else 'no'}; training them makes backward reach "
-        "the bottom block)",
-    )
-    parser.add_argument(
-        "--lora-rank",
-        type=int,
-        default=None,
-        help=f"LoRA adapters of this rank on the trained blocks, merged on save; 0 trains the "
-        f"weights themselves (default {preset.lora_rank})",
-    )
-    parser.add_argument(
-        "--lora-alpha",
-        type=float,
-        default=None,
-        help="LoRA scale numerator (default: the rank, a scale of 1)",
-    )
-    parser.add_argument(
-        "--row-windows",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start each training window at a corpus row, so targets see their whole context "
-        f"(default: {'yes' if preset.row_windows else 'no'})",
-    )
-    parser.add_argument(
-        "--confident-targets",
-        type=float,
-        default=None,
-        help="train mask offsets fully only inside runs of tokens the teacher wrote with at "
-        "least this top-1 probability (what ConfAdapt can accept); 0 disables "
-        f"(default {preset.confident_targets})",
-    )
-    parser.add_argument(
-        "--unconfident-weight",
-        type=float,
-        default=None,
-        help=f"weight of mask targets outside such runs (default {preset.unconfident_weight:g})",
-    )
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bfloat16 autocast for the forward passes, also on the CPU (default: "
-        f"{'yes' if preset.bf16 else 'CUDA only'})",
-    )
+    add_config_options(parser, DistillConfig, preset, TRAINING_OPTIONS)
     parser.add_argument(
         "--delta-out",
         default=None,
         help="also write the LoRA adapters and the mask row as one compact safetensors delta "
         "(needs --lora-rank > 0; how the embedded default's conversion ships)",
     )
-    parser.add_argument(
-        "--prefix-loss-weight",
-        type=float,
-        default=None,
-        help="weight of the KL anchor to the teacher at the real tokens "
-        f"(default {preset.prefix_loss_weight:g}; 0 disables it)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
     parser.add_argument(
         "--overwrite",
@@ -209,21 +189,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write --out even if it holds files mtp-lm did not write (they are kept)",
     )
     parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=None,
-        help=f"steps between checkpoints (default {preset.checkpoint_every})",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
-    )
-    parser.add_argument(
         "--threshold",
         type=float,
         default=ConfAdapt().threshold,
         help=f"ConfAdapt threshold stored as the model's default (default {ConfAdapt().threshold})",
     )
-    corpus = parser.add_argument_group("self-written corpus (when --data is not given)")
+    _add_corpus_arguments(
+        parser.add_argument_group("self-written corpus (when --data is not given)")
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _add_corpus_arguments(corpus: argparse._ArgumentGroup) -> None:
     corpus.add_argument(
         "--seed-prompts",
         default=None,
@@ -244,23 +221,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     corpus.add_argument(
         "--corpus-dtype",
-        default="float32",
-        help="dtype the model writes the corpus in (default float32); bfloat16 writes ~1.7x "
-        "faster on CPUs with AVX-512 BF16 and departs from float32 greedy text only where the "
-        "model is unsure",
+        default=_CORPUS_DTYPE,
+        help=f"dtype the model writes the corpus in (default {_CORPUS_DTYPE}); bfloat16 writes "
+        "~1.7x faster on CPUs with AVX-512 BF16 and departs from float32 greedy text only where "
+        "the model is unsure",
     )
     corpus.add_argument(
         "--corpus-batch-size",
         type=int,
-        default=16,
-        help="prompts the model answers per generate call (default 16)",
+        default=GENERATE_BATCH_SIZE,
+        help=f"prompts the model answers per generate call (default {GENERATE_BATCH_SIZE})",
     )
     corpus.add_argument(
         "--corpus-cache",
         default=None,
         help="JSON-lines cache of the written corpus (default: in the mtp-lm cache dir)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
@@ -288,55 +264,17 @@ def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
 
 
 def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> DistillConfig:
+    """``cpu_preset`` with what the command line set."""
     overrides: dict[str, Any] = {
         "out_dir": str(checkpoint_dir),
         "log_path": str(checkpoint_dir / "metrics.jsonl"),
         "resume": bool(args.resume),
         "progress": not args.no_progress,
-        "device": args.device,
     }
+    overrides.update(config_overrides(args, (*_BUDGET_OPTIONS, *TRAINING_OPTIONS)))
     if args.steps is not None:
-        overrides.update(steps=args.steps, minutes=None)
-    if args.minutes is not None:
-        overrides["minutes"] = args.minutes
-    names = {
-        "k_max": "k_max",
-        "loss": "loss",
-        "lr": "lr",
-        "mask_lr_multiplier": "mask_lr_multiplier",
-        "warmup_steps": "warmup_steps",
-        "batch_size": "batch_size",
-        "grad_accum": "grad_accum",
-        "seq_len": "seq_len",
-        "num_regions": "num_regions",
-        "seed": "seed",
-        "checkpoint_every": "checkpoint_every",
-        "train_mask_embedding": "train_mask_embedding",
-        "prefix_loss_weight": "prefix_loss_weight",
-        "lora_rank": "lora_rank",
-        "lora_alpha": "lora_alpha",
-        "row_windows": "row_windows",
-        "unconfident_weight": "unconfident_weight",
-        "bf16": "bf16",
-    }
-    for arg_name, field in names.items():
-        value = getattr(args, arg_name)
-        if value is not None:
-            overrides[field] = value
-    if args.confident_targets is not None:
-        overrides["confident_targets"] = args.confident_targets or None
-    if args.train_layers is not None:
-        text = str(args.train_layers).strip().lower()
-        if text == "all":
-            overrides["train_layers"] = None
-        else:
-            try:
-                overrides["train_layers"] = int(text)
-            except ValueError as error:
-                raise ValueError(
-                    f"--train-layers must be an integer or 'all', got {args.train_layers!r}"
-                ) from error
-    else:
+        overrides["minutes"] = None  # a step count replaces the time budget
+    if args.train_layers is None:
         # The preset's block count, capped for small models (all blocks train then).
         preset_layers = cpu_preset().train_layers
         if preset_layers is not None and preset_layers >= len(find_blocks(model)):
@@ -404,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args, checkpoint_dir, model)
     started = time.perf_counter()
     # Under torchrun, rank 0 writes the corpus cache and the others read it afterwards.
-    rank, world_size, _ = _distributed()
+    rank, world_size, _ = init_distributed()
     if rank == 0:
         sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
     if world_size > 1:

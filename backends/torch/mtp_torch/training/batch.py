@@ -1,0 +1,227 @@
+"""A training batch: draw the layout, cut windows, pack them, run a model on the packing.
+
+Steps 1-2 of a training step (module docstring of ``mtp_torch.training.step``): draw the block
+size ``k ~ U[2, k_max]`` and the region-grid offset, build the packed layout (``mtp_core``),
+cut the global batch of ground-truth windows from the token stream and pack this process's
+slice of it (mask slots get the ``<mtp_mask>`` id).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from mtp_core._src.layout import TrainingLayout, TrainingLayoutSpec, training_layout
+from mtp_torch.training.config import DistillConfig
+from mtp_torch.training.data import TokenStream
+
+__all__ = ["PackedBatch", "as_index", "draw_batch", "forward_logits", "pack_windows"]
+
+
+@attrs.frozen(eq=False)
+class PackedBatch:
+    """One micro-batch, packed and on the device.
+
+    Attributes:
+      layout: the packed layout (``k``, ``M`` regions, offset) of every row.
+      windows: ``(B, window_len)`` ground-truth token ids.
+      weights: ``(B, window_len)``: 1 where a token is a training target, 0 for context.
+      confidence: ``(B, window_len)``: the teacher's top-1 probability per token (or 1).
+      input_ids: ``(B, S)`` packed input, mask slots holding the mask token id.
+      position_ids: ``(B, S)``.
+      allowed: ``(B, 1, S, S)`` boolean attention mask (True: may attend).
+      keep: ``(n_keep,)`` slots whose logits are computed.
+      predict_at: ``(M, k)`` indices into the kept slots: each region's prediction slots.
+      prefix_at: ``(G,)`` indices into the kept slots of the real slots (prefix loss only).
+    """
+
+    layout: TrainingLayout
+    windows: torch.Tensor
+    weights: torch.Tensor
+    confidence: torch.Tensor
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    allowed: torch.Tensor
+    keep: torch.Tensor
+    predict_at: torch.Tensor
+    prefix_at: torch.Tensor | None
+
+    @property
+    def k(self) -> int:
+        """The block size of this micro-batch."""
+        return int(self.layout.spec.k)
+
+
+def as_index(array: npt.ArrayLike, device: torch.device) -> torch.Tensor:
+    """A (read-only) numpy index array as an int64 tensor on ``device``."""
+    return torch.from_numpy(np.array(array, dtype=np.int64)).to(device)
+
+
+def pack_windows(
+    windows_np: np.ndarray,
+    weights_np: np.ndarray,
+    layout: TrainingLayout,
+    mask_token_id: int,
+    device: torch.device,
+    prefix_loss: bool,
+    confidence_np: np.ndarray | None = None,
+) -> PackedBatch:
+    """Pack ground-truth windows into the layout's slots, on ``device``.
+
+    Args:
+      windows_np: ``(B, window_len)`` token ids.
+      weights_np: ``(B, window_len)`` target weights (0 for context tokens).
+      layout: the packed layout.
+      mask_token_id: id written into the mask slots.
+      device: where the tensors go.
+      prefix_loss: also keep the logits of every real slot (for the prefix loss).
+      confidence_np: ``(B, window_len)`` teacher confidences, or ``None`` for all 1.
+
+    Returns:
+      The packed micro-batch.
+    """
+    batch = windows_np.shape[0]
+    windows = torch.from_numpy(windows_np).to(device)
+    input_ids = windows[:, as_index(layout.source_index, device)].clone()
+    input_ids[:, torch.from_numpy(np.array(layout.is_mask)).to(device)] = mask_token_id
+    seq_len = layout.source_index.shape[0]
+    position_ids = as_index(layout.position_ids, device).expand(batch, seq_len)
+    allowed = (
+        torch.from_numpy(np.array(layout.attention_mask))
+        .to(device)[None, None]
+        .expand(batch, 1, seq_len, seq_len)
+    )
+    slots = layout.predict_index.reshape(-1)
+    if prefix_loss:
+        slots = np.concatenate([slots, layout.real_slots])
+    keep = np.unique(slots)
+    predict_at = np.searchsorted(keep, layout.predict_index)
+    prefix_at = np.searchsorted(keep, layout.real_slots) if prefix_loss else None
+    return PackedBatch(
+        layout=layout,
+        windows=windows,
+        weights=torch.from_numpy(np.ascontiguousarray(weights_np)).to(device),
+        confidence=(
+            torch.ones(windows.shape, dtype=torch.float32, device=device)
+            if confidence_np is None
+            else torch.from_numpy(np.ascontiguousarray(confidence_np)).to(device)
+        ),
+        input_ids=input_ids,
+        position_ids=position_ids,
+        allowed=allowed,
+        keep=torch.from_numpy(keep).to(device),
+        predict_at=torch.from_numpy(predict_at).to(device),
+        prefix_at=None if prefix_at is None else torch.from_numpy(prefix_at).to(device),
+    )
+
+
+def _draw_layout(generator: np.random.Generator, cfg: DistillConfig) -> TrainingLayout:
+    """Block size ``k ~ U[2, k_max]``, grid offset ``~ U[0, P - 1]`` and their layout."""
+    k = int(generator.integers(2, cfg.k_max + 1))
+    prefix_len = TrainingLayoutSpec(cfg.seq_len, k, cfg.regions).prefix_len
+    offset = int(generator.integers(0, prefix_len))
+    return training_layout(TrainingLayoutSpec(cfg.seq_len, k, cfg.regions, offset))
+
+
+def draw_batch(
+    generator: np.random.Generator,
+    stream: TokenStream,
+    cfg: DistillConfig,
+    *,
+    mask_token_id: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[PackedBatch]:
+    """The ``grad_accum`` micro-batches of one optimizer step, this process's slices packed.
+
+    Every process draws the same layouts and global windows (same ``generator`` and stream
+    position), so the processes together train on the global batch.
+
+    Args:
+      generator: draws the block sizes and offsets (advanced).
+      stream: the token stream the windows come from (advanced).
+      cfg: the run's settings (``k_max``, ``seq_len``, ``batch_size``, ``grad_accum`` ...).
+      mask_token_id: id of ``<mtp_mask>``.
+      device: where the packed tensors go.
+      rank: this process's rank.
+      world_size: number of processes; divides ``cfg.batch_size``.
+
+    Returns:
+      One packed micro-batch of ``batch_size // world_size`` rows per micro-step.
+    """
+    local_batch = cfg.batch_size // world_size
+    mine = slice(rank * local_batch, (rank + 1) * local_batch)
+    micro_batches = []
+    for _ in range(cfg.grad_accum):
+        # 1. Block size, grid offset and layout; the same on every process.
+        layout = _draw_layout(generator, cfg)
+        # 2. The global batch of windows; this process packs its slice.
+        windows, weights, confidence = stream.take_weighted(
+            cfg.batch_size, layout.spec.window_len, row_aligned=cfg.row_windows
+        )
+        micro_batches.append(
+            pack_windows(
+                windows[mine],
+                weights[mine],
+                layout,
+                mask_token_id,
+                device,
+                cfg.prefix_loss_weight > 0,
+                confidence[mine],
+            )
+        )
+    return micro_batches
+
+
+def _attention_mask(model: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(B, 1, S, S)`` attention mask in the form the model's attention implementation takes."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if "flash" in implementation:
+        raise ValueError(
+            f"attention implementation {implementation!r} cannot take the training layout's "
+            "arbitrary mask; load the model with attn_implementation='sdpa' (or 'eager')"
+        )
+    if implementation == "eager":
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def forward_logits(
+    model: nn.Module, core: nn.Module, packed: PackedBatch, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the kept slots of a packed micro-batch.
+
+    Args:
+      model: the model as called (a DDP wrapper, or ``core`` itself).
+      core: the model itself (its config and signature are read).
+      packed: the micro-batch (layout, positions, attention mask, kept slots).
+      input_ids: ``(B, S)`` the input to run (the packing's, or the teacher's forced one).
+
+    Returns:
+      Logits, shape ``(B, n_keep, vocab)``, in the model's (or autocast's) dtype.
+    """
+    dtype = next(core.parameters()).dtype
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": _attention_mask(core, packed.allowed, dtype),
+        "position_ids": packed.position_ids,
+        "use_cache": False,
+    }
+    if _takes_logits_to_keep(core):
+        kwargs["logits_to_keep"] = packed.keep
+        logits: torch.Tensor = model(**kwargs).logits
+        return logits
+    full: torch.Tensor = model(**kwargs).logits
+    return full[:, packed.keep]

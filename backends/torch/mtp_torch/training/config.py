@@ -1,0 +1,353 @@
+"""Settings of a self-distillation run: ``DistillConfig`` and its presets.
+
+This module is the one home of every training default: ``DistillConfig``'s field defaults (the
+paper's, Kirchenbauer et al., arXiv 2602.06019) and ``cpu_preset`` (what ``mtp convert`` runs).
+The command line builds its options from these fields (``mtp_torch.cli.options``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from mtp_core._src.layout import TrainingLayoutSpec, default_num_regions
+from mtp_core._src.losses import LOSS_KINDS, LossKind
+
+__all__ = [
+    "RESUMABLE_FIELDS",
+    "DistillConfig",
+    "check_resumable",
+    "cpu_bf16_is_fast",
+    "cpu_preset",
+]
+
+# Config fields that may change between a run and its resumption (they do not change the
+# trajectory of the weights, only when and where it stops, saves and logs).
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "minutes",
+        "out_dir",
+        "resume",
+        "checkpoint_every",
+        "log_path",
+        "log_every",
+        "device",
+        "progress",
+    }
+)
+
+
+def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _optional_positive_int(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive_int(instance, attribute, value)
+
+
+def _optional_non_negative_int(
+    instance: object, attribute: attrs.Attribute[Any], value: Any
+) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0
+    ):
+        raise ValueError(f"{attribute.name} must be None or an integer >= 0, got {value!r}")
+
+
+def _non_negative_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
+
+
+def _non_negative_float(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_float(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _to_betas(value: Sequence[float]) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
+@attrs.frozen
+class DistillConfig:
+    """Settings of one self-distillation run (defaults: the paper's, except length and warm-up).
+
+    Attributes:
+      k_max: largest block size; each step draws ``k ~ U[2, k_max]`` (paper: 16).
+      loss: ``"hard"`` (CE against the teacher's argmax, the paper's default), ``"soft"``
+        (forward KL to the teacher) or ``"gt"`` (CE against the ground-truth tokens; no teacher
+        pass, so faster, and equivalent to "hard" on a corpus the teacher wrote greedily).
+      steps: optimizer steps (the run also stops when ``minutes`` have passed).
+      minutes: wall-clock budget in minutes, or ``None`` for none.
+      lr: peak learning rate of AdamW (paper: 1e-5 at batch 128).
+      mask_lr_multiplier: the mask token's embedding row moves this many times further per step
+        than the other weights (its Adam update is scaled), since it starts from scratch.
+      warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
+      weight_decay: AdamW weight decay (paper: 0.1).
+      betas: AdamW betas (paper: 0.9, 0.95).
+      clip: gradient-norm clipping threshold, or ``None`` for none (paper: 1.0).
+      batch_size: packed sequences per micro-step, over all processes together.
+      grad_accum: micro-steps per optimizer step.
+      seq_len: ``S``, packed slots per sequence (paper: 160).
+      num_regions: ``M``, regions per sequence; ``None``: ``max(1, S // (2 k_max))`` (paper).
+      prefix_loss_weight: weight of an extra next-token loss at every real (prefix) slot: the
+        KL divergence to the teacher's logits there (which see exactly the student's tokens; 0
+        until the student drifts), or the cross-entropy against the ground truth for ``"gt"``
+        (cf. the paper's "Prefix Loss" ablation; 0 disables it).  It anchors the student's
+        ordinary next-token predictions.
+      entropy_weight: weight of a student entropy penalty (0 disables it).
+      train_layers: train only the top ``N`` transformer blocks, the final norm and the mask
+        token's embedding rows; ``0`` trains the mask token's rows alone (the real tokens'
+        predictions then stay exactly the teacher's); ``None`` trains every weight (paper).
+      train_mask_embedding: train the embedding matrices (with ``train_layers``: only the mask
+        token's rows).  ``False`` keeps them at their initialisation, so that with
+        ``train_layers`` the backward pass stops at the lowest trained block (much cheaper).
+      row_windows: start every training window at a corpus row's first token (see
+        ``TokenStream.take_weighted``): targets then see the full context they were written
+        with, which a teacher-written corpus needs for its tokens to be the teacher's argmax;
+        ``False`` cuts windows from the concatenated stream (the paper's packing).
+      confident_targets: focus the mask offsets on what ConfAdapt can accept: offset ``j`` of a
+        region keeps its full weight only where the teacher wrote the targets of offsets
+        ``0 .. j`` each with top-1 probability ``>= confident_targets`` (a corpus from
+        ``write_corpus`` records them); elsewhere it gets ``unconfident_weight``.  Offset 0
+        (the ordinary next token) always keeps its weight.  ``None``: every target alike.
+      unconfident_weight: weight of the mask targets outside a confident run (see above); above
+        0 so the student still learns to be unsure there.
+      lora_rank: ``> 0``: train LoRA adapters of this rank (``peft``) on every linear layer of
+        the trained blocks (all blocks, or the top ``train_layers``) instead of their weights;
+        the teacher is then the same model with its adapters disabled (no second copy), and
+        the adapters are merged into plain weights when training ends.  ``0``: full
+        fine-tuning (the paper).
+      lora_alpha: LoRA scaling numerator (the update is ``alpha / rank * B A``); ``None``:
+        ``lora_rank`` (a scale of 1).
+      seed: seeds the block sizes, offsets, data order, mask init and dropout.
+      out_dir: checkpoint directory, or ``None`` for no checkpoints.
+      checkpoint_every: save every this many steps (a final checkpoint is always written when
+        ``out_dir`` is set); ``None``: only at the end.
+      resume: continue from the latest checkpoint in ``out_dir`` when there is one.
+      log_path: JSON-lines metrics file (one object per step), or ``None``.
+      log_every: write metrics every this many steps.
+      device: torch device; ``None``: CUDA when available (this process's local rank under
+        torchrun), else CPU.
+      bf16: run forward passes under bfloat16 autocast (weights and optimizer stay float32).
+        ``None``: on CUDA only.  ``True`` also on the CPU, where processors with AVX-512 BF16
+        or AMX run bfloat16 matrix products 2-3x faster than float32.
+      progress: show a tqdm progress bar (rank 0 only).
+    """
+
+    k_max: int = attrs.field(default=16)
+    loss: LossKind = attrs.field(default="hard")
+    steps: int = attrs.field(default=1000, validator=_positive_int)
+    minutes: float | None = attrs.field(default=None)
+    lr: float = attrs.field(default=1e-5, validator=_positive_float)
+    mask_lr_multiplier: float = attrs.field(default=1.0, validator=_positive_float)
+    warmup_steps: int = attrs.field(default=0)
+    weight_decay: float = attrs.field(default=0.1, validator=_non_negative_float)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=_to_betas)
+    clip: float | None = attrs.field(default=1.0)
+    batch_size: int = attrs.field(default=8, validator=_positive_int)
+    grad_accum: int = attrs.field(default=1, validator=_positive_int)
+    seq_len: int = attrs.field(default=160, validator=_positive_int)
+    num_regions: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    prefix_loss_weight: float = attrs.field(default=0.0, validator=_non_negative_float)
+    entropy_weight: float = attrs.field(default=0.0, validator=_non_negative_float)
+    train_layers: int | None = attrs.field(default=None, validator=_optional_non_negative_int)
+    train_mask_embedding: bool = attrs.field(default=True)
+    row_windows: bool = attrs.field(default=False)
+    confident_targets: float | None = attrs.field(default=None)
+    unconfident_weight: float = attrs.field(default=0.1, validator=_non_negative_float)
+    lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
+    lora_alpha: float | None = attrs.field(default=None)
+    seed: int = attrs.field(default=0, validator=_non_negative_int)
+    out_dir: str | None = attrs.field(default=None)
+    checkpoint_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    resume: bool = attrs.field(default=False)
+    log_path: str | None = attrs.field(default=None)
+    log_every: int = attrs.field(default=1, validator=_positive_int)
+    device: str | None = attrs.field(default=None)
+    bf16: bool | None = attrs.field(default=None)
+    progress: bool = attrs.field(default=True)
+
+    @device.validator
+    def _check_device(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"device must be None or a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                f"{value!r}"
+            ) from error
+
+    @k_max.validator
+    def _check_k_max(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+            raise ValueError(
+                f"k_max must be an integer >= 2 (k = 1 is plain next-token training), got {value!r}"
+            )
+
+    @loss.validator
+    def _check_loss(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {value!r}")
+
+    @minutes.validator
+    def _check_minutes(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _positive_float(self, attribute, value)
+
+    @warmup_steps.validator
+    def _check_warmup(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {value!r}")
+
+    @betas.validator
+    def _check_betas(self, attribute: attrs.Attribute[Any], value: tuple[float, float]) -> None:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas must both lie in [0, 1), got {value}")
+
+    @clip.validator
+    def _check_clip(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _positive_float(self, attribute, value)
+
+    @confident_targets.validator
+    def _check_confident_targets(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+        ):
+            raise ValueError(
+                f"confident_targets must be None or a probability in (0, 1], got {value!r}"
+            )
+
+    @lora_alpha.validator
+    def _check_lora_alpha(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _positive_float(self, attribute, value)
+
+    def __attrs_post_init__(self) -> None:
+        if self.train_layers == 0 and not self.train_mask_embedding:
+            raise ValueError(
+                "train_layers=0 with train_mask_embedding=False leaves nothing to train; train "
+                "the mask embedding or at least one block"
+            )
+        # The largest block must fit a region: this raises the layout's "k_max larger than the
+        # region" message early, before any model work.
+        TrainingLayoutSpec(seq_len=self.seq_len, k=self.k_max, num_regions=self.regions)
+
+    @property
+    def regions(self) -> int:
+        """``M``: the configured region count, or the paper's density ``max(1, S // (2 k_max))``."""
+        if self.num_regions is not None:
+            return int(self.num_regions)
+        return default_num_regions(self.seq_len, self.k_max)
+
+    @property
+    def max_window_len(self) -> int:
+        """Ground-truth tokens of the longest window any step needs (the one of ``k = 2``)."""
+        return max(
+            TrainingLayoutSpec(self.seq_len, k, self.regions).window_len
+            for k in range(2, self.k_max + 1)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as plain JSON values."""
+        values = attrs.asdict(self)
+        values["betas"] = list(self.betas)
+        return values
+
+
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_preset(**overrides: Any) -> DistillConfig:
+    """The conversion ``mtp convert`` runs by default: the most learning per CPU-second we found.
+
+    Chosen by measurement on SmolLM2-135M-Instruct (2 CPU cores; docs/results.md has the
+    curves), for a corpus the teacher wrote itself (``write_corpus``):
+
+    - the paper's hard-teacher loss plus a KL anchor (weight 2) to the teacher at every real
+      slot: without the anchor the student's own next-token predictions drift (``loss="gt"``
+      alone ran 3x faster per step but its output's NLL under the base model rose 28% in 12
+      minutes; with the anchor it stayed within 6% at 11 minutes);
+    - ``row_windows``: each window starts at a row, so every target sees the context it was
+      written with (cut windows agreed with the teacher only ~70% of the time at offset 0);
+    - LoRA (rank 64, scale 1, lr 1e-3) on the top 8 blocks, embeddings frozen: backward stops
+      at block 22, the teacher is the same weights with the adapters off, and the result ships
+      as a 10 MB delta;
+    - ``confident_targets``: mask offsets train fully only inside runs of confident teacher
+      tokens, the only runs ConfAdapt can accept;
+    - bfloat16 autocast where the CPU has native bf16 (2.6x float32 matmuls measured).
+
+    Args:
+      **overrides: any ``DistillConfig`` field, replacing the preset's value.
+
+    Returns:
+      The config.
+    """
+    preset: dict[str, Any] = {
+        "k_max": 4,
+        "steps": 1_000_000,
+        "minutes": 10.0,
+        "lr": 1e-3,
+        "warmup_steps": 20,
+        "weight_decay": 0.0,
+        "batch_size": 2,
+        "seq_len": 400,
+        "train_layers": 8,
+        "train_mask_embedding": False,
+        "lora_rank": 64,
+        "row_windows": True,
+        "confident_targets": 0.6,
+        "unconfident_weight": 0.2,
+        "prefix_loss_weight": 2.0,
+        "bf16": True if cpu_bf16_is_fast() else None,
+        "checkpoint_every": 50,
+    }
+    preset.update(overrides)
+    return DistillConfig(**preset)
+
+
+def check_resumable(saved: dict[str, Any], cfg: DistillConfig) -> None:
+    """Raise unless a checkpoint written with config ``saved`` may continue under ``cfg``.
+
+    Args:
+      saved: the checkpoint's config, as written by ``DistillConfig.to_json``.
+      cfg: the settings of the run that resumes.
+
+    Raises:
+      ValueError: naming the fields outside ``RESUMABLE_FIELDS`` that differ.
+    """
+    current = cfg.to_json()
+    differing = sorted(
+        name
+        for name, value in current.items()
+        if name not in RESUMABLE_FIELDS and saved.get(name) != value
+    )
+    if differing:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written with other settings for {differing}; "
+            "use the same settings (only steps, minutes, logging and device may change) or a "
+            "new out_dir"
+        )

@@ -1,0 +1,501 @@
+"""One optimizer step of online self-distillation, as an init / update pair.
+
+``init_train_state`` builds everything a step reads and changes (teacher, student, optimizer,
+random generator) and ``train_step(state, batch)`` returns the next state and the step's
+metrics.  One step (METHOD.md sections 2-3; Kirchenbauer et al., "Multi-Token Prediction via
+Self-Distillation", arXiv 2602.06019, sections on the training layout and objective):
+
+1. Draw the block size ``k ~ U[2, k_max]`` and the region-grid offset ``~ U[0, P - 1]``; build the
+   packed layout (``mtp_core``: ``M`` regions of ``[prefix][k - 1 masks]`` in ``S`` slots).
+2. Cut a batch of ground-truth windows from the token stream and pack them (mask slots get the
+   ``<mtp_mask>`` id).  Steps 1-2 are ``mtp_torch.training.batch.draw_batch``.
+3. Student forward (with gradients) under the layout's 4-D boolean attention mask and position
+   ids; read its logits at the ``(M, k)`` prediction slots.
+4. Student forcing: write the student's argmax tokens into the mask slots of the teacher's input
+   (mask ``j`` of a region gets the student's token ``j``).
+5. Teacher forward (frozen copy of the initial model, no gradient) on that input with the same
+   layout; read its logits at the same slots, so it scores the student's block by the chain rule.
+6. Loss (hard teacher by default), backward, gradient accumulation, clipping, AdamW with linear
+   warm-up then a constant learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from mtp_core._src.losses import agreement, distillation_loss
+from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
+from mtp_torch.training.config import DistillConfig
+from mtp_torch.training.distributed import gradient_sync
+from mtp_torch.training.lora import lora_parameters, with_lora
+from mtp_torch.training.parameters import drop_gradients, parameter_groups, trainable_parameters
+
+__all__ = [
+    "StepMetrics",
+    "StepStats",
+    "TrainState",
+    "init_train_state",
+    "learning_rate",
+    "train_step",
+]
+
+ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@attrs.frozen
+class StepStats:
+    """What ``train_step`` measures about one optimizer step.
+
+    Attributes:
+      loss: mean training loss over the step's micro-steps (nats).
+      ks: block size of each micro-step.
+      agreement: per-offset rate at which the student's argmax equals the teacher's (or the
+        ground truth's, for ``loss="gt"``), for the last micro-step; length ``k``.
+      lr: learning rate used.
+      grad_norm: gradient norm before clipping.
+      supervised_tokens: prediction positions supervised in this step, all processes together.
+      accepted_at_0_9: tokens ConfAdapt(0.9, k) would keep per step on this step's training
+        regions (teacher-forced; the student's own confidences, right or wrong).
+    """
+
+    loss: float
+    ks: list[int]
+    agreement: list[float]
+    lr: float
+    grad_norm: float
+    supervised_tokens: int
+    accepted_at_0_9: float
+
+
+@attrs.frozen
+class StepMetrics:
+    """What one optimizer step reports (also written as one JSON line).
+
+    Attributes:
+      step: optimizer steps completed, this one included.
+      loss: mean training loss over the step's micro-steps (nats).
+      ks: block size of each micro-step.
+      agreement: per-offset rate at which the student's argmax equals the teacher's (or the
+        ground truth's, for ``loss="gt"``), for the last micro-step; length ``k``.
+      lr: learning rate used.
+      grad_norm: gradient norm before clipping.
+      supervised_tokens: prediction positions supervised in this step, all processes together.
+      tokens_per_s: ``supervised_tokens`` per second of this step.
+      elapsed_s: seconds since the run (or its resumption) started.
+      epoch: passes over the token stream completed.
+      accepted_at_0_9: tokens ConfAdapt(0.9, k) would keep per step on this step's training
+        regions (teacher-forced; the student's own confidences, right or wrong): a cheap
+        running estimate of tokens per forward.
+    """
+
+    step: int
+    loss: float
+    ks: list[int]
+    agreement: list[float]
+    lr: float
+    grad_norm: float
+    supervised_tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    epoch: int
+    accepted_at_0_9: float = 1.0
+
+
+@attrs.frozen(eq=False)
+class TrainState:
+    """Everything a training step reads and changes.
+
+    The modules and the optimizer are updated in place (they are torch objects); ``train_step``
+    returns a new state whose ``step`` counts the update.
+
+    Attributes:
+      config: the run's settings.
+      student: the model being trained (a ``peft`` model with LoRA).
+      forward: the student as called (its DDP wrapper under torchrun, else ``student``).
+      teacher: the frozen teacher (``None`` for ``loss="gt"``; the student itself with LoRA).
+      teacher_context: entered around each teacher forward (LoRA: the adapters disabled).
+      optimizer: AdamW over ``trainable``.
+      trainable: every trained parameter, in the optimizer's order.
+      mask_rows: embedding matrices whose mask-token row trains (the mask-row rate applies).
+      hooks: gradient hooks to remove when training ends.
+      mask_token_id: id of ``<mtp_mask>``.
+      autocast: the forward passes' autocast context (or a null context).
+      generator: draws the block sizes and offsets (``draw_batch``).
+      step: optimizer steps completed.
+    """
+
+    config: DistillConfig
+    student: nn.Module
+    forward: nn.Module
+    teacher: nn.Module | None
+    teacher_context: ContextFactory
+    optimizer: torch.optim.Optimizer
+    trainable: tuple[nn.Parameter, ...]
+    mask_rows: tuple[nn.Parameter, ...]
+    hooks: tuple[RemovableHandle, ...]
+    mask_token_id: int
+    autocast: contextlib.AbstractContextManager[Any]
+    generator: np.random.Generator
+    step: int = 0
+
+
+def _frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A deep copy of ``model`` on ``device``, in eval mode, with no gradients."""
+    teacher = copy.deepcopy(model).to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+        parameter.grad = None
+    return teacher
+
+
+def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast when ``cfg.bf16`` asks for it (``None``: on CUDA only)."""
+    if (cfg.bf16 is None and device.type == "cuda") or cfg.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def init_train_state(
+    model: Any, tokenizer: Any, cfg: DistillConfig, device: torch.device
+) -> TrainState:
+    """Teacher, student, optimizer and seeds of a new run (step 0).
+
+    Args:
+      model: the transformers causal LM to train in place (it becomes the student).
+      tokenizer: its tokenizer (gets the mask token), or ``None``.
+      cfg: the run's settings.
+      device: where the models go.
+
+    Returns:
+      The state before the first step; python's and torch's global RNGs are seeded.
+    """
+    from mtp_torch.decoding.mask import add_mask_token
+
+    # 1. Teacher: a frozen copy of the model as passed (none for "gt"; with LoRA the student
+    #    with its adapters disabled, below).
+    teacher = _frozen_copy(model, device) if cfg.loss != "gt" and cfg.lora_rank == 0 else None
+    # 2. Student: the model itself, with a mask token (and LoRA adapters).
+    drop_gradients(model)  # stale gradients would not match a resized vocabulary
+    mask_token_id = int(add_mask_token(model, tokenizer, seed=cfg.seed))
+    student = model.to(device)
+    student.train()
+    teacher_context: ContextFactory = contextlib.nullcontext
+    if cfg.lora_rank > 0:
+        student = with_lora(student, cfg)
+        if cfg.loss != "gt":
+            teacher, teacher_context = student, student.disable_adapter
+        main, embeddings, hooks = lora_parameters(student, mask_token_id, cfg.train_mask_embedding)
+    else:
+        main, embeddings, hooks = trainable_parameters(
+            student, cfg.train_layers, mask_token_id, cfg.train_mask_embedding
+        )
+    # 3. AdamW; only full fine-tuning decays the embeddings (otherwise just the mask rows move).
+    full = cfg.train_layers is None and cfg.lora_rank == 0
+    groups = parameter_groups(main, embeddings, cfg.weight_decay, decay_embeddings=full)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # 4. Seeds: python and torch (dropout), numpy (block sizes, offsets).
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return TrainState(
+        config=cfg,
+        student=student,
+        forward=student,
+        teacher=teacher,
+        teacher_context=teacher_context,
+        optimizer=optimizer,
+        trainable=tuple(p for group in groups for p in group["params"]),
+        mask_rows=tuple(embeddings),
+        hooks=tuple(hooks),
+        mask_token_id=mask_token_id,
+        autocast=_autocast(cfg, device),
+        generator=np.random.default_rng(cfg.seed),
+    )
+
+
+def learning_rate(cfg: DistillConfig, step: int) -> float:
+    """The learning rate of step ``step + 1``: linear warm-up to ``cfg.lr``, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) as float32 for the loss; wider ones unchanged."""
+    return logits.float() if torch.finfo(logits.dtype).bits < 32 else logits
+
+
+def _match_vocab(teacher_logits: torch.Tensor, vocab: int, mask_token_id: int) -> torch.Tensor:
+    """Teacher logits widened to the student's vocabulary; the mask token gets ~zero probability."""
+    floor = torch.finfo(teacher_logits.dtype).min / 4
+    if teacher_logits.shape[-1] < vocab:
+        pad = teacher_logits.new_full(
+            (*teacher_logits.shape[:-1], vocab - teacher_logits.shape[-1]), floor
+        )
+        teacher_logits = torch.cat([teacher_logits, pad], dim=-1)
+    elif teacher_logits.shape[-1] > vocab:
+        teacher_logits = teacher_logits[..., :vocab]
+    teacher_logits[..., mask_token_id] = floor
+    return teacher_logits
+
+
+def _teacher_at(
+    teacher_kept: torch.Tensor, at: torch.Tensor, like: torch.Tensor, mask_token_id: int
+) -> torch.Tensor:
+    """The teacher's logits at kept-slot indices ``at``, in ``like``'s dtype and vocabulary."""
+    return _match_vocab(
+        _at_least_float32(teacher_kept)[:, at].to(like.dtype), like.shape[-1], mask_token_id
+    )
+
+
+def _loss_weights(
+    packed: PackedBatch,
+    target_index: torch.Tensor,
+    target_weights: torch.Tensor,
+    cfg: DistillConfig,
+) -> torch.Tensor:
+    """Target weights, with offset ``j`` down-weighted outside runs of confident targets."""
+    if cfg.confident_targets is None:
+        return target_weights
+    # Offset j counts fully only inside a run of confident teacher tokens 0..j.
+    sure = (packed.confidence[:, target_index] >= cfg.confident_targets).float()
+    run = torch.cumprod(sure, dim=-1)
+    factor = run + (1.0 - run) * cfg.unconfident_weight
+    factor[..., 0] = 1.0
+    return target_weights * factor
+
+
+def _forced_teacher_input(
+    packed: PackedBatch, student_logits: torch.Tensor, mask_token_id: int
+) -> torch.Tensor:
+    """Step 4, student forcing: mask ``j`` of each region <- the student's token ``j``."""
+    proposal = student_logits.detach().clone()
+    proposal[..., mask_token_id] = -math.inf
+    draft = proposal.argmax(dim=-1)  # (B, M, k)
+    forced = packed.input_ids.clone()
+    mask_slots = as_index(packed.layout.predict_index[:, 1:].reshape(-1), forced.device)
+    forced[:, mask_slots] = draft[:, :, :-1].reshape(draft.shape[0], -1)
+    return forced
+
+
+def _prefix_loss(
+    kept: torch.Tensor, teacher_kept: torch.Tensor | None, packed: PackedBatch, mask_token_id: int
+) -> torch.Tensor:
+    """Next-token loss at every real slot: KL to the teacher there (real slots never see a
+    mask, so these are its plain next-token logits; 0 while the student equals it), or
+    cross-entropy against the ground truth for ``loss="gt"`` (no teacher)."""
+    assert packed.prefix_at is not None
+    layout = packed.layout
+    next_index = as_index(layout.source_index[layout.real_slots] + 1, kept.device)
+    prefix_teacher = None
+    if teacher_kept is not None:
+        prefix_teacher = _teacher_at(teacher_kept, packed.prefix_at, kept, mask_token_id)
+        prefix_teacher = prefix_teacher[:, :, None]
+    return distillation_loss(
+        kept[:, packed.prefix_at][:, :, None],
+        prefix_teacher,
+        kind="gt" if prefix_teacher is None else "soft",
+        targets=packed.windows[:, next_index][:, :, None],
+        weights=packed.weights[:, next_index][:, :, None],
+    )
+
+
+def _batch_loss(
+    forward: nn.Module,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    packed: PackedBatch,
+    cfg: DistillConfig,
+    mask_token_id: int,
+    autocast: contextlib.AbstractContextManager[Any],
+    teacher_context: ContextFactory = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Steps 3-6 of the loop for one packed micro-batch.
+
+    Args:
+      forward: the student as called (the DDP wrapper under torchrun, else ``student``).
+      student: the student itself.
+      teacher: the frozen teacher (``None`` for ``loss="gt"``, which runs none).
+      packed: the packed micro-batch.
+      cfg: the run's settings (loss kind and weights).
+      mask_token_id: id of ``<mtp_mask>``.
+      autocast: the autocast context (or a null context).
+      teacher_context: entered around the teacher's forward (LoRA: the adapters disabled).
+
+    Returns:
+      ``(loss, student_logits, teacher_logits, targets, target_weights)``: the scalar loss
+      (with gradient), the student's logits at the prediction slots ``(B, M, k, vocab)``
+      (float32), the teacher's at the same slots under student forcing (``None`` for
+      ``loss="gt"``), the ground-truth targets ``(B, M, k)`` and their weights (0 where the
+      target is a context token).
+    """
+    # 3. Student forward; logits at the (M, k) prediction slots.
+    with autocast:
+        kept = forward_logits(forward, student, packed, packed.input_ids)
+    kept = _at_least_float32(kept)
+    student_logits = kept[:, packed.predict_at]  # (B, M, k, V)
+    target_index = as_index(packed.layout.target_index, kept.device)
+    targets = packed.windows[:, target_index]
+    target_weights = packed.weights[:, target_index]
+    teacher_logits = teacher_kept = None
+    if cfg.loss != "gt":
+        assert teacher is not None
+        # 4-5. Student forcing, then the teacher's forward (no gradient, same layout).
+        forced = _forced_teacher_input(packed, student_logits, mask_token_id)
+        with torch.no_grad(), autocast, teacher_context():
+            teacher_kept = forward_logits(teacher, teacher, packed, forced)
+        teacher_logits = _teacher_at(teacher_kept, packed.predict_at, student_logits, mask_token_id)
+    # 6. The loss.
+    loss = distillation_loss(
+        student_logits,
+        teacher_logits,
+        kind=cfg.loss,
+        targets=targets,
+        weights=_loss_weights(packed, target_index, target_weights, cfg),
+        entropy_weight=cfg.entropy_weight,
+    )
+    if cfg.prefix_loss_weight > 0 and packed.prefix_at is not None:
+        loss = loss + cfg.prefix_loss_weight * _prefix_loss(
+            kept, teacher_kept, packed, mask_token_id
+        )
+    return loss, student_logits, teacher_logits, targets, target_weights
+
+
+def _agreement_rates(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    target_weights: torch.Tensor,
+) -> list[float]:
+    """Per offset, how often the student's argmax equals the teacher's (or the target)."""
+    if teacher_logits is not None:
+        rates = agreement(student_logits, teacher_logits, target_weights)
+    else:
+        k = student_logits.shape[-2]
+        hits = (student_logits.argmax(-1) == targets).float()
+        hits = (hits * target_weights).reshape(-1, k).sum(0)
+        rates = hits / target_weights.reshape(-1, k).sum(0).clamp_min(1.0)
+    return [float(v) for v in rates]
+
+
+def _confident_run(student_logits: torch.Tensor, target_weights: torch.Tensor) -> float:
+    """Mean tokens ConfAdapt(0.9) keeps per region, over regions whose first target is trained."""
+    confident = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1) >= 0.9
+    kept = torch.cumprod(confident.long(), dim=-1).sum(dim=-1).clamp_min(1).float()
+    counted = target_weights[..., 0] > 0
+    return float(kept[counted].mean()) if bool(counted.any()) else 1.0
+
+
+def _check_finite(what: str, value: float, step: int, cfg: DistillConfig) -> None:
+    """Stop the run, weights untouched, at the first non-finite loss or gradient."""
+    if math.isfinite(value):
+        return
+    where = (
+        f"; the last good checkpoint stays in {cfg.out_dir} (resume from it with a lower lr)"
+        if cfg.out_dir is not None
+        else ""
+    )
+    raise ValueError(
+        f"training diverged at step {step + 1}: the {what} is {value}; no update was applied. "
+        f"Lower lr (now {cfg.lr:g}), keep clip on (now {cfg.clip}) or train in float32{where}"
+    )
+
+
+def _micro_step(
+    state: TrainState, packed: PackedBatch, sync: bool
+) -> tuple[float, list[float], float]:
+    """Forward, loss and backward of one micro-batch (gradients accumulate).
+
+    Returns:
+      ``(loss, agreement per offset, tokens ConfAdapt(0.9) would keep per region)``.
+    """
+    cfg = state.config
+    with gradient_sync(state.forward, sync):
+        loss, student_logits, teacher_logits, targets, target_weights = _batch_loss(
+            state.forward,
+            state.student,
+            state.teacher,
+            packed,
+            cfg,
+            state.mask_token_id,
+            state.autocast,
+            state.teacher_context,
+        )
+        _check_finite("loss", float(loss.detach()), state.step, cfg)
+        (loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        student_logits = student_logits.detach()
+        rates = _agreement_rates(student_logits, teacher_logits, targets, target_weights)
+        accepted = _confident_run(student_logits, target_weights)
+    return float(loss.detach()), rates, accepted
+
+
+def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None) -> float:
+    """The gradients' global norm before clipping; clips them to ``clip`` when it is set."""
+    if clip is not None:
+        return float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+    norms = [p.grad.norm() for p in trainable if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _apply_update(state: TrainState) -> None:
+    """AdamW step; the mask token's rows move ``mask_lr_multiplier`` times as far."""
+    row = state.mask_token_id
+    before = [w[row].detach().clone() for w in state.mask_rows]
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    factor = state.config.mask_lr_multiplier
+    if factor != 1.0:
+        with torch.no_grad():
+            for weight, old in zip(state.mask_rows, before, strict=True):
+                weight[row] = old + factor * (weight[row] - old)
+
+
+def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainState, StepStats]:
+    """One optimizer step over the micro-batches of ``batch`` (steps 3-6 of the module doc).
+
+    Args:
+      state: the state after ``state.step`` steps.
+      batch: the step's ``grad_accum`` packed micro-batches (``draw_batch``).
+
+    Returns:
+      ``(state, stats)``: the state after this step (weights and optimizer updated in place,
+      ``step`` one higher) and what the step measured.
+
+    Raises:
+      ValueError: on a non-finite loss or gradient norm (no update is applied).
+    """
+    cfg = state.config
+    # 1. This step's learning rate: linear warm-up, then constant.
+    lr = learning_rate(cfg, state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    # 2. Forward, loss and backward of each micro-batch; DDP all-reduces on the last one.
+    outcomes = [
+        _micro_step(state, packed, sync=index == len(batch) - 1)
+        for index, packed in enumerate(batch)
+    ]
+    # 3. The gradient norm, then clipping; a non-finite norm stops before any update.
+    grad_norm = _gradient_norm(state.trainable, cfg.clip)
+    _check_finite("gradient norm", grad_norm, state.step, cfg)
+    # 4. The AdamW update.
+    _apply_update(state)
+    ks = [packed.k for packed in batch]
+    stats = StepStats(
+        loss=float(np.mean([loss for loss, _, _ in outcomes])),
+        ks=ks,
+        agreement=outcomes[-1][1],
+        lr=lr,
+        grad_norm=grad_norm,
+        supervised_tokens=sum(cfg.batch_size * cfg.regions * k for k in ks),
+        accepted_at_0_9=float(np.mean([accepted for _, _, accepted in outcomes])),
+    )
+    return attrs.evolve(state, step=state.step + 1), stats
