@@ -16,7 +16,7 @@ def test_cut_at_stop_keeps_the_first_stop_token_and_nothing_after() -> None:
     assert cut_at_stop([], [2]) == []
 
 
-def test_stop_ids_prefer_the_callers_then_generation_config_then_config_then_tokenizer() -> None:
+def test_stop_ids_prefer_the_callers_then_generation_config_then_tokenizer() -> None:
     model = types.SimpleNamespace(
         generation_config=types.SimpleNamespace(eos_token_id=[3, 4]),
         config=types.SimpleNamespace(eos_token_id=5),
@@ -25,10 +25,9 @@ def test_stop_ids_prefer_the_callers_then_generation_config_then_config_then_tok
     assert stop_token_ids(7, model, tokenizer) == [7]
     assert stop_token_ids(None, model, tokenizer) == [3, 4]
     model.generation_config.eos_token_id = None
-    assert stop_token_ids(None, model, tokenizer) == [5]
-    model.config.eos_token_id = None
-    assert stop_token_ids(None, model, tokenizer) == [6]
+    # Like transformers' generate: config.eos_token_id is not a fallback.
     assert stop_token_ids(None, model) == []
+    assert stop_token_ids(None, model, tokenizer) == [6]
 
 
 @pytest.mark.parametrize("bad", ["<eos>", True, [1, "2"], 2.0])

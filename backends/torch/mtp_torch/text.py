@@ -44,9 +44,10 @@ def stop_token_ids(
 
     Args:
       eos_token_id: the caller's stop id(s); used as given when not ``None``.
-      model: the transformers model; its ``generation_config.eos_token_id`` is the default
-        (what ``generate`` uses), then its ``config.eos_token_id``.
-      tokenizer: a last resort: its ``eos_token_id``.
+      model: the transformers model; its ``generation_config.eos_token_id`` is the default, as
+        in transformers' ``generate`` (which does not fall back to ``config.eos_token_id``).
+      tokenizer: a last resort for callers that must cut text somewhere (the benchmark): its
+        ``eos_token_id``.
 
     Returns:
       The stop ids, possibly empty (decode to the token budget).
@@ -54,8 +55,6 @@ def stop_token_ids(
     if eos_token_id is not None:
         return as_token_ids(eos_token_id)
     found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if found is None:
-        found = getattr(getattr(model, "config", None), "eos_token_id", None)
     if found is None and tokenizer is not None:
         found = getattr(tokenizer, "eos_token_id", None)
     return as_token_ids(found)

@@ -15,12 +15,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["MASK_TOKEN", "MASK_TOKEN_CONFIG_KEY", "HFModel", "add_mask_token", "embedding_rows"]
+__all__ = [
+    "K_MAX_CONFIG_KEY",
+    "MASK_TOKEN",
+    "MASK_TOKEN_CONFIG_KEY",
+    "THRESHOLD_CONFIG_KEY",
+    "HFModel",
+    "add_mask_token",
+    "embedding_rows",
+]
 
 logger = logging.getLogger(__name__)
 
 MASK_TOKEN = "<mtp_mask>"
+# The MTP settings a converted checkpoint stores in its config.json.
 MASK_TOKEN_CONFIG_KEY = "mtp_mask_token_id"
+K_MAX_CONFIG_KEY = "mtp_k_max"
+THRESHOLD_CONFIG_KEY = "mtp_threshold"
 
 
 # transformers' PreTrainedModel is only partly typed (its modules' attributes read as

@@ -27,13 +27,16 @@ from mtp_torch.decoding.generation import (
     row_stop_criterion,
     streaming_callback,
 )
-from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token, embedding_rows
+from mtp_torch.decoding.mask import (
+    K_MAX_CONFIG_KEY,
+    MASK_TOKEN_CONFIG_KEY,
+    THRESHOLD_CONFIG_KEY,
+    add_mask_token,
+    embedding_rows,
+)
 from mtp_torch.decoding.saving import check_model_source, read_manifest, write_checkpoint
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
-
-K_MAX_CONFIG_KEY = "mtp_k_max"
-THRESHOLD_CONFIG_KEY = "mtp_threshold"
 
 ChunkCallback = Callable[[int, npt.NDArray[np.int64]], None]
 

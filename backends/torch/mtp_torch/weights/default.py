@@ -246,8 +246,12 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
       FileNotFoundError: if the delta is not in the installed package.
       ValueError: if its checksum does not match, or it does not fit the base model.
     """
-    from mtp_torch.decoding.mask import MASK_TOKEN_CONFIG_KEY, add_mask_token
-    from mtp_torch.decoding.model import K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+    from mtp_torch.decoding.mask import (
+        K_MAX_CONFIG_KEY,
+        MASK_TOKEN_CONFIG_KEY,
+        THRESHOLD_CONFIG_KEY,
+        add_mask_token,
+    )
     from mtp_torch.weights.delta import apply_delta, load_delta
 
     path = default_delta_path()
