@@ -32,10 +32,10 @@ ROWS = [
 
 @pytest.mark.parametrize("chat", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 2, 256])
-def test_batched_tokenisation_equals_the_row_rules(chat: bool, batch_size: int) -> None:
+def test_batched_tokenisation_equals_one_row_at_a_time(chat: bool, batch_size: int) -> None:
     tokenizer = make_tokenizer(chat=chat)
     rows = ROWS if chat else [r for r in ROWS if "messages" not in r]
-    expected = [encode_row(row, tokenizer) for row in rows]
+    expected = [encode_row(row, tokenizer) for row in rows]  # one tokenizer call per row
     assert list(tokenize_rows(rows, tokenizer, batch_size)) == expected
 
 
@@ -77,3 +77,25 @@ def test_missing_columns_and_bad_mappings_say_what_to_fix(tmp_path: Path) -> Non
         load_dataset_examples(
             str(_dataset_dir(tmp_path / "c")), tokenizer
         )  # no mapping: no row shape
+
+
+def test_convert_trains_on_a_dataset_named_by_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mtp convert --data ID --data-fields ...`: the datasets path end to end (a local dataset
+    directory stands in for a Hub id, offline)."""
+    from mtp_torch.cli.app import main as cli_main
+    from tests.test_distill import _tiny_model_dir
+
+    dataset = _dataset_dir(tmp_path)
+    argv = [
+        "convert", "--model", str(_tiny_model_dir(tmp_path)), "--data", str(dataset),
+        "--data-fields", "question=query,answer=response", "--data-split", "train",
+        "--out", str(tmp_path / "out"), "--steps", "1", "--k-max", "2", "--seq-len", "16",
+        "--batch-size", "2", "--no-progress",
+    ]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+    bad = [("question=prompt" if a == "question=query,answer=response" else a) for a in argv]
+    assert cli_main([*bad, "--overwrite"]) == 2
+    assert "no column(s) ['prompt']" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from mtp_torch.training.data import Example, load_examples
 from mtp_torch.training.distill import distill
 from mtp_torch.training.distributed import init_distributed
 from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.sources import load_dataset_examples, parse_field_mapping
 from mtp_torch.training.step import StepMetrics
 from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
 
@@ -167,9 +168,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default=None,
-        help="training corpus: .jsonl rows of {text}, {messages} or {question, answer}, or a .txt "
-        "file (default: a corpus the model writes itself)",
+        help="training corpus: a .jsonl file of {text}, {messages} or {question, answer} rows, a "
+        ".txt file, or a Hugging Face dataset id or local dataset directory (read with `datasets`) "
+        "(default: a corpus the model writes itself)",
     )
+    parser.add_argument("--data-split", default="train", help="dataset split (default train)")
+    parser.add_argument("--data-config", default=None, help="dataset configuration, e.g. main")
+    parser.add_argument(
+        "--data-fields",
+        default=None,
+        help="map corpus row fields to dataset columns, e.g. question=query,answer=response "
+        "(MetaMathQA)",
+    )
+    parser.add_argument("--data-limit", type=int, default=None, help="read at most N dataset rows")
     parser.add_argument("--out", default=None, help="output directory (default: ./<model>-mtp)")
     preset = cpu_preset()
     add_config_options(
@@ -286,7 +297,17 @@ def _corpus(
     args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, seed: int
 ) -> list[Example]:
     if args.data is not None:
-        return load_examples(args.data, tokenizer)
+        if Path(args.data).is_file():
+            return load_examples(args.data, tokenizer, limit=args.data_limit)
+        sequences = load_dataset_examples(
+            args.data,
+            tokenizer,
+            split=args.data_split,
+            config_name=args.data_config,
+            fields=parse_field_mapping(args.data_fields),
+            limit=args.data_limit,
+        )
+        return [Example(ids) for ids in sequences]
     seed_file = Path(args.seed_prompts) if args.seed_prompts else default_seed_prompts()
     seeds = read_seed_prompts(seed_file) if seed_file is not None else None
     if args.corpus_cache is not None:

@@ -21,6 +21,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from mtp_torch.training.sources import tokenize_rows
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -70,21 +72,6 @@ def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, append_eos: bool) -> list[int]:
-    ids = [int(t) for t in tokenizer(text, add_special_tokens=True)["input_ids"]]
-    eos = tokenizer.eos_token_id
-    if append_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids.append(int(eos))
-    return ids
-
-
-def _encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]
-) -> list[int]:
-    text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
-    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-
-
 def encode_row(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids of one corpus row.
 
@@ -101,32 +88,7 @@ def encode_row(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> li
     Raises:
       ValueError: if the row has none of these shapes, or a chat row has no template to render it.
     """
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
-        ):
-            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
-        if not has_chat_template(tokenizer):
-            raise ValueError(
-                'a "messages" row needs a tokenizer with a chat template; use {"text": ...} rows '
-                "for a model without one"
-            )
-        return _encode_chat(tokenizer, messages)
-    if "question" in row and "answer" in row:
-        question, answer = str(row["question"]), str(row["answer"])
-        if has_chat_template(tokenizer):
-            return _encode_chat(
-                tokenizer,
-                [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            )
-        return _encode_text(tokenizer, f"Question: {question}\nAnswer: {answer}", append_eos=True)
-    if "text" in row:
-        return _encode_text(tokenizer, str(row["text"]), append_eos=True)
-    raise ValueError(
-        f'a corpus row needs a "text", a "messages" or "question"+"answer" field, got keys '
-        f"{sorted(row)}"
-    )
+    return next(tokenize_rows([row], tokenizer, batch_size=1))
 
 
 def load_corpus(
@@ -236,7 +198,7 @@ def load_examples(
         text = source.read_text(encoding="utf-8")
         if not text.strip():
             raise ValueError(f"corpus {source} is empty: it holds no text to train on")
-        return [Example(_encode_text(tokenizer, text, append_eos=True))]
+        return [Example(encode_row({"text": text}, tokenizer))]
     examples: list[Example] = []
     vocab = len(tokenizer)
     for number, row in read_jsonl(source):
