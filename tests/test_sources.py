@@ -96,6 +96,8 @@ def test_convert_trains_on_a_dataset_named_by_id(
     ]  # fmt: skip
     assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card names data and run
+    assert "metamath-like (train), 3 rows" in card and "## Training" in card
     bad = [("question=prompt" if a == "question=query,answer=response" else a) for a in argv]
     assert cli_main([*bad, "--overwrite"]) == 2
     assert "no column(s) ['prompt']" in capsys.readouterr().err

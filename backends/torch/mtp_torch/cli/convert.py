@@ -293,6 +293,15 @@ def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> Disti
     return cpu_preset(**overrides)
 
 
+def _data_label(args: argparse.Namespace, sequences: list[Example]) -> str:
+    """What the model card says the model was trained on."""
+    if args.data is None:
+        return f"{len(sequences)} answers the base model wrote itself (greedy) to seed prompts"
+    if Path(args.data).is_file():
+        return f"{Path(args.data).name}, {len(sequences)} rows"
+    return f"{args.data} ({args.data_split}), {len(sequences)} rows"
+
+
 def _corpus(
     args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, seed: int
 ) -> list[Example]:
@@ -375,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     mtp = distill(model, sequences, cfg, tokenizer=tokenizer, on_step=last.append)
     if rank != 0:
         return 0
+    mtp.training_summary = {**(mtp.training_summary or {}), "data": _data_label(args, sequences)}
     path = mtp.save_pretrained(
         out, k_max=cfg.k_max, threshold=args.threshold, overwrite=args.overwrite
     )

@@ -13,6 +13,7 @@ rank draws the same ``k``, offset and global batch, and trains on its slice of i
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -50,6 +51,9 @@ from mtp_torch.training.parameters import find_blocks as find_blocks
 from mtp_torch.training.step import StepMetrics as StepMetrics
 from mtp_torch.training.step import StepStats, TrainState, init_train_state, train_step
 
+# The model card's loss and agreement are averaged over this many last steps.
+_SUMMARY_STEPS = 50
+
 if TYPE_CHECKING:
     from mtp_torch.decoding.model import MTPModel
 
@@ -62,6 +66,7 @@ __all__ = [
     "cpu_preset",
     "distill",
     "find_blocks",
+    "training_summary",
 ]
 
 
@@ -166,6 +171,7 @@ class _Reporter:
 
         self._log_every = cfg.log_every
         self._on_step = on_step
+        self.recent: collections.deque[StepMetrics] = collections.deque(maxlen=_SUMMARY_STEPS)
         self._log = None
         if cfg.log_path is not None and rank == 0:
             path = Path(cfg.log_path)
@@ -194,6 +200,7 @@ class _Reporter:
             self._log.close()
 
     def __call__(self, metrics: StepMetrics) -> None:
+        self.recent.append(metrics)
         if self._log is not None and metrics.step % self._log_every == 0:
             self._log.write(json.dumps(attrs.asdict(metrics)) + "\n")
             self._log.flush()
@@ -251,6 +258,35 @@ def _save(state: TrainState, stream: TokenStream, rank: int, world_size: int) ->
             config=cfg.to_json(),
         )
     barrier(world_size)
+
+
+def training_summary(recent: Sequence[StepMetrics], cfg: DistillConfig) -> dict[str, Any]:
+    """What the model card says of the run: steps, loss kind, and the loss and per-offset
+    agreement averaged over the last logged steps (``recent``; one step's figures are noisy).
+
+    Args:
+      recent: the metrics of the last steps, oldest first (empty: nothing trained this call).
+      cfg: the run's config.
+
+    Returns:
+      ``{"steps", "loss_kind", "k_max", "lora_rank", "loss", "agreement"}``; ``agreement[j]`` is
+      the rate at offset ``j + 1`` (the next token first) over the steps whose block reached it.
+    """
+    summary: dict[str, Any] = {
+        "steps": recent[-1].step if recent else 0,
+        "loss_kind": cfg.loss,
+        "k_max": cfg.k_max,
+        "lora_rank": cfg.lora_rank,
+    }
+    if recent:
+        summary["averaged_over_last_steps"] = len(recent)
+        summary["loss"] = round(float(np.mean([m.loss for m in recent])), 4)
+        width = max(len(m.agreement) for m in recent)
+        summary["agreement"] = [
+            round(float(np.mean([m.agreement[j] for m in recent if len(m.agreement) > j])), 4)
+            for j in range(width)
+        ]
+    return summary
 
 
 def _as_mtp_model(
@@ -347,7 +383,10 @@ def distill(
         finally:
             for hook in state.hooks:
                 hook.remove()
-    # 5. The student as an MTPModel; the teacher is let go first.
+    # 5. The student as an MTPModel (with the summary its model card shows); the teacher is let
+    #    go first.
     student, mask_token_id = state.student, state.mask_token_id
     del state
-    return _as_mtp_model(student, mask_token_id, cfg, tokenizer)
+    mtp = _as_mtp_model(student, mask_token_id, cfg, tokenizer)
+    mtp.training_summary = training_summary(list(report.recent), cfg)
+    return mtp
