@@ -21,6 +21,7 @@ from mtp_core._src.layout import default_num_regions as default_num_regions
 from mtp_core._src.layout import inference_layout as inference_layout
 from mtp_core._src.layout import student_forcing_pairs as student_forcing_pairs
 from mtp_core._src.layout import training_layout as training_layout
+from mtp_core._src.losses import LOSS_KINDS as LOSS_KINDS
 from mtp_core._src.losses import LossKind as LossKind
 from mtp_core._src.losses import agreement as agreement
 from mtp_core._src.losses import distillation_loss as distillation_loss
@@ -42,6 +43,7 @@ from mtp_core._src.sampling import filtered_probabilities as filtered_probabilit
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOSS_KINDS",
     "AcceptancePolicy",
     "Backend",
     "ConfAdapt",

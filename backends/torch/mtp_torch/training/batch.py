@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from mtp_core._src.layout import TrainingLayout, TrainingLayoutSpec, training_layout
+from mtp_core import TrainingLayout, TrainingLayoutSpec, training_layout
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.data import TokenStream
 

@@ -15,8 +15,7 @@ import attrs
 import numpy as np
 import torch
 
-from mtp_core._src.layout import TrainingLayoutSpec, default_num_regions
-from mtp_core._src.losses import LOSS_KINDS, LossKind
+from mtp_core import LOSS_KINDS, LossKind, TrainingLayoutSpec, default_num_regions
 
 __all__ = [
     "RESUMABLE_FIELDS",

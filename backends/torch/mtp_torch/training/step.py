@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mtp_core._src.losses import agreement, distillation_loss
+from mtp_core import agreement, distillation_loss
 from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
