@@ -22,47 +22,19 @@ from mtp_torch.bench.plot import plot_report
 from mtp_torch.bench.prompts import default_data_path, load_prompts
 from mtp_torch.bench.report import format_markdown, write_report
 from mtp_torch.bench.runner import run_benchmark
+from mtp_torch.cli.options import comma_separated
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"2,3"`` -> ``(2, 3)``; ``""`` -> ``()``."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from error
+def _int_or_auto(part: str) -> int | str:
+    return "auto" if part.lower() == "auto" else int(part)
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    """``"0.9,0.8"`` -> ``(0.9, 0.8)``; ``""`` -> ``()``."""
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from error
-
-
-def _k_list(text: str) -> tuple[int | str, ...]:
-    """``"4,8,auto"`` -> ``(4, 8, "auto")``."""
-    values: list[int | str] = []
-    for part in (p.strip().lower() for p in text.split(",")):
-        if not part:
-            continue
-        if part == "auto":
-            values.append("auto")
-            continue
-        try:
-            values.append(int(part))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(
-                f"--k-max takes comma-separated integers or 'auto', got {text!r}"
-            ) from error
-    return tuple(values)
+_int_list = comma_separated(int, "integers")
+_float_list = comma_separated(float, "numbers")
+_k_list = comma_separated(_int_or_auto, "integers or 'auto'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,13 +6,15 @@ import argparse
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
 from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
 
-__all__ = ["ConfigOption", "add_config_options", "config_overrides", "parse_policy"]
+ItemT = TypeVar("ItemT")
+
+__all__ = ["ConfigOption", "add_config_options", "comma_separated", "config_overrides", "parse_policy"]
 
 _POLICY_FORMS = "'confadapt', 'confadapt:THRESHOLD', 'confadapt:THRESHOLD:K_MAX' or 'static:K'"
 
@@ -160,3 +162,28 @@ def config_overrides(args: argparse.Namespace, options: Sequence[ConfigOption]) 
         if value is not None:
             overrides[option.field] = value if option.parse is None else option.parse(value)
     return overrides
+
+
+def comma_separated(
+    item: Callable[[str], ItemT], what: str
+) -> Callable[[str], tuple[ItemT, ...]]:
+    """An argparse ``type=`` for comma-separated values: ``"2, 3"`` -> ``(2, 3)``, ``""`` -> ``()``.
+
+    Args:
+      item: converts one stripped, non-empty part (raises ``ValueError`` when it is bad).
+      what: what the parts are, for the error message (``"integers"``).
+
+    Example:
+      >>> comma_separated(int, "integers")("2, 3")
+      (2, 3)
+    """
+
+    def parse(text: str) -> tuple[ItemT, ...]:
+        try:
+            return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from error
+
+    return parse
