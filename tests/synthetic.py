@@ -9,6 +9,8 @@ nearly ``k_max`` tokens per forward pass with the continuation unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import numpy as np
 import torch
@@ -57,24 +59,46 @@ def tiny_llama(
     hidden_size: int = 64,
     layers: int = 2,
     dtype: torch.dtype = torch.float32,
-    seed: int = 0,
+    seed: int | None = 0,
     attn_implementation: str = "sdpa",
+    intermediate_size: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 512,
+    tie: bool = False,
+    generation_pad: int | None = 0,
+    **config: Any,
 ) -> LlamaForCausalLM:
-    """A randomly initialised tiny Llama (untied embeddings, 4 heads, 2 KV heads)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    """A randomly initialised tiny Llama: the one test model of the suite.
+
+    Args:
+      vocab_size: rows of the embedding.
+      hidden_size, layers, heads, kv_heads, max_positions: the shape (intermediate size
+        ``2 * hidden_size`` unless given).
+      dtype: parameter dtype.
+      seed: ``torch.manual_seed`` before the weights are drawn (``None``: the current state).
+      attn_implementation: ``"sdpa"`` (default), ``"eager"`` or ``"flex_attention"``.
+      tie: tie the input and output embeddings.
+      generation_pad: the generation config's ``pad_token_id`` when the config sets none.
+      **config: any other ``LlamaConfig`` field (``initializer_range``, token ids ...).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    llama_config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=2 * hidden_size if intermediate_size is None else intermediate_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
         attn_implementation=attn_implementation,
+        **config,
     )
-    model = LlamaForCausalLM(config).to(dtype)
-    model.generation_config.pad_token_id = 0
+    model = LlamaForCausalLM(llama_config).to(dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = generation_pad
     return model
 
 

@@ -29,6 +29,7 @@ from mtp_torch.bench.quality import (
 )
 from mtp_torch.bench.report import format_markdown
 from mtp_torch.bench.runner import run_benchmark
+from tests.synthetic import tiny_llama
 
 WORDS = (
     "how many apples does she have left ? there are 3 5 12 7 a the is answer "
@@ -59,26 +60,18 @@ def _tokenizer() -> Any:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted tiny checkpoint directory (mask token stored in its config)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from mtp_torch.decoding.model import MTPModel
 
     tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = tiny_llama(
+        len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+        max_positions=256,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     mtp = MTPModel(model, tokenizer=tokenizer)
     return mtp.save_pretrained(
         tmp_path_factory.mktemp("bench") / "tiny-mtp", k_max=4, threshold=0.9

@@ -12,11 +12,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel
 from mtp_torch.cli import SUBCOMMANDS, build_parser, main, parse_policy
+from tests.synthetic import tiny_llama
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
@@ -43,21 +44,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with a chat-template tokenizer, saved as an MTP checkpoint."""
     tokenizer = char_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = tiny_llama(
+        len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_positions=128,
         pad_token_id=1,
         bos_token_id=None,
         eos_token_id=2,
         initializer_range=1.0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
     mtp = MTPModel(model, tokenizer=tokenizer)
     return mtp.save_pretrained(tmp_path_factory.mktemp("cli") / "tiny-mtp", k_max=4, threshold=0.6)
 

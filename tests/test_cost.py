@@ -274,19 +274,9 @@ def test_auto_policy_rejects_bad_candidates_and_prompts() -> None:
 
 
 def test_measure_cost_curve_on_tiny_model() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.synthetic import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(50, hidden_size=16, layers=1, heads=2, kv_heads=1, max_positions=64).eval()
     curve = measure_cost_curve(model, max_tokens=5, context_length=10, repeats=2, warmup=1)
     assert curve.num_tokens == (1, 2, 3, 4, 5)
     assert len(curve.seconds) == 5 and len(curve.measured_seconds) == 5

@@ -18,8 +18,6 @@ from transformers import (
     BertForMaskedLM,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from mtp_core import ConfAdapt
@@ -592,19 +590,15 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
 
 def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
     """Issue 10's reproducer: resizing a parameter autograd had met broke the next backward."""
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    teacher = tiny_llama(
+        64,
+        max_positions=128,
+        generation_pad=None,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        seed=None,
     )
-    teacher = LlamaForCausalLM(config)
     sequences = [[(s + i * d) % 60 for i in range(64)] for s in range(60) for d in range(1, 6)]
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
     batch = torch.tensor(sequences[:32])

@@ -16,7 +16,6 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -24,6 +23,7 @@ from transformers import (
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel, add_mask_token
 from mtp_torch.weights import default as _default
+from tests import synthetic
 
 CHARACTERS = list("abcdefghijklmnopqrstuvwxyz .,?!")
 SPECIALS = ["<unk>", "<pad>", "<eos>"]
@@ -40,22 +40,19 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int, tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
+    model = synthetic.tiny_llama(
+        vocab_size,
         intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        layers=1,
+        max_positions=64,
+        tie=tie,
+        seed=seed,
         pad_token_id=1,
         bos_token_id=None,
         eos_token_id=2,
         initializer_range=0.5,
-    )
-    model = LlamaForCausalLM(config).eval()
+    ).eval()
+    config = model.config
     # Give the rows distinct per-dimension statistics so the init check means something.
     with torch.no_grad():
         shift = torch.linspace(-2.0, 2.0, config.hidden_size)
