@@ -219,3 +219,23 @@ def test_bad_arguments_raise(setup: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="policy"):
         MTPEvalLM(pretrained=mtp, policy="fast")
     assert MTPEvalLM(pretrained=mtp, policy=StaticK(2)).policy == StaticK(2)
+
+
+def test_bundled_gsm8k_example_task_is_the_harness_gsm8k_cot() -> None:
+    """examples/lm_eval/gsm8k_cot_bundled.yaml: gsm8k_cot's settings over the bundled rows."""
+    from importlib import resources
+
+    import yaml
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "lm_eval"
+    manager = TaskManager(include_path=str(examples), include_defaults=False)
+    task = manager.load(["gsm8k_cot_bundled"])["tasks"]["gsm8k_cot_bundled"]
+    harness_file = resources.files("lm_eval.tasks") / "gsm8k" / "gsm8k-cot.yaml"
+    harness = yaml.safe_load(harness_file.read_text("utf-8"))
+    keys = ("output_type", "doc_to_text", "doc_to_target", "num_fewshot", "generation_kwargs")
+    for key in (*keys, "filter_list", "metric_list"):
+        assert getattr(task.config, key) == harness[key], key
+    assert list(task.fewshot_docs()) == harness["fewshot_config"]["samples"]
+    docs = list(task.test_docs())
+    assert len(docs) == 256
+    assert docs[0]["answer"].split("####")[-1].strip().isdigit()

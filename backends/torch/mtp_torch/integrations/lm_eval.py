@@ -78,7 +78,9 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         ``static:3``; see ``mtp generate --policy``) or a policy object; ``None`` uses the
         checkpoint's own.
       dtype: parameter dtype (``float32``, ``bfloat16``, ``auto`` ...); ``None`` is float32.
-      device: where to run; ``None`` is ``cuda`` when available, else ``cpu``.
+      device: where to run; ``None`` is ``cuda`` when available, else ``cpu``.  A CUDA device
+        on a machine without CUDA falls back to ``cpu`` with a warning (the harness's command
+        line asks for ``cuda:0`` unless told otherwise).
       batch_size: requests decoded (or scored) together.
       max_gen_toks: generation budget of a request whose task sets none (the harness's name).
       max_new_tokens: the same, under the ``mtp`` command line's name; overrides
@@ -120,8 +122,7 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _available_device(device)
         if isinstance(pretrained, MTPModel):
             self.mtp = pretrained
         else:
@@ -463,6 +464,17 @@ def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def _available_device(device: str | None) -> str:
+    """``device``, or ``cpu`` where CUDA is asked for (or ``None`` given) and there is none."""
+    has_cuda = torch.cuda.is_available()
+    if device is None:
+        return "cuda" if has_cuda else "cpu"
+    if str(device).startswith("cuda") and not has_cuda:
+        logger.warning("mtp: device %r asked for but CUDA is not available; using cpu", device)
+        return "cpu"
+    return str(device)
 
 
 def _group_by_kwargs(requests: Sequence[Any]) -> Iterator[tuple[dict[str, Any], list[int]]]:
