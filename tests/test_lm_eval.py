@@ -29,9 +29,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mtp_torch import MTPModel, StaticK  # noqa: E402
 from mtp_torch.integrations.stopping import DecodeSettings, decode_until  # noqa: E402
-from tests.synthetic import make_tokenizer, tiny_llama  # noqa: E402
+from tests.synthetic import WORDS, make_tokenizer, tiny_llama  # noqa: E402
 
-WORDS = "what is two plus three the answer five a b c hello world".split()
 TASKS = ["tiny_gen", "tiny_choice", "tiny_text"]
 
 
@@ -65,7 +64,7 @@ def _task_files(folder: Path, data: Path, cache: Path) -> None:
             "metric_list": [{"metric": "word_perplexity"}],
         },
     }
-    for name, config in tasks.items():
+    for name, config in tasks.items():  # JSON is YAML
         (folder / f"{name}.yaml").write_text(
             json.dumps({"task": name, **source, **config}), encoding="utf-8"
         )
@@ -79,8 +78,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = tiny_llama(len(tokenizer), hidden_size=32, layers=2, seed=3)
     checkpoint = MTPModel(model, tokenizer=tokenizer).save_pretrained(root / "tiny-mtp")
     rows = [
-        {"question": " ".join(WORDS[(3 * i) % 13 : (3 * i) % 13 + 2 + i % 4]), "answer": "five",
-         "label": i % 3}
+        {
+            "question": " ".join(WORDS[(3 * i) % len(WORDS) :][: 2 + i % 4]),
+            "answer": "five",
+            "label": i % 3,
+        }
         for i in range(6)
     ]
     data = root / "rows.jsonl"
@@ -122,8 +124,14 @@ def hf_results(setup: dict[str, Any]) -> dict[str, Any]:
 def test_static_1_equals_the_harness_hf_model(
     setup: dict[str, Any], hf_results: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="lm_eval.models.mtp"):
-        results = _evaluate(setup, "mtp", "policy=static:1")
+    # The harness may stop its loggers propagating, so listen on the adapter's logger itself.
+    adapter_logger = logging.getLogger("lm_eval.models.mtp")
+    adapter_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lm_eval.models.mtp"):
+            results = _evaluate(setup, "mtp", "policy=static:1")
+    finally:
+        adapter_logger.removeHandler(caplog.handler)
     # Generation: the same continuations, cut at the same stop strings.
     generated = _responses(results, "tiny_gen")
     assert generated == _responses(hf_results, "tiny_gen")

@@ -73,7 +73,8 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
     Args:
       pretrained: a converted checkpoint directory, a plain causal-LM directory or Hub id (a
         mask token is added), ``"default"`` or ``"default-base"`` (see
-        ``MTPModel.from_pretrained``), or an ``MTPModel`` already loaded.
+        ``MTPModel.from_pretrained``), or an ``MTPModel`` already loaded (then ``dtype`` and
+        ``device`` are not used).
       policy: the decoding policy (``confadapt``, ``confadapt:0.9``, ``confadapt:0.9:8``,
         ``static:3``; see ``mtp generate --policy``) or a policy object; ``None`` uses the
         checkpoint's own.
@@ -133,10 +134,11 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
                 "the tokenizer with the model (MTPModel(..., tokenizer=...).save_pretrained)"
             )
         self.tokenizer = self.mtp.tokenizer
-        default_policy = self.mtp.default_policy
-        self.policy: AcceptancePolicy = (
-            parse_policy(policy, default_policy) if isinstance(policy, str) else policy
-        ) or default_policy
+        self.policy: AcceptancePolicy = self.mtp.default_policy
+        if isinstance(policy, str):
+            self.policy = parse_policy(policy, self.mtp.default_policy)
+        elif policy is not None:
+            self.policy = policy
         self._batch_size = _positive_int("batch_size", batch_size)
         budget = max_gen_toks if max_new_tokens is None else max_new_tokens
         self._max_gen_toks = _positive_int("max_gen_toks", budget)
@@ -299,11 +301,8 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
             batch = order[start : start + self.batch_size]
             # 2. Each row: context + continuation less its last token, cut to the window.
             rows = [_score_window(requests[i], self.max_length) for i in batch]
-            log_probs = self._log_probs([tokens for tokens, _ in rows])
-            # 3. Gather the continuation's log-probabilities.
-            for slot, index in enumerate(batch):
-                tokens, continuation = rows[slot]
-                answer = _continuation_score(log_probs[slot, : len(tokens)], continuation)
+            # 3. One forward pass; each row's continuation read from its last positions.
+            for index, answer in zip(batch, self._score_rows(rows), strict=True):
                 results[index] = answer
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
@@ -311,23 +310,38 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         progress.close()
         return [answer for answer in results if answer is not None]
 
-    def _log_probs(self, rows: list[list[int]]) -> torch.Tensor:
-        """Float32 log-probabilities ``(batch, longest, vocab)`` of right-padded rows."""
-        width = max(len(tokens) for tokens in rows)
+    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Score each row's continuation (see ``_continuation_score``) in one forward pass.
+
+        Args:
+          rows: ``(input_tokens, continuation)``; the input ends just before the continuation's
+            last token, so its last ``len(continuation)`` positions predict the continuation.
+        """
+        width = max(len(tokens) for tokens, _ in rows)
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, tokens in enumerate(rows):
+        for row, (tokens, _) in enumerate(rows):
             input_ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
             attention_mask[row, : len(tokens)] = 1
-        with torch.no_grad():
-            logits = self.mtp.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-            ).logits
-        return F.log_softmax(logits.float(), dim=-1).cpu()
+        model = self.mtp.model
+        was_training = bool(model.training)
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                ).logits
+        finally:
+            model.train(was_training)
+        return [
+            _continuation_score(
+                logits[row, len(tokens) - len(continuation) : len(tokens)], continuation
+            )
+            for row, (tokens, continuation) in enumerate(rows)
+        ]
 
-    def loglikelihood_rolling(
-        self, requests: list[Any], disable_tqdm: bool = False
-    ) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-probability of each whole text, in windows of the context length.
 
         Args:
@@ -503,18 +517,21 @@ def _score_window(request: _ScoreRequest, max_length: int) -> tuple[list[int], l
     return tokens, list(continuation)
 
 
-def _continuation_score(log_probs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
-    """Summed log-probability of ``continuation`` at the last positions, and greediness.
+def _continuation_score(logits: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+    """Summed log-probability of ``continuation``, and whether each token is the argmax.
 
     Args:
-      log_probs: ``(row_length, vocab)`` log-probabilities of one unpadded row; position ``t``
-        predicts token ``t + 1``.
-      continuation: the scored token ids (the row's last ``len(continuation)`` predictions).
+      logits: ``(len(continuation), vocab)`` logits of the positions that predict the
+        continuation's tokens (log-softmax taken here, in float32).
+      continuation: the scored token ids.
+
+    Returns:
+      ``(log_probability, is_greedy)`` (natural log).
     """
-    scored = log_probs[-len(continuation) :]
+    log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
     target = torch.as_tensor(continuation, dtype=torch.long)
-    log_prob = float(scored.gather(1, target[:, None]).sum())
-    return log_prob, bool((scored.argmax(dim=-1) == target).all())
+    log_prob = float(log_probs.gather(1, target[:, None]).sum())
+    return log_prob, bool((log_probs.argmax(dim=-1) == target).all())
 
 
 def main() -> None:

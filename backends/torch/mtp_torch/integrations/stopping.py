@@ -52,7 +52,10 @@ class GenerationStats:
 
     def __add__(self, other: GenerationStats) -> GenerationStats:
         return GenerationStats(
-            *(mine + theirs for mine, theirs in zip(attrs.astuple(self), attrs.astuple(other), strict=True))
+            *(
+                mine + theirs
+                for mine, theirs in zip(attrs.astuple(self), attrs.astuple(other), strict=True)
+            )
         )
 
     def as_dict(self) -> dict[str, float | int]:
