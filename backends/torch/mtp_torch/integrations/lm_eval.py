@@ -378,7 +378,7 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continue each context with MTP decoding until a stop string or the token budget.
 
-        Requests are grouped by their generation arguments and decoded ``batch_size`` at a
+        Requests are grouped by task and generation arguments and decoded ``batch_size`` at a
         time.  A request's ``until`` strings (and the EOS text) end its continuation, which is
         returned without them; ``max_gen_toks`` bounds it.  ``generation_stats`` and
         ``stats_by_task`` count the tokens and forward passes.
@@ -392,7 +392,7 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         """
         outputs: list[str] = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="mtp: generating")
-        for gen_kwargs, indices in _group_by_kwargs(requests):
+        for gen_kwargs, indices in _group_requests(requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             eos_text = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
@@ -414,7 +414,7 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
                     self.cache_hook.add_partial(
                         "generate_until", requests[index].args, outputs[index]
                     )
-                self._count(stats, [requests[i] for i in batch])
+                self._count(stats, _task_name(requests[batch[0]]))
                 progress.update(len(batch))
         progress.close()
         if requests:
@@ -457,13 +457,10 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
             )
         return room
 
-    def _count(self, stats: GenerationStats, batch: list[Any]) -> None:
-        """Add a batch's tally to the totals (per task: the batch's share of it)."""
+    def _count(self, stats: GenerationStats, task: str) -> None:
+        """Add a batch's tally to the totals and to its task's."""
         self.generation_stats = self.generation_stats + stats
-        tasks = {str(getattr(request, "task_name", None) or "") for request in batch}
-        if len(tasks) == 1:
-            task = tasks.pop()
-            self.stats_by_task[task] = self.stats_by_task.get(task, GenerationStats()) + stats
+        self.stats_by_task[task] = self.stats_by_task.get(task, GenerationStats()) + stats
 
 
 def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
@@ -491,13 +488,18 @@ def _available_device(device: str | None) -> str:
     return str(device)
 
 
-def _group_by_kwargs(requests: Sequence[Any]) -> Iterator[tuple[dict[str, Any], list[int]]]:
-    """Request indices grouped by equal generation arguments, in first-seen order."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    first: dict[str, dict[str, Any]] = {}
+def _task_name(request: Any) -> str:
+    """The harness task a request belongs to (``""`` when it names none)."""
+    return str(getattr(request, "task_name", None) or "")
+
+
+def _group_requests(requests: Sequence[Any]) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """Request indices grouped by task and equal generation arguments, in first-seen order."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    first: dict[tuple[str, str], dict[str, Any]] = {}
     for index, request in enumerate(requests):
         gen_kwargs = dict(request.args[1])
-        key = json.dumps(gen_kwargs, sort_keys=True, default=str)
+        key = (_task_name(request), json.dumps(gen_kwargs, sort_keys=True, default=str))
         groups[key].append(index)
         first.setdefault(key, gen_kwargs)
     for key, indices in groups.items():
