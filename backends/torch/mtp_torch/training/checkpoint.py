@@ -389,8 +389,8 @@ def save_sharded_checkpoint(
       The directory of the new checkpoint on rank 0, ``None`` on the other ranks.
     """
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save as save_shards
 
     root = Path(out_dir)
     staged = root / f".{_PREFIX}{step:08d}.sharded.tmp"
@@ -402,7 +402,7 @@ def save_sharded_checkpoint(
     dist.barrier()
     # 2. Every process writes its shards (one collective save) and its random states.
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staged))
+    save_shards({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staged))
     save_file(_rng_tensors(device), str(staged / f"rng-{rank}.safetensors"))
     with open(staged / f"rank-{rank}.json", "w", encoding="utf-8") as handle:
         json.dump({"step": int(step), "python_rng": _python_rng_state()}, handle)
@@ -453,14 +453,14 @@ def load_sharded_checkpoint(
       ValueError: for an unknown format, an unsharded checkpoint, or one written by another
         number of processes.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as load_shards
 
     root = Path(directory)
     state = _checked_state(root, world_size=world_size)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(loaded, checkpoint_id=str(root))
+    loaded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    load_shards(loaded, checkpoint_id=str(root))
     set_state_dict(
         model,
         optimizer,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -133,7 +133,8 @@ def keep_row_gradients(weights: Sequence[nn.Parameter], row: int) -> None:
 
 def _unsharded_class(module: nn.Module) -> type[nn.Module]:
     """The class ``fully_shard`` swapped out of ``module``'s (itself when it was not sharded)."""
-    return next(kind for kind in type(module).__mro__ if not issubclass(kind, FSDPModule))
+    original = next(kind for kind in type(module).__mro__ if not issubclass(kind, FSDPModule))
+    return cast(type[nn.Module], original)
 
 
 def _base_model(model: Any, lora: bool) -> Any:

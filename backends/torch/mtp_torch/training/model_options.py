@@ -85,13 +85,14 @@ def attention_implementation(model: Any, cfg: DistillConfig, device: torch.devic
 def enable_gradient_checkpointing(model: Any) -> None:
     """Recompute every block's activations in the backward pass (transformers, non-reentrant).
 
-    Non-reentrant checkpointing gives the parameters inside a block their gradients whether or
-    not the block's input requires one, so frozen embeddings (LoRA, ``train_mask_embedding``
-    off) need no ``enable_input_require_grads``; that hook would also make the backward pass
-    run through frozen lower blocks with ``train_layers``.
-
-    The training passes run with ``use_cache=False`` (``forward_logits``), as checkpointing
-    needs; the model's config is left alone, so the saved model generates with its cache.
+    transformers also hooks the input embeddings so that their output requires a gradient
+    (``enable_input_require_grads``), which reentrant checkpointing needs when the embeddings
+    are frozen (LoRA, ``train_mask_embedding`` off): without it a checkpointed block whose
+    input needs no gradient gives its parameters none.  Non-reentrant checkpointing, used
+    here, gives them their gradients either way, so the hook is removed again: it would make
+    the backward pass run through frozen lower blocks that ``train_layers`` leaves out.  The
+    training passes run with ``use_cache=False`` (``forward_logits``), as checkpointing needs;
+    the model's config is left alone, so the saved model generates with its cache.
 
     Args:
       model: a transformers causal LM (the base model under a LoRA wrapper).
@@ -109,6 +110,8 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def prepare_model(model: Any, cfg: DistillConfig, device: torch.device) -> None:
