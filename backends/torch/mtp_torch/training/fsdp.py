@@ -41,7 +41,13 @@ ParameterMap = Callable[[Iterable[nn.Parameter]], list[nn.Parameter]]
 
 
 def device_mesh(device: torch.device, world_size: int) -> DeviceMesh:
-    """A 1-D mesh over every process, on ``device``'s type (``"cuda"`` or ``"cpu"``/gloo)."""
+    """A 1-D mesh over every process, on ``device``'s type (``"cuda"`` or ``"cpu"``/gloo).
+
+    On CUDA, ``device`` becomes this process's current GPU first: FSDP puts the shards, and
+    NCCL its collectives, on the current device.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return init_device_mesh(device.type, (world_size,))
 
 
