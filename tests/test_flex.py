@@ -83,7 +83,9 @@ def test_attention_option_resolves_per_device_and_model() -> None:
     assert attention_implementation(llama, auto, CPU) == "sdpa"  # CPU: no Flex backward
     assert attention_implementation(llama, auto, CUDA) == FLEX_ATTENTION
     assert attention_implementation(llama, DistillConfig(attention="sdpa"), CUDA) == "sdpa"
-    assert attention_implementation(llama, DistillConfig(attention="flex"), CPU) == FLEX_ATTENTION
+    assert attention_implementation(llama, DistillConfig(attention="flex"), CUDA) == FLEX_ATTENTION
+    with pytest.raises(ValueError, match="no backward pass on the CPU"):
+        attention_implementation(llama, DistillConfig(attention="flex"), CPU)
     llama.config.attention_dropout = 0.1  # transformers' FlexAttention refuses dropout
     assert attention_implementation(llama, auto, CUDA) == "sdpa"
     with pytest.raises(ValueError, match="dropout"):
@@ -103,7 +105,7 @@ def test_a_model_without_flex_support_keeps_sdpa_or_is_refused() -> None:
 
 def test_a_model_trained_with_flex_is_switched_back_to_sdpa() -> None:
     model = tiny_llama(VOCAB)
-    prepare_model(model, DistillConfig(attention="flex"), CPU)
+    prepare_model(model, DistillConfig(attention="flex"), CUDA)  # sets the kernel only
     assert model.config._attn_implementation == FLEX_ATTENTION
     restore_model(model)
     assert model.config._attn_implementation == "sdpa"

@@ -109,6 +109,9 @@ def test_dtype_casts_student_and_teacher_and_keeps_adapters_float32() -> None:
     assert state.teacher is not None
     assert {p.dtype for p in state.teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in state.student.parameters()} == {torch.bfloat16}
+    # Buffers stay as from_pretrained(dtype=...) leaves them: float32 rotary frequencies.
+    assert {b.dtype for b in state.teacher.buffers()} == {torch.float32}
+    assert {b.dtype for b in state.student.buffers()} == {torch.float32}
     lora = _config(dtype="bfloat16", bf16=False, lora_rank=4)
     state = init_train_state(tiny_llama(VOCAB, hidden_size=32), None, lora, CPU)
     dtypes = {name: p.dtype for name, p in state.student.named_parameters()}

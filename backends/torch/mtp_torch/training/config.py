@@ -178,7 +178,7 @@ class DistillConfig:
         less memory, about one more forward pass of time; same loss and gradients.
       attention: how the training passes attend under the packed layout's mask: ``"sdpa"``
         (a 4-D boolean mask through ``scaled_dot_product_attention``, or the model's eager
-        attention), ``"flex"`` (a FlexAttention block mask; the model is switched to
+        attention), ``"flex"`` (CUDA: a FlexAttention block mask; the model is switched to
         ``attn_implementation="flex_attention"`` for training and back to "sdpa" after), or
         ``"auto"``: flex on CUDA when the model and torch support it, else sdpa.
       progress: show a tqdm progress bar (rank 0 only).

@@ -15,12 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from mtp_torch.training.config import DistillConfig
 
 __all__ = [
     "FLEX_ATTENTION",
     "attention_implementation",
+    "cast_parameters",
     "enable_gradient_checkpointing",
     "prepare_model",
     "restore_model",
@@ -69,12 +71,15 @@ def attention_implementation(model: Any, cfg: DistillConfig, device: torch.devic
       ``"flex_attention"``, or the model's own implementation (``"sdpa"`` or ``"eager"``).
 
     Raises:
-      ValueError: for ``attention="flex"`` with a model or torch that cannot run it.
+      ValueError: for ``attention="flex"`` on the CPU, or with a model or torch that cannot
+        run it.
     """
     current = str(getattr(model.config, "_attn_implementation", None) or "eager")
     if cfg.attention == "sdpa":
         return _DECODE_ATTENTION if current == FLEX_ATTENTION else current
     reason = _why_not_flex(model)
+    if cfg.attention == "flex" and device.type == "cpu":
+        reason = "FlexAttention has no backward pass on the CPU"
     if cfg.attention == "flex":
         if reason is not None:
             raise ValueError(f"attention='flex' cannot be used: {reason}; use attention='sdpa'")
@@ -114,6 +119,19 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.disable_input_require_grads()
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point parameters to ``dtype`` in place.
+
+    Buffers keep their dtype, as ``from_pretrained(dtype=...)`` leaves them: ``model.to`` would
+    also round the float32 rotary frequencies (``inv_freq``) to bfloat16, which moves the
+    positions of long contexts.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+
+
 def prepare_model(model: Any, cfg: DistillConfig, device: torch.device) -> None:
     """Cast ``model``'s weights to ``cfg.dtype`` and pick its training attention, in place.
 
@@ -126,7 +144,7 @@ def prepare_model(model: Any, cfg: DistillConfig, device: torch.device) -> None:
     """
     dtype = weight_dtype(cfg)
     if dtype is not None:
-        model.to(dtype)
+        cast_parameters(model, dtype)
     implementation = attention_implementation(model, cfg, device)
     if implementation != getattr(model.config, "_attn_implementation", None):
         model.set_attn_implementation(implementation)
