@@ -49,6 +49,7 @@ def eager_flex(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", uncompiled)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_packed_logits_through_the_flex_block_mask_equal_the_sdpa_ones(eager_flex: None) -> None:
     sdpa = tiny_llama(VOCAB, hidden_size=32)
     mask_token_id = add_mask_token(sdpa, seed=0)
