@@ -92,6 +92,7 @@ TRAINING_OPTIONS = (
     ConfigOption("k_max", "largest block size (default {default})"),
     ConfigOption("loss", "training objective (default {default})"),
     ConfigOption("lr", "learning rate (default {default})"),
+    ConfigOption("weight_decay", "AdamW weight decay (default {default}; the paper: 0.1)"),
     ConfigOption("mask_lr_multiplier", "extra step size of the mask embedding (default {default})"),
     ConfigOption("warmup_steps", "linear warm-up steps (default {default})"),
     ConfigOption("batch_size", "packed sequences per step (default {default})"),
@@ -148,6 +149,27 @@ TRAINING_OPTIONS = (
         "prefix_loss_weight",
         "weight of the KL anchor to the teacher at the real tokens (default {default}; 0 "
         "disables it)",
+    ),
+    ConfigOption(
+        "dtype",
+        "cast the weights of student and teacher to this dtype; LoRA adapters stay float32 "
+        "(default: {default})",
+        none_text="as loaded, float32",
+    ),
+    ConfigOption(
+        "fsdp",
+        "under torchrun, shard the model, gradients and AdamW state over the processes (FSDP2) "
+        "instead of a whole copy each (default: {default})",
+    ),
+    ConfigOption(
+        "gradient_checkpointing",
+        "recompute each block's activations in the backward pass: less memory, ~1 more "
+        "forward of time (default: {default})",
+    ),
+    ConfigOption(
+        "attention",
+        "attention of the training passes: FlexAttention block mask (flex, CUDA), dense mask "
+        "through SDPA (sdpa), or flex on CUDA and sdpa elsewhere (auto; default {default})",
     ),
     ConfigOption("seed", "random seed (default {default})"),
     ConfigOption("checkpoint_every", "steps between checkpoints (default {default})"),
@@ -250,8 +272,11 @@ def _add_corpus_arguments(corpus: argparse._ArgumentGroup) -> None:
     )
 
 
-def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
-    """(model in float32, tokenizer, a short name for paths)."""
+def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
+    """(model in ``dtype``, default float32; tokenizer; a short name for paths).
+
+    A Hub model is read straight in ``dtype``: an 8B model under ``torchrun`` is loaded by
+    every process, so bfloat16 halves the host memory that takes."""
     if name in CONVERTED_NAMES:
         raise ValueError(
             f"--model {name} is already converted; convert the unconverted base with "
@@ -264,7 +289,10 @@ def _load_model(name: str, device: str | None) -> tuple[Any, Any, str]:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+            name,
+            dtype=getattr(torch, dtype or "float32"),
+            attn_implementation="sdpa",
+            trust_remote_code=False,
         )
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except OSError as error:
@@ -366,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
             f"--out {args.out} holds files mtp-lm did not write; choose a new directory or add "
             "--overwrite (your files are kept)"
         )
-    model, tokenizer, model_name = _load_model(args.model, args.device)
+    model, tokenizer, model_name = _load_model(args.model, args.dtype)
     out = Path(args.out) if args.out else Path(f"{model_name}-mtp")
     checkpoint_dir = out.parent / f"{out.name}.ckpt"
     cfg = _config(args, checkpoint_dir, model)

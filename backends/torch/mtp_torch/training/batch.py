@@ -21,7 +21,14 @@ from mtp_core import TrainingLayout, TrainingLayoutSpec, training_layout
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.data import TokenStream
 
-__all__ = ["PackedBatch", "as_index", "draw_batch", "forward_logits", "pack_windows"]
+__all__ = [
+    "PackedBatch",
+    "as_index",
+    "draw_batch",
+    "flex_block_mask",
+    "forward_logits",
+    "pack_windows",
+]
 
 
 @attrs.frozen(eq=False)
@@ -39,6 +46,8 @@ class PackedBatch:
       keep: ``(n_keep,)`` slots whose logits are computed.
       predict_at: ``(M, k)`` indices into the kept slots: each region's prediction slots.
       prefix_at: ``(G,)`` indices into the kept slots of the real slots (prefix loss only).
+      block_mask: ``allowed`` as a FlexAttention ``BlockMask`` (for models that attend with
+        ``attn_implementation="flex_attention"``), or ``None`` when not built.
     """
 
     layout: TrainingLayout
@@ -51,6 +60,7 @@ class PackedBatch:
     keep: torch.Tensor
     predict_at: torch.Tensor
     prefix_at: torch.Tensor | None
+    block_mask: Any = None
 
     @property
     def k(self) -> int:
@@ -63,6 +73,31 @@ def as_index(array: npt.ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.int64)).to(device)
 
 
+def flex_block_mask(allowed: torch.Tensor) -> Any:
+    """The packed layout's attention mask as a FlexAttention ``BlockMask``.
+
+    Every row of a micro-batch shares one layout, so the block mask is built once from the
+    first row's dense mask and broadcast over the batch and the heads.
+
+    Args:
+      allowed: ``(B, 1, S, S)`` boolean attention mask (True: may attend).
+
+    Returns:
+      A ``torch.nn.attention.flex_attention.BlockMask`` of shape ``(1, 1, S, S)``.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = allowed[0, 0].contiguous()
+    seq_len = int(dense.shape[-1])
+
+    def may_attend(
+        batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> torch.Tensor:
+        return dense[query, key]
+
+    return create_block_mask(may_attend, None, None, seq_len, seq_len, device=dense.device)
+
+
 def pack_windows(
     windows_np: np.ndarray,
     weights_np: np.ndarray,
@@ -71,6 +106,7 @@ def pack_windows(
     device: torch.device,
     prefix_loss: bool,
     confidence_np: np.ndarray | None = None,
+    flex_attention: bool = False,
 ) -> PackedBatch:
     """Pack ground-truth windows into the layout's slots, on ``device``.
 
@@ -82,6 +118,8 @@ def pack_windows(
       device: where the tensors go.
       prefix_loss: also keep the logits of every real slot (for the prefix loss).
       confidence_np: ``(B, window_len)`` teacher confidences, or ``None`` for all 1.
+      flex_attention: also build the mask as a FlexAttention block mask (once, for the
+        student's and the teacher's forward alike).
 
     Returns:
       The packed micro-batch.
@@ -118,6 +156,7 @@ def pack_windows(
         keep=torch.from_numpy(keep).to(device),
         predict_at=torch.from_numpy(predict_at).to(device),
         prefix_at=None if prefix_at is None else torch.from_numpy(prefix_at).to(device),
+        block_mask=flex_block_mask(allowed) if flex_attention else None,
     )
 
 
@@ -138,6 +177,7 @@ def draw_batch(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    flex_attention: bool = False,
 ) -> list[PackedBatch]:
     """The ``grad_accum`` micro-batches of one optimizer step, this process's slices packed.
 
@@ -152,6 +192,7 @@ def draw_batch(
       device: where the packed tensors go.
       rank: this process's rank.
       world_size: number of processes; divides ``cfg.batch_size``.
+      flex_attention: build each micro-batch's FlexAttention block mask too.
 
     Returns:
       One packed micro-batch of ``batch_size // world_size`` rows per micro-step.
@@ -175,14 +216,19 @@ def draw_batch(
                 device,
                 cfg.prefix_loss_weight > 0,
                 confidence[mine],
+                flex_attention,
             )
         )
     return micro_batches
 
 
-def _attention_mask(model: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ``(B, 1, S, S)`` attention mask in the form the model's attention implementation takes."""
+def _attention_mask(model: nn.Module, packed: PackedBatch, dtype: torch.dtype) -> Any:
+    """The ``(B, 1, S, S)`` attention mask in the form the model's attention implementation
+    takes: boolean (SDPA), additive (eager) or a FlexAttention block mask."""
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    allowed = packed.allowed
+    if implementation == "flex_attention":
+        return packed.block_mask if packed.block_mask is not None else flex_block_mask(allowed)
     if "flash" in implementation:
         raise ValueError(
             f"attention implementation {implementation!r} cannot take the training layout's "
@@ -215,7 +261,7 @@ def forward_logits(
     dtype = next(core.parameters()).dtype
     kwargs: dict[str, Any] = {
         "input_ids": input_ids,
-        "attention_mask": _attention_mask(core, packed.allowed, dtype),
+        "attention_mask": _attention_mask(core, packed, dtype),
         "position_ids": packed.position_ids,
         "use_cache": False,
     }

@@ -12,6 +12,15 @@ Nothing is ever unpickled: tensors go through safetensors, the rest through JSON
 is written into a temporary directory which is then renamed into place, and the pointer file
 ``latest.json`` is replaced atomically (``os.replace``) only after that; a run killed at any point
 leaves either the previous or the new checkpoint readable, never a half-written one.
+
+A run sharded with FSDP (``DistillConfig.fsdp``) writes a *sharded* checkpoint instead
+(``save_sharded_checkpoint``): the same directory, pointer and atomic rename, but the student and
+the optimizer go through ``torch.distributed.checkpoint`` (every process writes its own shards,
+``__<rank>_0.distcp``, and the index ``.metadata``), each process's random states go to
+``rng-<rank>.safetensors`` and ``rank-<rank>.json``, and ``state.json`` records the number of
+processes (a sharded checkpoint resumes on as many).  ``torch.distributed.checkpoint`` writes its
+``.metadata`` index with pickle and reads it back with ``pickle.load``: resume only from sharded
+checkpoints you wrote.
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "read_checkpoint_state",
     "save_checkpoint",
+    "save_sharded_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -142,9 +153,13 @@ def _optimizer_from_flat(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_tensors(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """torch's CPU random state and the CUDA ones (every GPU's, or only ``device``'s)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        tensors[f"torch_cuda_{index}"] = torch.cuda.get_rng_state(index)
+    elif device is None and torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{index}"] = cuda_state
     return tensors
@@ -152,13 +167,11 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 def _restore_rng_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda_states = [
-        tensors[f"torch_cuda_{index}"]
-        for index in range(len(tensors))
-        if f"torch_cuda_{index}" in tensors
-    ]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if not torch.cuda.is_available():
+        return
+    for index in range(torch.cuda.device_count()):
+        if f"torch_cuda_{index}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"torch_cuda_{index}"], index)
 
 
 def _python_rng_state() -> list[Any]:
@@ -199,12 +212,7 @@ def save_checkpoint(
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".{_PREFIX}*.tmp"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"{_PREFIX}{step:08d}"
-    if final.exists():
-        # Never replace the checkpoint latest.json may name: a new name, then the pointer.
-        final = root / f"{_PREFIX}{step:08d}.{time.time_ns()}"
+    _remove_stale_stages(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{_PREFIX}{step:08d}.", suffix=".tmp"))
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -222,11 +230,35 @@ def save_checkpoint(
         }
         with open(tmp / "state.json", "w", encoding="utf-8") as handle:
             json.dump(state, handle)
-        _fsync_tree(tmp)
-        os.replace(tmp, final)
-        _fsync_directory(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(root, tmp, step, keep_last)
+
+
+def _remove_stale_stages(root: Path) -> None:
+    """Delete the staging directories a run killed while saving left behind."""
+    for stale in root.glob(f".{_PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(root: Path, staged: Path, step: int, keep_last: int) -> Path:
+    """Move a fully written checkpoint directory into place, point ``latest.json`` at it and
+    delete older checkpoints beyond ``keep_last``.
+
+    Returns:
+      The checkpoint's final directory.
+    """
+    final = root / f"{_PREFIX}{step:08d}"
+    if final.exists():
+        # Never replace the checkpoint latest.json may name: a new name, then the pointer.
+        final = root / f"{_PREFIX}{step:08d}.{time.time_ns()}"
+    try:
+        _fsync_tree(staged)
+        os.replace(staged, final)
+        _fsync_directory(root)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
         raise
     _write_json_atomic(root / _LATEST, {"checkpoint": final.name, "step": int(step)})
     _fsync_directory(root)
@@ -261,6 +293,32 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
     return directory
 
 
+def _checked_state(root: Path, world_size: int | None) -> dict[str, Any]:
+    """``state.json`` of a checkpoint that a run on ``world_size`` sharded processes (``None``:
+    an unsharded run) can resume from.
+
+    Raises:
+      ValueError: for another format, or a sharded checkpoint for an unsharded run (or one of
+        another size), or the other way round.
+    """
+    state = _read_json(root / "state.json")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{root} has checkpoint format {state.get('format')!r}, this version reads "
+            f"{CHECKPOINT_FORMAT}; resume with the mtp-lm version that wrote it"
+        )
+    written_by = state.get("sharded_over")
+    if written_by != world_size:
+        wrote = f"an FSDP run on {written_by} processes" if written_by else "an unsharded run"
+        wants = (
+            f"fsdp=True under torchrun with {written_by} processes"
+            if written_by
+            else ("fsdp=False (or one process)")
+        )
+        raise ValueError(f"{root} was written by {wrote}; resume it with {wants}")
+    return state
+
+
 def load_checkpoint(
     directory: str | os.PathLike[str],
     *,
@@ -283,12 +341,7 @@ def load_checkpoint(
       ValueError: if the checkpoint format is unknown.
     """
     root = Path(directory)
-    state = _read_json(root / "state.json")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{root} has checkpoint format {state.get('format')!r}, this version reads "
-            f"{CHECKPOINT_FORMAT}; resume with the mtp-lm version that wrote it"
-        )
+    state = _checked_state(root, world_size=None)
     device = next(model.parameters()).device
     load_model(model, str(root / "model.safetensors"), strict=True, device=str(device))
     optimizer_tensors = load_file(str(root / "optimizer.safetensors"), device=str(device))
@@ -299,5 +352,122 @@ def load_checkpoint(
     _optimizer_from_flat(optimizer, optimizer_tensors, state["optimizer"])
     _restore_rng_tensors(load_file(str(root / "rng.safetensors")))
     _restore_python_rng(state["python_rng"])
+    generator.bit_generator.state = state["numpy_rng"]
+    return state
+
+
+def save_sharded_checkpoint(
+    out_dir: str | os.PathLike[str],
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: np.random.Generator,
+    data_state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    keep_last: int = 1,
+) -> Path | None:
+    """Write a checkpoint of an FSDP run atomically: a collective, every process calls it.
+
+    Args:
+      out_dir: the run's checkpoint directory (shared by every process).
+      step: optimizer steps completed so far.
+      model: the sharded student.
+      optimizer: the optimizer over its shards.
+      generator: the numpy generator that draws block sizes, offsets and data.
+      data_state: the data loader's position (the same on every process).
+      config: the training config as plain JSON values (checked when resuming).
+      rank: this process's rank.
+      world_size: the number of processes.
+      device: this process's device (whose CUDA random state is saved).
+      keep_last: how many checkpoint directories to keep (older ones are deleted).
+
+    Returns:
+      The directory of the new checkpoint on rank 0, ``None`` on the other ranks.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save as save_shards
+
+    root = Path(out_dir)
+    staged = root / f".{_PREFIX}{step:08d}.sharded.tmp"
+    # 1. Rank 0 clears what a killed save left behind and makes the staging directory.
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_stages(root)
+        staged.mkdir()
+    dist.barrier()
+    # 2. Every process writes its shards (one collective save) and its random states.
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    save_shards({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(staged))
+    save_file(_rng_tensors(device), str(staged / f"rng-{rank}.safetensors"))
+    with open(staged / f"rank-{rank}.json", "w", encoding="utf-8") as handle:
+        json.dump({"step": int(step), "python_rng": _python_rng_state()}, handle)
+    dist.barrier()
+    # 3. Rank 0 adds state.json and moves the whole directory into place.
+    final = None
+    if rank == 0:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": int(step),
+            "sharded_over": int(world_size),
+            "data": dict(data_state),
+            "numpy_rng": generator.bit_generator.state,
+            "config": dict(config),
+        }
+        with open(staged / "state.json", "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+        final = _publish(root, staged, step, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_sharded_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: np.random.Generator,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """Restore a sharded student, its optimizer and this process's random states.
+
+    A collective: every process calls it, with the same number of processes as wrote it.
+
+    Args:
+      directory: a checkpoint directory written by ``save_sharded_checkpoint``.
+      model: the sharded student, built like the one saved (mask token included).
+      optimizer: a fresh optimizer over its shards.
+      generator: the numpy generator to restore in place.
+      rank: this process's rank.
+      world_size: the number of processes.
+
+    Returns:
+      The JSON state (``step``, ``data``, ``config`` ...).
+
+    Raises:
+      ValueError: for an unknown format, an unsharded checkpoint, or one written by another
+        number of processes.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as load_shards
+
+    root = Path(directory)
+    state = _checked_state(root, world_size=world_size)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    load_shards(loaded, checkpoint_id=str(root))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optimizer"],
+    )
+    _restore_rng_tensors(load_file(str(root / f"rng-{rank}.safetensors")))
+    _restore_python_rng(_read_json(root / f"rank-{rank}.json")["python_rng"])
     generator.bit_generator.state = state["numpy_rng"]
     return state

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -18,8 +18,12 @@ import torch
 from mtp_core import LOSS_KINDS, LossKind, TrainingLayoutSpec, default_num_regions
 
 __all__ = [
+    "ATTENTION_CHOICES",
     "RESUMABLE_FIELDS",
+    "WEIGHT_DTYPES",
+    "AttentionChoice",
     "DistillConfig",
+    "WeightDtype",
     "check_resumable",
     "cpu_bf16_is_fast",
     "cpu_preset",
@@ -38,8 +42,18 @@ RESUMABLE_FIELDS = frozenset(
         "log_every",
         "device",
         "progress",
+        # How the same computation is carried out (recomputed activations, attention kernel).
+        "gradient_checkpointing",
+        "attention",
     }
 )
+
+# Weight dtypes a run may cast the model to (``DistillConfig.dtype``).
+WEIGHT_DTYPES = ("bfloat16", "float32")
+# Attention implementations of the training forward passes (``DistillConfig.attention``).
+ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+WeightDtype = Literal["bfloat16", "float32"]
+AttentionChoice = Literal["auto", "sdpa", "flex"]
 
 
 def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -143,9 +157,29 @@ class DistillConfig:
       log_every: write metrics every this many steps.
       device: torch device; ``None``: CUDA when available (this process's local rank under
         torchrun), else CPU.
-      bf16: run forward passes under bfloat16 autocast (weights and optimizer stay float32).
-        ``None``: on CUDA only.  ``True`` also on the CPU, where processors with AVX-512 BF16
-        or AMX run bfloat16 matrix products 2-3x faster than float32.
+      bf16: run forward passes under bfloat16 autocast (weights and optimizer stay in their
+        dtype, float32 unless ``dtype`` says otherwise).  ``None``: on CUDA only.  ``True`` also
+        on the CPU, where processors with AVX-512 BF16 or AMX run bfloat16 matrix products
+        2-3x faster than float32.  With ``fsdp`` on CUDA it also sets FSDP's mixed precision
+        (parameters all-gathered in bfloat16, gradients reduced in float32).
+      dtype: cast the weights of student and teacher to this dtype (``"bfloat16"`` or
+        ``"float32"``) before training; ``None`` keeps the dtype the model was loaded in.
+        LoRA adapters stay float32 (``peft``'s default).  Pure bfloat16 full fine-tuning keeps
+        AdamW's moments in bfloat16 too and rounds away updates smaller than ~1/256 of a
+        weight (docs/guides/large_models.md).
+      fsdp: under ``torchrun`` with several processes, shard the student (and a frozen
+        teacher) with PyTorch's ``fully_shard`` (FSDP2) over all processes: each block, then
+        the whole model; checkpoints are sharded (``torch.distributed.checkpoint``).
+        ``False``: DistributedDataParallel (a whole copy per process).  Alone it does
+        nothing.
+      gradient_checkpointing: recompute each block's activations in the backward pass
+        (transformers' activation checkpointing, non-reentrant) instead of keeping them:
+        less memory, about one more forward pass of time; same loss and gradients.
+      attention: how the training passes attend under the packed layout's mask: ``"sdpa"``
+        (a 4-D boolean mask through ``scaled_dot_product_attention``, or the model's eager
+        attention), ``"flex"`` (CUDA: a FlexAttention block mask; the model is switched to
+        ``attn_implementation="flex_attention"`` for training and back to "sdpa" after), or
+        ``"auto"``: flex on CUDA when the model and torch support it, else sdpa.
       progress: show a tqdm progress bar (rank 0 only).
     """
 
@@ -180,6 +214,10 @@ class DistillConfig:
     log_every: int = attrs.field(default=1, validator=_positive_int)
     device: str | None = attrs.field(default=None)
     bf16: bool | None = attrs.field(default=None)
+    dtype: WeightDtype | None = attrs.field(default=None)
+    fsdp: bool = attrs.field(default=False)
+    gradient_checkpointing: bool = attrs.field(default=False)
+    attention: AttentionChoice = attrs.field(default="auto")
     progress: bool = attrs.field(default=True)
 
     @device.validator
@@ -234,6 +272,18 @@ class DistillConfig:
             raise ValueError(
                 f"confident_targets must be None or a probability in (0, 1], got {value!r}"
             )
+
+    @dtype.validator
+    def _check_dtype(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and value not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"dtype must be None (as loaded) or one of {WEIGHT_DTYPES}, got {value!r}"
+            )
+
+    @attention.validator
+    def _check_attention(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {value!r}")
 
     @lora_alpha.validator
     def _check_lora_alpha(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -339,10 +389,12 @@ def check_resumable(saved: dict[str, Any], cfg: DistillConfig) -> None:
       ValueError: naming the fields outside ``RESUMABLE_FIELDS`` that differ.
     """
     current = cfg.to_json()
+    # A field the checkpoint does not name is older than it: it ran with the field's default.
+    default_of = {field.name: field.default for field in attrs.fields(DistillConfig)}
     differing = sorted(
         name
         for name, value in current.items()
-        if name not in RESUMABLE_FIELDS and saved.get(name) != value
+        if name not in RESUMABLE_FIELDS and saved.get(name, default_of.get(name)) != value
     )
     if differing:
         raise ValueError(

@@ -7,8 +7,10 @@ checkpoints and watching the time budget, and returns the student as an ``MTPMod
 step does is described in ``mtp_torch.training.step`` (Kirchenbauer et al., "Multi-Token
 Prediction via Self-Distillation", arXiv 2602.06019; METHOD.md sections 2-3).
 
-The same loop runs under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on CUDA): every
-rank draws the same ``k``, offset and global batch, and trains on its slice of it.
+The same loop runs under ``torchrun`` (gloo on CPU, NCCL on CUDA): every rank draws the same
+``k``, offset and global batch, and trains on its slice of it, with a whole copy of the model
+each (DistributedDataParallel) or, with ``DistillConfig.fsdp``, a shard of it (FSDP2,
+``mtp_torch.training.fsdp``; checkpoints are then sharded too).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from mtp_torch.training.batch import draw_batch
 from mtp_torch.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     read_checkpoint_state,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from mtp_torch.training.config import DistillConfig as DistillConfig
 from mtp_torch.training.config import check_resumable
@@ -47,6 +51,7 @@ from mtp_torch.training.distributed import (
     wrap_ddp,
 )
 from mtp_torch.training.lora import merge_lora
+from mtp_torch.training.model_options import FLEX_ATTENTION, restore_model
 from mtp_torch.training.parameters import find_blocks as find_blocks
 from mtp_torch.training.step import StepMetrics as StepMetrics
 from mtp_torch.training.step import StepStats, TrainState, init_train_state, train_step
@@ -124,7 +129,7 @@ def _token_stream(
     return stream
 
 
-def _resume(state: TrainState, stream: TokenStream) -> TrainState:
+def _resume(state: TrainState, stream: TokenStream, rank: int, world_size: int) -> TrainState:
     """The state (and stream position) of the latest checkpoint, when ``cfg.resume`` asks."""
     cfg = state.config
     if not cfg.resume or cfg.out_dir is None:
@@ -133,9 +138,19 @@ def _resume(state: TrainState, stream: TokenStream) -> TrainState:
     if found is None:
         return state
     check_resumable(read_checkpoint_state(found)["config"], cfg)
-    saved = load_checkpoint(
-        found, model=state.student, optimizer=state.optimizer, generator=state.generator
-    )
+    if state.sharded:
+        saved = load_sharded_checkpoint(
+            found,
+            model=state.student,
+            optimizer=state.optimizer,
+            generator=state.generator,
+            rank=rank,
+            world_size=world_size,
+        )
+    else:
+        saved = load_checkpoint(
+            found, model=state.student, optimizer=state.optimizer, generator=state.generator
+        )
     stream.load_state_dict(saved["data"])
     return attrs.evolve(state, step=int(saved["step"]))
 
@@ -244,10 +259,26 @@ def _checkpoint_due(cfg: DistillConfig, step: int) -> bool:
     )
 
 
-def _save(state: TrainState, stream: TokenStream, rank: int, world_size: int) -> None:
-    """Rank 0 writes a checkpoint of ``state``; every rank waits for it."""
+def _save(
+    state: TrainState, stream: TokenStream, rank: int, world_size: int, device: torch.device
+) -> None:
+    """Rank 0 writes a checkpoint of ``state`` (every rank its shards, under FSDP); every rank
+    waits for it."""
     cfg = state.config
-    if rank == 0 and cfg.out_dir is not None:
+    if state.sharded and cfg.out_dir is not None:
+        save_sharded_checkpoint(
+            cfg.out_dir,
+            step=state.step,
+            model=state.student,
+            optimizer=state.optimizer,
+            generator=state.generator,
+            data_state=stream.state_dict(),
+            config=cfg.to_json(),
+            rank=rank,
+            world_size=world_size,
+            device=device,
+        )
+    elif rank == 0 and cfg.out_dir is not None:
         save_checkpoint(
             cfg.out_dir,
             step=state.step,
@@ -298,12 +329,65 @@ def _as_mtp_model(
     delta = None
     if cfg.lora_rank > 0:
         student, delta = merge_lora(student, mask_token_id)
+    restore_model(student)
     student.eval()
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     mtp = MTPModel(student, mask_token_id=mask_token_id, tokenizer=tokenizer)
     mtp.delta = delta
     return mtp
+
+
+@attrs.frozen
+class _Run:
+    """Where a run's loop runs: this process's rank, the number of processes, the device,
+    and whether the batches need FlexAttention block masks."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    flex_attention: bool
+
+
+def _uses_flex(model: Any) -> bool:
+    """Whether ``model`` (prepared by ``init_train_state``) attends with FlexAttention."""
+    return getattr(model.config, "_attn_implementation", None) == FLEX_ATTENTION
+
+
+def _train(state: TrainState, stream: TokenStream, run: _Run, report: _Reporter) -> TrainState:
+    """Steps 3-4 of ``distill``: optimizer steps until ``steps`` or ``minutes`` run out, then
+    the final checkpoint.
+
+    Returns:
+      The state after the last step.
+    """
+    cfg = state.config
+    run_started = time.perf_counter()
+    while state.step < cfg.steps:
+        # 3. One optimizer step on the next batch.
+        step_started = time.perf_counter()
+        batch = draw_batch(
+            state.generator,
+            stream,
+            cfg,
+            mask_token_id=state.mask_token_id,
+            device=run.device,
+            rank=run.rank,
+            world_size=run.world_size,
+            flex_attention=run.flex_attention,
+        )
+        state, stats = train_step(state, batch)
+        # 4. Log; checkpoint; stop (on every rank alike) when the time is up.
+        report(_metrics(state.step, stats, stream.epoch, step_started, run_started))
+        if _checkpoint_due(cfg, state.step):
+            _save(state, stream, run.rank, run.world_size, run.device)
+        if cfg.minutes is not None:
+            time_is_up = time.perf_counter() - run_started >= cfg.minutes * 60.0
+            if rank_zero_decides(time_is_up, run.world_size, run.device):
+                break
+    if cfg.out_dir is not None:
+        _save(state, stream, run.rank, run.world_size, run.device)
+    return state
 
 
 def distill(
@@ -325,7 +409,8 @@ def distill(
 
     Args:
       model: a transformers decoder-only causal LM (with ``attn_implementation`` "sdpa" or
-        "eager").  Trained in place.
+        "eager").  Trained in place (cast to ``cfg.dtype`` when set; switched to
+        "flex_attention" for training when ``cfg.attention`` picks it, and back to "sdpa").
       sequences: the corpus, lists of token ids (see ``load_corpus`` / ``write_corpus``);
         concatenated into one stream that must hold at least one training window.
       cfg: the run's settings; ``None``: ``DistillConfig()``.
@@ -333,14 +418,16 @@ def distill(
       on_step: called with each step's metrics (on every process).
 
     Returns:
-      The trained student wrapped as an ``MTPModel`` (in eval mode), mask token id set.
+      The trained student wrapped as an ``MTPModel`` (in eval mode), mask token id set.  With
+      ``cfg.fsdp`` under several processes it is gathered whole on every process, on the CPU.
 
     Raises:
       ValueError: for a model that is not a causal LM, an empty or too short corpus, a
         ``k_max`` that does not fit a region, or a checkpoint written with other settings.
     """
     cfg = DistillConfig() if cfg is None else cfg
-    # 1. Processes and device; the model and corpus checked; teacher, student and optimizer.
+    # 1. Processes and device; the model and corpus checked; teacher, student and optimizer
+    #    (sharded under FSDP).
     rank, world_size, local_rank = init_distributed()
     if cfg.batch_size % world_size != 0:
         raise ValueError(
@@ -350,42 +437,26 @@ def distill(
     device = resolve_device(cfg.device, local_rank, world_size)
     _check_causal_lm(model)
     stream = _token_stream(model, sequences, cfg)
-    state = init_train_state(model, tokenizer, cfg, device)
-    # 2. Resume from the latest checkpoint (weights, optimizer, RNGs, data position); then DDP.
-    state = _resume(state, stream)
-    state = attrs.evolve(state, forward=wrap_ddp(state.student, device, world_size))
+    state = init_train_state(model, tokenizer, cfg, device, world_size=world_size)
+    # 2. Resume from the latest checkpoint (weights, optimizer, RNGs, data position); then DDP
+    #    (unless sharded).
+    state = _resume(state, stream, rank, world_size)
+    if not state.sharded:
+        state = attrs.evolve(state, forward=wrap_ddp(state.student, device, world_size))
+    run = _Run(rank, world_size, device, _uses_flex(model))
     with _Reporter(cfg, rank, state.step, on_step) as report:
-        run_started = time.perf_counter()
         try:
-            while state.step < cfg.steps:
-                # 3. One optimizer step on the next batch.
-                step_started = time.perf_counter()
-                batch = draw_batch(
-                    state.generator,
-                    stream,
-                    cfg,
-                    mask_token_id=state.mask_token_id,
-                    device=device,
-                    rank=rank,
-                    world_size=world_size,
-                )
-                state, stats = train_step(state, batch)
-                # 4. Log; checkpoint; stop (on every rank alike) when the time is up.
-                report(_metrics(state.step, stats, stream.epoch, step_started, run_started))
-                if _checkpoint_due(cfg, state.step):
-                    _save(state, stream, rank, world_size)
-                if cfg.minutes is not None:
-                    time_is_up = time.perf_counter() - run_started >= cfg.minutes * 60.0
-                    if rank_zero_decides(time_is_up, world_size, device):
-                        break
-            if cfg.out_dir is not None:
-                _save(state, stream, rank, world_size)
+            state = _train(state, stream, run, report)
         finally:
             for hook in state.hooks:
                 hook.remove()
-    # 5. The student as an MTPModel (with the summary its model card shows); the teacher is let
-    #    go first.
+    # 5. The student, whole (gathered from its shards under FSDP), as an MTPModel with the
+    #    summary its model card shows; the teacher is let go first.
     student, mask_token_id = state.student, state.mask_token_id
+    if state.sharded:
+        from mtp_torch.training.fsdp import gather_full_model
+
+        student = gather_full_model(student, lora=cfg.lora_rank > 0)
     del state
     mtp = _as_mtp_model(student, mask_token_id, cfg, tokenizer)
     mtp.training_summary = training_summary(list(report.recent), cfg)

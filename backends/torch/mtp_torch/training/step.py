@@ -1,16 +1,17 @@
 """One optimizer step of online self-distillation, as an init / update pair.
 
-``init_train_state`` builds everything a step reads and changes (teacher, student, optimizer,
-random generator) and ``train_step(state, batch)`` returns the next state and the step's
-metrics.  One step (METHOD.md sections 2-3; Kirchenbauer et al., "Multi-Token Prediction via
+``init_train_state`` (``mtp_torch.training.state``) builds everything a step reads and changes
+(teacher, student, optimizer, random generator) and ``train_step(state, batch)`` returns the
+next state and the step's metrics.  One step (METHOD.md sections 2-3; Kirchenbauer et al., "Multi-Token Prediction via
 Self-Distillation", arXiv 2602.06019, sections on the training layout and objective):
 
 1. Draw the block size ``k ~ U[2, k_max]`` and the region-grid offset ``~ U[0, P - 1]``; build the
    packed layout (``mtp_core``: ``M`` regions of ``[prefix][k - 1 masks]`` in ``S`` slots).
 2. Cut a batch of ground-truth windows from the token stream and pack them (mask slots get the
    ``<mtp_mask>`` id).  Steps 1-2 are ``mtp_torch.training.batch.draw_batch``.
-3. Student forward (with gradients) under the layout's 4-D boolean attention mask and position
-   ids; read its logits at the ``(M, k)`` prediction slots.
+3. Student forward (with gradients) under the layout's 4-D boolean attention mask (or the same
+   mask as a FlexAttention block mask) and position ids; read its logits at the ``(M, k)``
+   prediction slots.
 4. Student forcing: write the student's argmax tokens into the mask slots of the teacher's input
    (mask ``j`` of a region gets the student's token ``j``).
 5. Teacher forward (frozen copy of the initial model, no gradient) on that input with the same
@@ -22,24 +23,22 @@ Self-Distillation", arXiv 2602.06019, sections on the training layout and object
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from mtp_core import agreement, distillation_loss
 from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
-from mtp_torch.training.lora import lora_parameters, with_lora
-from mtp_torch.training.parameters import drop_gradients, parameter_groups, trainable_parameters
+from mtp_torch.training.state import ContextFactory
+from mtp_torch.training.state import TrainState as TrainState
+from mtp_torch.training.state import init_train_state as init_train_state
 
 __all__ = [
     "StepMetrics",
@@ -50,7 +49,7 @@ __all__ = [
     "train_step",
 ]
 
-ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+# TrainState and init_train_state live in mtp_torch.training.state; they stay importable here.
 
 
 @attrs.frozen
@@ -110,117 +109,6 @@ class StepMetrics:
     elapsed_s: float
     epoch: int
     accepted_at_0_9: float = 1.0
-
-
-@attrs.frozen(eq=False)
-class TrainState:
-    """Everything a training step reads and changes.
-
-    The modules and the optimizer are updated in place (they are torch objects); ``train_step``
-    returns a new state whose ``step`` counts the update.
-
-    Attributes:
-      config: the run's settings.
-      student: the model being trained (a ``peft`` model with LoRA).
-      forward: the student as called (its DDP wrapper under torchrun, else ``student``).
-      teacher: the frozen teacher (``None`` for ``loss="gt"``; the student itself with LoRA).
-      teacher_context: entered around each teacher forward (LoRA: the adapters disabled).
-      optimizer: AdamW over ``trainable``.
-      trainable: every trained parameter, in the optimizer's order.
-      mask_rows: embedding matrices whose mask-token row trains (the mask-row rate applies).
-      hooks: gradient hooks to remove when training ends.
-      mask_token_id: id of ``<mtp_mask>``.
-      autocast: the forward passes' autocast context (or a null context).
-      generator: draws the block sizes and offsets (``draw_batch``).
-      step: optimizer steps completed.
-    """
-
-    config: DistillConfig
-    student: nn.Module
-    forward: nn.Module
-    teacher: nn.Module | None
-    teacher_context: ContextFactory
-    optimizer: torch.optim.Optimizer
-    trainable: tuple[nn.Parameter, ...]
-    mask_rows: tuple[nn.Parameter, ...]
-    hooks: tuple[RemovableHandle, ...]
-    mask_token_id: int
-    autocast: contextlib.AbstractContextManager[Any]
-    generator: np.random.Generator
-    step: int = 0
-
-
-def _frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """A deep copy of ``model`` on ``device``, in eval mode, with no gradients."""
-    teacher = copy.deepcopy(model).to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-        parameter.grad = None
-    return teacher
-
-
-def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast when ``cfg.bf16`` asks for it (``None``: on CUDA only)."""
-    if (cfg.bf16 is None and device.type == "cuda") or cfg.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def init_train_state(
-    model: Any, tokenizer: Any, cfg: DistillConfig, device: torch.device
-) -> TrainState:
-    """Teacher, student, optimizer and seeds of a new run (step 0).
-
-    Args:
-      model: the transformers causal LM to train in place (it becomes the student).
-      tokenizer: its tokenizer (gets the mask token), or ``None``.
-      cfg: the run's settings.
-      device: where the models go.
-
-    Returns:
-      The state before the first step; python's and torch's global RNGs are seeded.
-    """
-    from mtp_torch.decoding.mask import add_mask_token
-
-    # 1. Teacher: a frozen copy of the model as passed (none for "gt"; with LoRA the student
-    #    with its adapters disabled, below).
-    teacher = _frozen_copy(model, device) if cfg.loss != "gt" and cfg.lora_rank == 0 else None
-    # 2. Student: the model itself, with a mask token (and LoRA adapters).
-    drop_gradients(model)  # stale gradients would not match a resized vocabulary
-    mask_token_id = int(add_mask_token(model, tokenizer, seed=cfg.seed))
-    student = model.to(device)
-    student.train()
-    teacher_context: ContextFactory = contextlib.nullcontext
-    if cfg.lora_rank > 0:
-        student = with_lora(student, cfg)
-        if cfg.loss != "gt":
-            teacher, teacher_context = student, student.disable_adapter
-        main, embeddings, hooks = lora_parameters(student, mask_token_id, cfg.train_mask_embedding)
-    else:
-        main, embeddings, hooks = trainable_parameters(
-            student, cfg.train_layers, mask_token_id, cfg.train_mask_embedding
-        )
-    # 3. AdamW; only full fine-tuning decays the embeddings (otherwise just the mask rows move).
-    full = cfg.train_layers is None and cfg.lora_rank == 0
-    groups = parameter_groups(main, embeddings, cfg.weight_decay, decay_embeddings=full)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    # 4. Seeds: python and torch (dropout), numpy (block sizes, offsets).
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    return TrainState(
-        config=cfg,
-        student=student,
-        forward=student,
-        teacher=teacher,
-        teacher_context=teacher_context,
-        optimizer=optimizer,
-        trainable=tuple(p for group in groups for p in group["params"]),
-        mask_rows=tuple(embeddings),
-        hooks=tuple(hooks),
-        mask_token_id=mask_token_id,
-        autocast=_autocast(cfg, device),
-        generator=np.random.default_rng(cfg.seed),
-    )
 
 
 def learning_rate(cfg: DistillConfig, step: int) -> float:
@@ -438,25 +326,48 @@ def _micro_step(
     return float(loss.detach()), rates, accepted
 
 
-def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None) -> float:
-    """The gradients' global norm before clipping; clips them to ``clip`` when it is set."""
+def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None, sharded: bool) -> float:
+    """The gradients' global norm before clipping; clips them to ``clip`` when it is set.
+
+    With FSDP the gradients are shards and the norm is over all of them (every process gets
+    the same value)."""
+    grads = [p.grad for p in trainable if p.grad is not None]
     if clip is not None:
-        return float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-    norms = [p.grad.norm() for p in trainable if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+        norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+    elif sharded:
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads]))
+    if sharded:
+        from mtp_torch.training.fsdp import to_float
+
+        return to_float(norm)
+    return float(norm)
+
+
+def _mask_row_views(state: TrainState) -> list[torch.Tensor | None]:
+    """The mask token's row of each of ``state.mask_rows`` (``None`` where another process
+    holds that row of a sharded matrix)."""
+    row = state.mask_token_id
+    if state.sharded:
+        from mtp_torch.training.fsdp import local_row
+
+        return [local_row(weight, row) for weight in state.mask_rows]
+    return [weight[row] for weight in state.mask_rows]
 
 
 def _apply_update(state: TrainState) -> None:
     """AdamW step; the mask token's rows move ``mask_lr_multiplier`` times as far."""
-    row = state.mask_token_id
-    before = [w[row].detach().clone() for w in state.mask_rows]
+    factor = state.config.mask_lr_multiplier
+    with torch.no_grad():
+        rows = _mask_row_views(state) if factor != 1.0 else []
+        before = [None if row is None else row.clone() for row in rows]
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    factor = state.config.mask_lr_multiplier
-    if factor != 1.0:
-        with torch.no_grad():
-            for weight, old in zip(state.mask_rows, before, strict=True):
-                weight[row] = old + factor * (weight[row] - old)
+    with torch.no_grad():
+        for row, old in zip(rows, before, strict=True):
+            if row is not None and old is not None:
+                row.copy_(old + factor * (row - old))
 
 
 def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainState, StepStats]:
@@ -483,8 +394,13 @@ def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainSt
         _micro_step(state, packed, sync=index == len(batch) - 1)
         for index, packed in enumerate(batch)
     ]
-    # 3. The gradient norm, then clipping; a non-finite norm stops before any update.
-    grad_norm = _gradient_norm(state.trainable, cfg.clip)
+    # 3. The gradient norm, then clipping; a non-finite norm stops before any update.  (With
+    #    FSDP the embeddings' gradients are cut to the mask row here, not by hooks.)
+    if state.row_filter:
+        from mtp_torch.training.fsdp import keep_row_gradients
+
+        keep_row_gradients(state.row_filter, state.mask_token_id)
+    grad_norm = _gradient_norm(state.trainable, cfg.clip, state.sharded)
     _check_finite("gradient norm", grad_norm, state.step, cfg)
     # 4. The AdamW update.
     _apply_update(state)
