@@ -19,14 +19,17 @@ the optimizer go through ``torch.distributed.checkpoint`` (every process writes 
 ``__<rank>_0.distcp``, and the index ``.metadata``), each process's random states go to
 ``rng-<rank>.safetensors`` and ``rank-<rank>.json``, and ``state.json`` records the number of
 processes (a sharded checkpoint resumes on as many).  ``torch.distributed.checkpoint`` writes its
-``.metadata`` index with pickle and reads it back with ``pickle.load``: resume only from sharded
-checkpoints you wrote.
+``.metadata`` index with pickle: before anything is loaded, that index is read with an unpickler
+that admits only the checkpoint's own metadata classes (``check_shard_index``), and the shards'
+non-tensor values are read with ``torch.load(weights_only=True)``, so a tampered sharded
+checkpoint is refused instead of running code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -458,9 +461,10 @@ def load_sharded_checkpoint(
 
     root = Path(directory)
     state = _checked_state(root, world_size=world_size)
+    check_shard_index(root)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     loaded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
-    load_shards(loaded, checkpoint_id=str(root))
+    load_shards(loaded, checkpoint_id=str(root), planner=_weights_only_planner())
     set_state_dict(
         model,
         optimizer,
@@ -471,3 +475,72 @@ def load_sharded_checkpoint(
     _restore_python_rng(_read_json(root / f"rank-{rank}.json")["python_rng"])
     generator.bit_generator.state = state["numpy_rng"]
     return state
+
+
+# What torch.distributed.checkpoint's ``.metadata`` index may name: its own metadata classes,
+# tensor sizes, dtypes and layouts, and paths. Anything else is refused before it is called.
+_INDEX_MODULES = ("torch.distributed.checkpoint.metadata",)
+_INDEX_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module in _INDEX_MODULES
+            or (module, name) in _INDEX_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+        return super().find_class(module, name)
+
+
+def check_shard_index(directory: str | os.PathLike[str]) -> None:
+    """Refuse a sharded checkpoint whose ``.metadata`` index names anything but metadata.
+
+    ``torch.distributed.checkpoint`` reads that index with ``pickle.load``; this reads it first
+    with an unpickler that can only build the index's own data classes, so a tampered file
+    fails here instead of running code.
+
+    Raises:
+      ValueError: if the index is missing, corrupt, or names another class or function.
+    """
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as handle:
+            _IndexUnpickler(handle).load()
+    except FileNotFoundError as error:
+        raise ValueError(f"{path} is missing: {directory} is not a sharded checkpoint") from error
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a checkpoint index written by torch.distributed.checkpoint "
+            f"({error}); delete {directory} to start over"
+        ) from error
+
+
+def _weights_only_planner() -> Any:
+    """The default load planner, reading non-tensor values with ``torch.load(weights_only=True)``
+    (the default one unpickles them without restriction)."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(
+                    self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded
+                )
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyLoadPlanner()
