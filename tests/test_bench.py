@@ -295,6 +295,40 @@ def test_cli_dispatcher_runs_bench(checkpoint: Path, data_file: Path, tmp_path: 
     assert report["methods"][0]["speedup_ceiling"] is None
 
 
+def test_cli_bench_skinny_kernel_rows(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
+    """--kernel skinny runs every method again with the kernel, against its own greedy."""
+    from mtp_torch.cli.app import main
+
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", str(checkpoint), "--data", str(data_file), "--out", str(out)]
+    args += ["--num-prompts", "1", "--max-new-tokens", "5", "--k-max", "2", "--thresholds", "0.5"]
+    args += ["--static", "1", "--verify-thresholds", "0.5", "--prompt-lookup-tokens", "2"]
+    args += ["--no-cost-curve", "--quiet", "--kernel", "skinny"]
+    assert main(args) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    rows = {row["name"]: row for row in report["methods"]}
+    stock = ["greedy", "prompt_lookup", "static_1", "confadapt_0.5_k2", "verify_confadapt_0.5_k2"]
+    skinny = ["greedy_skinny", "static_1_skinny", "confadapt_0.5_k2_skinny"]
+    assert list(rows) == [*stock, *skinny, "verify_confadapt_0.5_k2_skinny"]
+    assert rows["greedy_skinny"]["precision"] == "float32 skinny"
+    assert rows["greedy_skinny"]["speedup"] == 1.0  # against greedy of its own kernel
+    # The kernel changes sums only to rounding: the same tokens as the stock rows.
+    for name in ("greedy", "static_1", "confadapt_0.5_k2", "verify_confadapt_0.5_k2"):
+        assert rows[f"{name}_skinny"]["generated_tokens"] == rows[name]["generated_tokens"]
+        assert rows[f"{name}_skinny"]["token_f1_same_precision"] == rows[name]["token_f1"]
+    assert out.with_suffix(".png").is_file()  # the plot draws the skinny rows apart
+
+
+def test_cli_bench_skinny_kernel_is_cpu_only(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mtp_torch.cli.app import main
+
+    status = main(["bench", "--model", str(checkpoint), "--device", "meta", "--kernel", "skinny"])
+    assert status == 2
+    assert "--kernel skinny is a CPU kernel" in capsys.readouterr().err
+
+
 def test_cli_reports_missing_data(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -401,6 +435,7 @@ def test_bench_methods_rejects_duplicates() -> None:
         {"verify_thresholds": (0.0,)},
         {"static": (0,)},
         {"quantize": "int4"},
+        {"kernel": "fast"},
         {"prompt_lookup_tokens": 0},
     ],
 )

@@ -95,6 +95,20 @@ def test_generate_json(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert float(record["seconds"]) > 0  # type: ignore[arg-type]
 
 
+def test_generate_skinny_kernel_gives_the_stock_tokens(
+    checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--model", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "10"]
+    common += ["--policy", "confadapt:0.3:3"]
+    stock = run_json(capsys, *common)
+    skinny = run_json(capsys, *common, "--kernel", "skinny")
+    assert skinny["token_ids"] == stock["token_ids"]
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", *common, "--kernel", "fast"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_generate_matches_the_python_api(
     checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

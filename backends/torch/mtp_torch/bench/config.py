@@ -64,6 +64,9 @@ class BenchConfig:
         warm-up prompt per method first).
       quantize: ``None`` or ``"int8"`` (dynamic int8 Linear layers, CPU only) as an extra
         configuration.
+      kernel: ``None`` or ``"skinny"``: also run every method (baselines included) with the
+        weight-first CPU product of ``mtp_torch.decoding.kernels`` (rows ``..._skinny``, their
+        ``speedup`` against ``greedy_skinny``).
       prompt_lookup_tokens: candidates of the prompt-lookup baseline; ``None`` skips it.
       cost_curve: measure the cost curve of one forward pass (used for ceilings and k choice).
       cost_max_tokens: widest pass measured.
@@ -84,6 +87,7 @@ class BenchConfig:
     verify_thresholds: tuple[float, ...] = attrs.field(default=SWEEP_VERIFY, converter=float_tuple)
     repeats: int = 1
     quantize: str | None = None
+    kernel: str | None = None
     prompt_lookup_tokens: int | None = PROMPT_LOOKUP_TOKENS
     cost_curve: bool = True
     cost_max_tokens: int = COST_MAX_TOKENS
@@ -111,6 +115,8 @@ class BenchConfig:
                 raise ValueError(f"thresholds must lie in (0, 1], got {tau}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.kernel not in (None, "skinny"):
+            raise ValueError(f"kernel must be None or 'skinny', got {self.kernel!r}")
         if self.prompt_lookup_tokens is not None and int(self.prompt_lookup_tokens) < 1:
             raise ValueError(
                 f"prompt_lookup_tokens must be >= 1 (or None to skip), got {self.prompt_lookup_tokens}"

@@ -27,6 +27,7 @@ import torch
 from mtp_torch.bench.methods import BenchMethod, DecodeSettings, Engine
 from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import TeacherNLL
+from mtp_torch.decoding.kernels import skinny_linear
 from mtp_torch.text import cut_at_stop
 
 __all__ = [
@@ -166,11 +167,11 @@ def timed_decode(
     # one of them runs for any method.
     baseline = engine.reference_model
     with contextlib.ExitStack() as stack:
+        if engine.kernel == "skinny":
+            stack.enter_context(skinny_linear(engine.hf_model, baseline))
         widths = stack.enter_context(count_forwards(engine.hf_model))
         baseline_widths = (
-            stack.enter_context(count_forwards(baseline))
-            if baseline is not engine.hf_model
-            else []
+            stack.enter_context(count_forwards(baseline)) if baseline is not engine.hf_model else []
         )
         synchronize(device)
         start = time.perf_counter()

@@ -12,7 +12,8 @@
   (``k_max="auto"``), plain or lossless.
 
 Every method has a ``precision``: ``"base"`` runs on the model as loaded, ``"int8"`` on the
-dynamically quantised copy (its name gets an ``_int8`` suffix).  ``bench_methods`` lists the
+dynamically quantised copy (its name gets an ``_int8`` suffix), ``"skinny"`` on the model as
+loaded with the weight-first CPU product (``_skinny``; see ``mtp_torch.decoding.kernels``).  ``bench_methods`` lists the
 methods of one precision, baselines first.
 
 Reference: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019.
@@ -77,16 +78,19 @@ class Engine:
     """The models of one precision that methods run on.
 
     Attributes:
-      precision: ``"base"`` or ``"int8"``.
+      precision: ``"base"``, ``"int8"`` or ``"skinny"``.
       hf_model: the transformers model (``mtp_model.model``).
       mtp_model: the ``MTPModel`` wrapping it.
       baseline_model: whose transformers ``generate`` the baselines run; ``None``: ``hf_model``.
+      kernel: ``"stock"`` or ``"skinny"``: the ``Linear`` kernel every method of this engine
+        runs with (baselines included).
     """
 
     precision: str
     hf_model: Any  # a transformers PreTrainedModel (its generate() is untyped)
     mtp_model: Any
     baseline_model: Any = None
+    kernel: str = "stock"
 
     @property
     def reference_model(self) -> Any:
@@ -139,7 +143,7 @@ class BenchMethod(Protocol):
 
     @property
     def precision(self) -> str:
-        """``"base"`` (the model as loaded) or ``"int8"`` (the quantised copy)."""
+        """``"base"`` (the model as loaded), ``"int8"`` (the quantised copy) or ``"skinny"``."""
         ...
 
     @property
@@ -174,7 +178,7 @@ def _format_threshold(threshold: float) -> str:
 
 
 def _suffix(precision: str) -> str:
-    """The row-name suffix of a precision: none for ``"base"``, else ``_int8``."""
+    """The row-name suffix of a precision: none for ``"base"``, else ``_int8`` / ``_skinny``."""
     return "" if precision == "base" else f"_{precision}"
 
 
@@ -416,7 +420,7 @@ def bench_methods(
       verify_thresholds: thresholds whose ConfAdapt rows (each ``k_max``) also run lossless.
       prompt_lookup_tokens: candidate tokens of the prompt-lookup baseline; ``None`` skips it.
       auto_policies: ``{threshold: policy}`` chosen by ``auto_policy`` for ``"auto"``.
-      precision: ``"base"`` or ``"int8"`` (names get an ``_int8`` suffix).
+      precision: ``"base"``, ``"int8"`` or ``"skinny"`` (names get that suffix).
       baselines: include ``greedy`` (always, when True) and ``prompt_lookup``.
 
     Returns:

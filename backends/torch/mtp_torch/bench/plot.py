@@ -25,7 +25,7 @@ _COLORS = {
     "verify": "tab:green",
 }
 
-_Group = tuple[str, int | None, str]  # (family, k_max of a sweep, "base" or "int8")
+_Group = tuple[str, int | None, str]  # (family, k_max of a sweep, "base", "int8" or "skinny")
 
 
 def _plot_groups(rows: Sequence[MethodRow], key: str) -> dict[_Group, list[MethodRow]]:
@@ -36,6 +36,8 @@ def _plot_groups(rows: Sequence[MethodRow], key: str) -> dict[_Group, list[Metho
             continue
         k_max = row.k_max if row.family in _SWEEPS else None
         precision = "int8" if row.precision == "int8" else "base"
+        if row.precision.endswith("skinny"):
+            precision = "skinny"
         groups.setdefault((row.family, k_max, precision), []).append(row)
     return groups
 
@@ -84,8 +86,8 @@ def plot_report(report: BenchReport | Mapping[str, Any], path: str | os.PathLike
     """Plot quality against wall-clock speed-up over stock greedy, baselines marked (PNG).
 
     One panel for the teacher NLL (lower is better) and, when prompts were graded, one for
-    accuracy.  ConfAdapt rows are joined per ``k_max`` along the threshold sweep; int8 rows are
-    drawn hollow.  matplotlib is imported here, not with the module.
+    accuracy.  ConfAdapt rows are joined per ``k_max`` along the threshold sweep; int8 and
+    skinny-kernel rows are drawn hollow.  matplotlib is imported here, not with the module.
 
     Args:
       report: the output of ``run_benchmark``, or its JSON form.

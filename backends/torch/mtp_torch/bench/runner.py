@@ -230,19 +230,24 @@ def _engines_and_methods(
     """The models per precision and the methods to run on them (full precision first)."""
 
     def methods_for(precision: str) -> list[BenchMethod]:
-        full = precision == "base"  # the lossless mode and prompt lookup run at base only
+        # The lossless mode runs at full precision only, prompt lookup with the stock kernel only.
         return bench_methods(
             k_max=config.k_max,
             thresholds=config.thresholds,
             static=config.static,
-            verify_thresholds=config.verify_thresholds if full else (),
-            prompt_lookup_tokens=config.prompt_lookup_tokens if full else None,
+            verify_thresholds=config.verify_thresholds if precision != "int8" else (),
+            prompt_lookup_tokens=config.prompt_lookup_tokens if precision == "base" else None,
             auto_policies=chosen,
             precision=precision,
         )
 
     engines = {"base": Engine("base", mtp_model.model, mtp_model, baseline_model)}
     methods = methods_for("base")
+    if config.kernel == "skinny":
+        engines["skinny"] = Engine(
+            "skinny", mtp_model.model, mtp_model, baseline_model, kernel="skinny"
+        )
+        methods += methods_for("skinny")
     if config.quantize == "int8":
         say("quantising Linear layers to int8 (dynamic) ...")
         quantized = quantize_int8(mtp_model.model)
@@ -321,7 +326,7 @@ def _method_row(
     return MethodRow(
         name=info.name,
         family=info.family,
-        precision=dtype if method.precision == "base" else method.precision,
+        precision=_precision_label(method.precision, dtype),
         policy=policy_label(info.policy),
         verify=info.verify,
         threshold=info.threshold,
@@ -419,3 +424,10 @@ def _meta(
         ),
         **(extra or {}),
     }
+
+
+def _precision_label(precision: str, dtype: str) -> str:
+    """The report's precision: the dtype, ``int8``, or the dtype with ``skinny`` (the kernel)."""
+    if precision == "base":
+        return dtype
+    return f"{dtype} skinny" if precision == "skinny" else precision

@@ -18,6 +18,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS = ("generate", "convert", "bench")
 
+
 def _available_subcommands() -> list[str]:
     return [
         name

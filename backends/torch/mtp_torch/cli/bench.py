@@ -113,6 +113,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
         default=defaults.quantize,
         help="also bench a dynamically int8-quantised copy (CPU only), reported in separate rows",
     )
+    parser.add_argument(
+        "--kernel",
+        choices=["stock", "skinny"],
+        default=defaults.kernel or "stock",
+        help="'skinny' also runs every method, greedy included, with the weight-first CPU "
+        "product for few-token passes (rows ..._skinny, speed-ups against greedy_skinny)",
+    )
 
 
 def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig) -> None:
@@ -197,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "--quantize int8 (dynamic quantisation) runs on the CPU only; add --device cpu"
         )
+    if args.kernel == "skinny" and not str(device).startswith("cpu"):
+        raise ValueError("--kernel skinny is a CPU kernel; add --device cpu or drop --kernel")
     if args.quantize == "int8" and dtype_name not in ("float32", "fp32"):
         raise ValueError("--quantize int8 compares against float32; drop --dtype or use float32")
     config = BenchConfig(
@@ -207,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         verify_thresholds=args.verify_thresholds,
         repeats=args.repeats,
         quantize=args.quantize,
+        kernel=None if args.kernel == "stock" else args.kernel,
         prompt_lookup_tokens=args.prompt_lookup_tokens or None,
         cost_curve=not args.no_cost_curve,
         cost_max_tokens=args.cost_max_tokens,

@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
     )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    parser.add_argument(
+        "--kernel",
+        choices=["stock", "skinny"],
+        default="stock",
+        help="Linear kernel: 'stock' (PyTorch's, transformers' exact numerics) or 'skinny' (the "
+        "weight-first CPU product for few-token passes; equal to rounding, faster on some CPUs)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.policy is not None:
         parse_policy(args.policy)  # a malformed spec fails before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(args.dtype), device=device)
+    mtp = MTPModel.from_pretrained(
+        args.model, dtype=parse_dtype(args.dtype), device=device, linear_kernel=args.kernel
+    )
     policy = parse_policy(args.policy, mtp.default_policy) if args.policy is not None else None
     tokenizer = mtp.tokenizer
     if tokenizer is None:

@@ -14,7 +14,13 @@ from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
 
 ItemT = TypeVar("ItemT")
 
-__all__ = ["ConfigOption", "add_config_options", "comma_separated", "config_overrides", "parse_policy"]
+__all__ = [
+    "ConfigOption",
+    "add_config_options",
+    "comma_separated",
+    "config_overrides",
+    "parse_policy",
+]
 
 _POLICY_FORMS = "'confadapt', 'confadapt:THRESHOLD', 'confadapt:THRESHOLD:K_MAX' or 'static:K'"
 
@@ -164,9 +170,7 @@ def config_overrides(args: argparse.Namespace, options: Sequence[ConfigOption]) 
     return overrides
 
 
-def comma_separated(
-    item: Callable[[str], ItemT], what: str
-) -> Callable[[str], tuple[ItemT, ...]]:
+def comma_separated(item: Callable[[str], ItemT], what: str) -> Callable[[str], tuple[ItemT, ...]]:
     """An argparse ``type=`` for comma-separated values: ``"2, 3"`` -> ``(2, 3)``, ``""`` -> ``()``.
 
     Args:

@@ -7,6 +7,7 @@ acceptance, sampling, and a lossless mode (``verify=True``) whose output equals 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from mtp_torch.decoding.generation import (
     row_stop_criterion,
     streaming_callback,
 )
+from mtp_torch.decoding.kernels import check_linear_kernel, skinny_linear
 from mtp_torch.decoding.mask import (
     K_MAX_CONFIG_KEY,
     MASK_TOKEN_CONFIG_KEY,
@@ -122,6 +124,9 @@ class MTPModel:
       mask_token_id: id of the ``<mtp_mask>`` token; ``None`` uses ``config.mtp_mask_token_id``
         and, when the config has none, adds a mask token (see ``add_mask_token``).
       tokenizer: the model's tokenizer (optional; gets the mask token when one is added).
+      linear_kernel: ``"stock"`` (PyTorch's own products: exactly transformers' numerics) or
+        ``"skinny"`` (the weight-first CPU product for few-token passes, see
+        ``mtp_torch.decoding.kernels``; faster on some CPUs, equal to rounding).
 
     Attributes:
       model: the wrapped transformers model.
@@ -131,15 +136,24 @@ class MTPModel:
         when present, else ``ConfAdapt()``.
       base_model: name of the model that was converted, for the model card (``None``: taken
         from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
+      linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable).
       training_summary: what training reported (steps, data, loss, per-offset agreement ...),
         shown in the model card; ``None`` when unknown.  See ``save_pretrained``.
 
     Raises:
-      ValueError: for a mask id outside the embedding matrix, or a model the backend cannot
-        serve (see ``TorchBackend``).
+      ValueError: for a mask id outside the embedding matrix, a model the backend cannot
+        serve (see ``TorchBackend``), or an unknown ``linear_kernel``.
     """
 
-    def __init__(self, hf_model: Any, mask_token_id: int | None = None, tokenizer: Any = None):
+    def __init__(
+        self,
+        hf_model: Any,
+        mask_token_id: int | None = None,
+        tokenizer: Any = None,
+        *,
+        linear_kernel: str = "stock",
+    ):
+        self.linear_kernel = check_linear_kernel(linear_kernel)
         self.model = hf_model
         self.tokenizer = tokenizer
         self.backend = TorchBackend(hf_model)
@@ -176,6 +190,8 @@ class MTPModel:
         path_or_name: str | os.PathLike[str],
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        *,
+        linear_kernel: str = "stock",
     ) -> MTPModel:
         """Load a converted MTP checkpoint, a plain checkpoint, or the embedded default model.
 
@@ -187,6 +203,7 @@ class MTPModel:
           dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` is float32.
           device: where to put the model (``None``: CPU).
+          linear_kernel: ``"stock"`` or ``"skinny"`` (see the class).
 
         Returns:
           The ``MTPModel``, its model in eval mode.
@@ -202,7 +219,7 @@ class MTPModel:
             named_model, named_tokenizer = named
             if device is not None:
                 named_model.to(device)
-            return cls(named_model, tokenizer=named_tokenizer)
+            return cls(named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel)
         check_model_source(source)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
@@ -228,7 +245,7 @@ class MTPModel:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-        mtp = cls(model, tokenizer=tokenizer)
+        mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel)
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
             mtp.base_model = manifest["base_model"]
@@ -247,36 +264,37 @@ class MTPModel:
     ) -> Path:
         """Write a plain transformers checkpoint plus the MTP settings and a model card, atomically.
 
-        The directory holds safetensors weights, the tokenizer (if any), a config carrying
-        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
-        base model, method, MTP settings, training summary, how to load it) and a manifest of
-        the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
-        unchanged.  Everything is written to a temporary directory beside ``directory``:
+          The directory holds safetensors weights, the tokenizer (if any), a config carrying
+          ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
+          base model, method, MTP settings, training summary, how to load it) and a manifest of
+          the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
+          unchanged.  Everything is written to a temporary directory beside ``directory``:
 
-        - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
-          replaced by a rename (a reader sees the old save or the new one, never a mix);
-        - a directory holding other files is refused unless ``overwrite=True``; then the new
-          files replace same-named ones one by one and the files of an earlier save that the new
-          one lacks are removed, but files this method did not write are never deleted (a
-          ``README.md`` of the user's own is kept, and no card is written).
+          - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
+            replaced by a rename (a reader sees the old save or the new one, never a mix);
+          - a directory holding other files is refused unless ``overwrite=True``; then the new
+            files replace same-named ones one by one and the files of an earlier save that the new
+            one lacks are removed, but files this method did not write are never deleted (a
+            ``README.md`` of the user's own is kept, and no card is written).
 
-        Args:
-          directory: output directory.
-          k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
-          threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
-          overwrite: write into a directory that holds files of its own.
-          training_summary: what training reported, for the card: ``steps``, ``data``,
-            ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
-            first) and any other entries; ``None`` uses ``self.training_summary``.
+          Args:
+            directory: output directory.
+            k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
+            threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
+            overwrite: write into a directory that holds files of its own.
+            linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable).
+        training_summary: what training reported, for the card: ``steps``, ``data``,
+              ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
+              first) and any other entries; ``None`` uses ``self.training_summary``.
 
-        Returns:
-          The directory written.
+          Returns:
+            The directory written.
 
-        Raises:
-          ValueError: if ``k_max`` or ``threshold`` is out of range.
-          TypeError: if ``training_summary`` is not a mapping.
-          FileExistsError: if ``directory`` holds files other than an earlier save's and
-            ``overwrite`` is false, or is a file.
+          Raises:
+            ValueError: if ``k_max`` or ``threshold`` is out of range.
+            TypeError: if ``training_summary`` is not a mapping.
+            FileExistsError: if ``directory`` holds files other than an earlier save's and
+              ``overwrite`` is false, or is a file.
         """
         current = self.default_policy
         base = current if isinstance(current, ConfAdapt) else ConfAdapt()
@@ -449,25 +467,31 @@ class MTPModel:
         self.model.eval()
         if streamer is not None:
             streamer.put(ids_host)
+        kernel = (
+            skinny_linear(self.model)
+            if check_linear_kernel(self.linear_kernel) == "skinny"
+            else contextlib.nullcontext()
+        )
         start = time.perf_counter()
         try:
-            result = decode(
-                self.backend,
-                prompts,
-                policy,
-                mask_token_id=self.mask_token_id,
-                max_new_tokens=plan.max_new_tokens,
-                stop_token_ids=plan.stop_ids,
-                sampling=plan.sampling,
-                # Padding slots of a block are never read or attended; the mask id is always a
-                # valid embedding row (a model's pad id need not be).
-                pad_token_id=self.mask_token_id,
-                max_length=self.backend.max_length,
-                vocab_size=embedding_rows(self.model),
-                on_chunk=streaming_callback(streamer, on_chunk),
-                stop_criterion=row_stop_criterion(plan.criteria, ids),
-                **options,
-            )
+            with kernel:
+                result = decode(
+                    self.backend,
+                    prompts,
+                    policy,
+                    mask_token_id=self.mask_token_id,
+                    max_new_tokens=plan.max_new_tokens,
+                    stop_token_ids=plan.stop_ids,
+                    sampling=plan.sampling,
+                    # Padding slots of a block are never read or attended; the mask id is
+                    # always a valid embedding row (a model's pad id need not be).
+                    pad_token_id=self.mask_token_id,
+                    max_length=self.backend.max_length,
+                    vocab_size=embedding_rows(self.model),
+                    on_chunk=streaming_callback(streamer, on_chunk),
+                    stop_criterion=row_stop_criterion(plan.criteria, ids),
+                    **options,
+                )
         finally:
             if was_training:
                 self.model.train()
