@@ -291,6 +291,7 @@ def test_cli_dispatcher_runs_bench(checkpoint: Path, data_file: Path, tmp_path: 
     assert status == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert [row["name"] for row in report["methods"]] == ["greedy", "confadapt_0.9_k2"]
+    assert report["meta"]["data"] == str(data_file)  # a given file is named as given
     assert report["cost_curve"] is None
     assert report["methods"][0]["speedup_ceiling"] is None
 
@@ -317,6 +318,20 @@ def test_cli_bench_skinny_kernel_rows(checkpoint: Path, data_file: Path, tmp_pat
         assert rows[f"{name}_skinny"]["generated_tokens"] == rows[name]["generated_tokens"]
         assert rows[f"{name}_skinny"]["token_f1_same_precision"] == rows[name]["token_f1"]
     assert out.with_suffix(".png").is_file()  # the plot draws the skinny rows apart
+
+
+def test_cli_bench_names_the_bundled_prompts_package_relative(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    from mtp_torch.cli.app import main
+
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", str(checkpoint), "--out", str(out), "--no-plot", "--quiet"]
+    args += ["--num-prompts", "1", "--max-new-tokens", "2", "--k-max", "2", "--thresholds", "0.9"]
+    args += ["--static", "", "--verify-thresholds", "", "--prompt-lookup-tokens", "0"]
+    assert main([*args, "--no-cost-curve"]) == 0
+    meta = json.loads(out.read_text(encoding="utf-8"))["meta"]
+    assert meta["data"] == "<package>/mtp_torch/data/bench_prompts.jsonl"
 
 
 def test_cli_bench_skinny_kernel_is_cpu_only(

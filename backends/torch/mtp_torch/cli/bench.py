@@ -242,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         teacher_label=args.teacher,
         meta={
             "model": str(args.model),
-            "data": str(data),
+            # The bundled file is named package-relative: a report holds no path of one machine.
+            "data": str(data) if args.data else "<package>/mtp_torch/data/" + data.name,
             "command": " ".join(["mtp", "bench", *_argv(args)]),
         },
         log=say,
