@@ -227,6 +227,19 @@ def test_bad_arguments_raise(setup: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="policy"):
         MTPEvalLM(pretrained=mtp, policy="fast")
     assert MTPEvalLM(pretrained=mtp, policy=StaticK(2)).policy == StaticK(2)
+    with pytest.raises(ValueError, match="linear_kernel must be one of"):
+        MTPEvalLM(pretrained=mtp, linear_kernel="fast")
+
+
+def test_skinny_kernel_gives_the_stock_responses(
+    setup: dict[str, Any], hf_results: dict[str, Any]
+) -> None:
+    results = _evaluate(setup, "mtp", "policy=static:1,linear_kernel=skinny", tasks=["tiny_gen"])
+    assert _responses(results, "tiny_gen") == _responses(hf_results, "tiny_gen")
+    mtp = MTPModel.from_pretrained(setup["checkpoint"], linear_kernel="skinny")
+    from mtp_torch.integrations.lm_eval import MTPEvalLM
+
+    assert MTPEvalLM(pretrained=mtp).mtp.linear_kernel == "skinny"  # None keeps the model's
 
 
 def test_bundled_gsm8k_example_task_is_the_harness_gsm8k_cot() -> None:

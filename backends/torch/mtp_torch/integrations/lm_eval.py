@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from mtp_core import AcceptancePolicy
 from mtp_torch.cli.options import parse_policy
+from mtp_torch.decoding.kernels import check_linear_kernel
 from mtp_torch.decoding.model import MTPModel
 from mtp_torch.integrations.stopping import DecodeSettings, GenerationStats, decode_until
 from mtp_torch.text import stop_token_ids
@@ -94,6 +95,8 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
       chat_template_args: extra keyword arguments of ``tokenizer.apply_chat_template`` (e.g.
         ``{"enable_thinking": False}``) when the harness runs with ``apply_chat_template``.
       seed: seed of the sampling draws of tasks that sample.
+      linear_kernel: ``"stock"`` or ``"skinny"`` (the weight-first CPU product for few-token
+        passes; see ``MTPModel``); ``None`` keeps a loaded model's, else ``"stock"``.
       max_batch_size: accepted for the harness's interface and unused (no automatic batch size).
 
     Attributes:
@@ -120,6 +123,7 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         add_bos_token: bool | None = None,
         chat_template_args: dict[str, Any] | None = None,
         seed: int = 0,
+        linear_kernel: str | None = None,
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -128,6 +132,8 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
             self.mtp = pretrained
         else:
             self.mtp = MTPModel.from_pretrained(str(pretrained), dtype=dtype, device=device)
+        if linear_kernel is not None:
+            self.mtp.linear_kernel = check_linear_kernel(linear_kernel)
         if self.mtp.tokenizer is None:
             raise ValueError(
                 f"the model {pretrained!r} has no tokenizer; the harness gives text, so save "
