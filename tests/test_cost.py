@@ -280,7 +280,8 @@ def test_measure_cost_curve_on_tiny_model() -> None:
     curve = measure_cost_curve(model, max_tokens=5, context_length=10, repeats=2, warmup=1)
     assert curve.num_tokens == (1, 2, 3, 4, 5)
     assert len(curve.seconds) == 5 and len(curve.measured_seconds) == 5
-    assert list(curve.seconds) == monotone_envelope(curve.measured_seconds)
+    # Raw medians: a narrower pass may truly cost more than a wider one (BLAS kernel choice).
+    assert list(curve.seconds) == list(curve.measured_seconds)
     assert all(math.isfinite(s) and s > 0 for s in curve.seconds)
     assert curve.context_length == 10
     assert curve.device == "cpu"

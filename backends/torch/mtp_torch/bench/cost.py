@@ -92,8 +92,8 @@ class CostCurve:
       seconds: median wall-clock seconds of one pass at each width, all > 0.
       context_length: cached tokens in front of the measured block.
       device: where it was measured (``"cpu"``, ``"cuda:0"`` ...), for the report.
-      measured_seconds: the raw per-width medians before ``seconds`` was made non-decreasing
-        (empty when the curve was not measured); kept for the report.
+      measured_seconds: the raw per-width medians (empty when the curve was not measured);
+        ``seconds`` equals them for a measured curve, kept apart for the report.
 
     Example:
       >>> curve = CostCurve(num_tokens=(1, 2, 4), seconds=(1.0, 1.5, 2.5))
@@ -372,8 +372,8 @@ def measure_cost_curve(
       seed: seed of the random token ids.
 
     Returns:
-      The ``CostCurve``; its ``seconds`` are the ``monotone_envelope`` of the raw medians
-      (kept in ``measured_seconds``).
+      The ``CostCurve``; its ``seconds`` are the per-width medians (also in
+      ``measured_seconds``; ``monotone_envelope`` smooths them where a caller wants that).
     """
     import torch
     from transformers import DynamicCache
@@ -427,7 +427,11 @@ def measure_cost_curve(
     measured = [max(statistics.median(times[n]), 1e-9) for n in widths]
     return CostCurve(
         num_tokens=widths,
-        seconds=monotone_envelope(measured),
+        # The raw medians, not their monotone envelope: on some BLAS a narrower pass is truly
+        # slower than a wider one (stock PyTorch on the development CPU: 2-3 tokens cost more
+        # than 4-5), and decoding does not pad a pass to a cheaper width, so a pass of n tokens
+        # costs what n measured.
+        seconds=measured,
         context_length=int(context_length),
         device=str(device),
         measured_seconds=measured,
@@ -437,9 +441,10 @@ def measure_cost_curve(
 def monotone_envelope(seconds: Sequence[float]) -> list[float]:
     """The largest non-decreasing curve below the measured times (a running minimum from the right).
 
-    A wider pass does at least the work of a narrower one, so a width that measured slower than
-    a wider one was disturbed (another process, a clock change); its time is lowered to the
-    wider one's.  Upward spikes vanish, genuine steps stay.
+    For smoothing a noisy curve under the assumption that a wider pass never costs less (it
+    does at least the work of a narrower one): a width that measured slower than a wider one
+    is lowered to the wider one's, so upward spikes vanish and genuine steps stay.  Not every
+    BLAS honours the assumption (``measure_cost_curve`` keeps the raw medians for that reason).
 
     Args:
       seconds: median seconds per width, in increasing width order.
