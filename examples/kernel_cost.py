@@ -19,8 +19,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mtp_torch import MTPModel, measure_cost_curve
-from mtp_torch.decoding.kernels import skinny_linear
+from mtp_torch import MTPModel, measure_cost_curve, skinny_linear
 
 
 def tiny_model() -> LlamaForCausalLM:

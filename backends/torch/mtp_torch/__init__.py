@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch.decoding.backend import TorchBackend as TorchBackend
+from mtp_torch.decoding.kernels import skinny_linear as skinny_linear
 from mtp_torch.decoding.mask import add_mask_token as add_mask_token
 from mtp_torch.decoding.model import GenerateOutput as GenerateOutput
 from mtp_torch.decoding.model import MTPModel as MTPModel
@@ -36,6 +37,7 @@ __all__ = [
     "load_default",
     "measure_cost_curve",
     "run_benchmark",
+    "skinny_linear",
     "speedup_ceiling",
 ]
 
