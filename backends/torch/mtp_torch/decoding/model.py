@@ -264,37 +264,36 @@ class MTPModel:
     ) -> Path:
         """Write a plain transformers checkpoint plus the MTP settings and a model card, atomically.
 
-          The directory holds safetensors weights, the tokenizer (if any), a config carrying
-          ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
-          base model, method, MTP settings, training summary, how to load it) and a manifest of
-          the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
-          unchanged.  Everything is written to a temporary directory beside ``directory``:
+        The directory holds safetensors weights, the tokenizer (if any), a config carrying
+        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
+        base model, method, MTP settings, training summary, how to load it) and a manifest of
+        the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
+        unchanged.  Everything is written to a temporary directory beside ``directory``:
 
-          - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
-            replaced by a rename (a reader sees the old save or the new one, never a mix);
-          - a directory holding other files is refused unless ``overwrite=True``; then the new
-            files replace same-named ones one by one and the files of an earlier save that the new
-            one lacks are removed, but files this method did not write are never deleted (a
-            ``README.md`` of the user's own is kept, and no card is written).
+        - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
+          replaced by a rename (a reader sees the old save or the new one, never a mix);
+        - a directory holding other files is refused unless ``overwrite=True``; then the new
+          files replace same-named ones one by one and the files of an earlier save that the new
+          one lacks are removed, but files this method did not write are never deleted (a
+          ``README.md`` of the user's own is kept, and no card is written).
 
-          Args:
-            directory: output directory.
-            k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
-            threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
-            overwrite: write into a directory that holds files of its own.
-            linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable).
-        training_summary: what training reported, for the card: ``steps``, ``data``,
-              ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
-              first) and any other entries; ``None`` uses ``self.training_summary``.
+        Args:
+          directory: output directory.
+          k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
+          threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
+          overwrite: write into a directory that holds files of its own.
+          training_summary: what training reported, for the card: ``steps``, ``data``,
+            ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
+            first) and any other entries; ``None`` uses ``self.training_summary``.
 
-          Returns:
-            The directory written.
+        Returns:
+          The directory written.
 
-          Raises:
-            ValueError: if ``k_max`` or ``threshold`` is out of range.
-            TypeError: if ``training_summary`` is not a mapping.
-            FileExistsError: if ``directory`` holds files other than an earlier save's and
-              ``overwrite`` is false, or is a file.
+        Raises:
+          ValueError: if ``k_max`` or ``threshold`` is out of range.
+          TypeError: if ``training_summary`` is not a mapping.
+          FileExistsError: if ``directory`` holds files other than an earlier save's and
+            ``overwrite`` is false, or is a file.
         """
         current = self.default_policy
         base = current if isinstance(current, ConfAdapt) else ConfAdapt()
