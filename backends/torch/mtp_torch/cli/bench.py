@@ -23,6 +23,7 @@ from mtp_torch.bench.prompts import default_data_path, load_prompts
 from mtp_torch.bench.report import format_markdown, write_report
 from mtp_torch.bench.runner import run_benchmark
 from mtp_torch.cli.options import comma_separated
+from mtp_torch.decoding.kernels import LINEAR_KERNELS
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
@@ -115,7 +116,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
     )
     parser.add_argument(
         "--kernel",
-        choices=["stock", "skinny"],
+        choices=list(LINEAR_KERNELS),
         default=defaults.kernel or "stock",
         help="'skinny' also runs every method, greedy included, with the weight-first CPU "
         "product for few-token passes (rows ..._skinny, speed-ups against greedy_skinny)",

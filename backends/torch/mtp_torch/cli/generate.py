@@ -9,6 +9,7 @@ import sys
 import torch
 
 from mtp_torch.cli.options import parse_policy
+from mtp_torch.decoding.kernels import LINEAR_KERNELS
 from mtp_torch.decoding.model import MTPModel, parse_dtype
 from mtp_torch.text import encode_prompt
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     parser.add_argument(
         "--kernel",
-        choices=["stock", "skinny"],
+        choices=list(LINEAR_KERNELS),
         default="stock",
         help="Linear kernel: 'stock' (PyTorch's, transformers' exact numerics) or 'skinny' (the "
         "weight-first CPU product for few-token passes; equal to rounding, faster on some CPUs)",
