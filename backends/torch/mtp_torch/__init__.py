@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Any
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch.decoding.backend import TorchBackend as TorchBackend
+from mtp_torch.decoding.calibrate import auto_plan as auto_plan
+from mtp_torch.decoding.kernels import KernelPlan as KernelPlan
+from mtp_torch.decoding.kernels import fixed_plan as fixed_plan
 from mtp_torch.decoding.kernels import skinny_linear as skinny_linear
+from mtp_torch.decoding.kernels import use_kernels as use_kernels
 from mtp_torch.decoding.mask import add_mask_token as add_mask_token
 from mtp_torch.decoding.model import GenerateOutput as GenerateOutput
 from mtp_torch.decoding.model import MTPModel as MTPModel
@@ -27,18 +31,22 @@ __all__ = [
     "CostCurve",
     "DistillConfig",
     "GenerateOutput",
+    "KernelPlan",
     "MTPModel",
     "StaticK",
     "TorchBackend",
     "add_mask_token",
+    "auto_plan",
     "auto_policy",
     "choose_k_max",
     "distill",
+    "fixed_plan",
     "load_default",
     "measure_cost_curve",
     "run_benchmark",
     "skinny_linear",
     "speedup_ceiling",
+    "use_kernels",
 ]
 
 if TYPE_CHECKING:

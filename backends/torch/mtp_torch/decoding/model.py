@@ -7,7 +7,6 @@ acceptance, sampling, and a lossless mode (``verify=True``) whose output equals 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ import torch
 
 from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
+from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
 from mtp_torch.decoding.generation import (
     GenerationPlan,
@@ -28,7 +28,7 @@ from mtp_torch.decoding.generation import (
     row_stop_criterion,
     streaming_callback,
 )
-from mtp_torch.decoding.kernels import check_linear_kernel, skinny_linear
+from mtp_torch.decoding.kernels import KernelPlan, check_linear_kernel, fixed_plan, use_kernels
 from mtp_torch.decoding.mask import (
     K_MAX_CONFIG_KEY,
     MASK_TOKEN_CONFIG_KEY,
@@ -124,9 +124,13 @@ class MTPModel:
       mask_token_id: id of the ``<mtp_mask>`` token; ``None`` uses ``config.mtp_mask_token_id``
         and, when the config has none, adds a mask token (see ``add_mask_token``).
       tokenizer: the model's tokenizer (optional; gets the mask token when one is added).
-      linear_kernel: ``"stock"`` (PyTorch's own products: exactly transformers' numerics) or
-        ``"skinny"`` (the weight-first CPU product for few-token passes, see
-        ``mtp_torch.decoding.kernels``; faster on some CPUs, equal to rounding).
+      linear_kernel: ``"stock"`` (the default: PyTorch's own products, exactly transformers'
+        numerics), ``"skinny"`` (the weight-first CPU product), ``"native"`` (the compiled
+        few-row kernel) or ``"auto"`` (the fastest per pass width, measured once on this
+        machine and cached).  The non-stock kernels also run few-query attention with a
+        plain product; they agree with stock to rounding and are applied per call (another
+        thread decoding the same model keeps its own kernel).  See
+        ``mtp_torch.decoding.kernels``.
 
     Attributes:
       model: the wrapped transformers model.
@@ -136,7 +140,8 @@ class MTPModel:
         when present, else ``ConfAdapt()``.
       base_model: name of the model that was converted, for the model card (``None``: taken
         from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
-      linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable).
+      linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable); the plan
+        it resolves to is ``kernel_plan()``.
       training_summary: what training reported (steps, data, loss, per-offset agreement ...),
         shown in the model card; ``None`` when unknown.  See ``save_pretrained``.
 
@@ -154,6 +159,7 @@ class MTPModel:
         linear_kernel: str = "stock",
     ):
         self.linear_kernel = check_linear_kernel(linear_kernel)
+        self._auto_plans: dict[int, KernelPlan] = {}
         self.model = hf_model
         self.tokenizer = tokenizer
         self.backend = TorchBackend(hf_model)
@@ -203,7 +209,7 @@ class MTPModel:
           dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
             ``None`` is float32.
           device: where to put the model (``None``: CPU).
-          linear_kernel: ``"stock"`` or ``"skinny"`` (see the class).
+          linear_kernel: ``"stock"``, ``"skinny"``, ``"native"`` or ``"auto"`` (see the class).
 
         Returns:
           The ``MTPModel``, its model in eval mode.
@@ -466,11 +472,7 @@ class MTPModel:
         self.model.eval()
         if streamer is not None:
             streamer.put(ids_host)
-        kernel = (
-            skinny_linear(self.model)
-            if check_linear_kernel(self.linear_kernel) == "skinny"
-            else contextlib.nullcontext()
-        )
+        kernel = use_kernels(self.kernel_plan(), self.model)
         start = time.perf_counter()
         try:
             with kernel:
@@ -497,6 +499,20 @@ class MTPModel:
             if streamer is not None:
                 streamer.end()
         return result, time.perf_counter() - start
+
+    def kernel_plan(self) -> KernelPlan:
+        """The per-width plan ``linear_kernel`` stands for (``"auto"``: measured once, cached).
+
+        Raises:
+          ValueError: for an unknown ``linear_kernel``.
+        """
+        kernel = check_linear_kernel(self.linear_kernel)
+        if kernel != "auto":
+            return fixed_plan(kernel)
+        threads = torch.get_num_threads()
+        if threads not in self._auto_plans:
+            self._auto_plans[threads] = auto_plan(self.model)
+        return self._auto_plans[threads]
 
     def _check_input_ids(self, input_ids: Any) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):

