@@ -22,6 +22,16 @@ import torch
 from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
+from mtp_torch.decoding.gated import (
+    GATE_CONFIG_KEY,
+    MaskGate,
+    find_mask_gate,
+    gate_settings,
+    plain_layers,
+    read_gate_file,
+    restore_mask_gate,
+    write_gate_file,
+)
 from mtp_torch.decoding.generation import (
     GenerationPlan,
     plan_generation,
@@ -181,6 +191,13 @@ class MTPModel:
         self.base_model: str | None = None
         self.training_summary: Mapping[str, Any] | None = None
 
+    @property
+    def gate(self) -> MaskGate | None:
+        """The model's mask gate (``DistillConfig(lora_gate="mask")``), or ``None`` for a plain
+        or merged conversion.  On a gated model every real token's logits are bitwise the base
+        model's (``mtp_torch.decoding.gated``)."""
+        return find_mask_gate(self.model)
+
     # ------------------------------------------------------------------------------------------
     # Loading and saving
 
@@ -201,12 +218,18 @@ class MTPModel:
             token is added), ``"default"`` (the embedded default, converted by the delta that
             ships in the package) or ``"default-base"`` (the same model unconverted).
           dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
-            ``None`` is float32.
+            ``None`` is float32.  A mask-gated save (config key ``mtp_gate``) gets its gate
+            back from ``mtp_gate.safetensors``.
           device: where to put the model (``None``: CPU).
           linear_kernel: ``"stock"`` or ``"skinny"`` (see the class).
 
         Returns:
           The ``MTPModel``, its model in eval mode.
+
+        Raises:
+          FileNotFoundError: for a source that holds no model, or a gated save whose adapter
+            file is missing.
+          ValueError: for corrupt weights or a gate adapter that is corrupt or does not fit.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,6 +269,11 @@ class MTPModel:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel)
+        settings = getattr(model.config, GATE_CONFIG_KEY, None)
+        if isinstance(settings, dict):
+            directory = Path(source).expanduser()
+            tensors = read_gate_file(directory)
+            restore_mask_gate(model, mtp.mask_token_id, settings, tensors, source=str(directory))
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
             mtp.base_model = manifest["base_model"]
@@ -268,7 +296,10 @@ class MTPModel:
         ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
         base model, method, MTP settings, training summary, how to load it) and a manifest of
         the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
-        unchanged.  Everything is written to a temporary directory beside ``directory``:
+        unchanged.  A mask-gated model (``gate``) also writes its adapter, ``mtp_gate.safetensors``,
+        and the gate's settings (config key ``mtp_gate``): the weights file holds the base model
+        unchanged, so ``AutoModelForCausalLM`` loads the exact base model, and
+        ``from_pretrained`` restores the gate.  Everything is written to a temporary directory beside ``directory``:
 
         - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
           replaced by a rename (a reader sees the old save or the new one, never a mix);
@@ -314,20 +345,29 @@ class MTPModel:
             k_max=int(policy.k_max),
             threshold=float(policy.threshold),
             training_summary=summary,
+            gated=self.gate is not None,
         )
-        settings = {
+        settings: dict[str, Any] = {
             MASK_TOKEN_CONFIG_KEY: self.mask_token_id,
             K_MAX_CONFIG_KEY: int(policy.k_max),
             THRESHOLD_CONFIG_KEY: float(policy.threshold),
         }
+        gate = self.gate
+        if gate is not None:
+            settings[GATE_CONFIG_KEY] = gate_settings(gate)
         previous = {
-            key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
+            key: getattr(config, key, None)
+            for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY, GATE_CONFIG_KEY)
         }
 
         def write_files(staging: Path) -> None:
             for key, value in settings.items():
                 setattr(config, key, value)
-            self.model.save_pretrained(staging)
+            # A gated model: the base weights exactly as loaded, the gate in its own file.
+            with plain_layers(self.model):
+                self.model.save_pretrained(staging)
+            if gate is not None:
+                write_gate_file(self.model, staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
 
