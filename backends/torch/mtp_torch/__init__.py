@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch.decoding.backend import TorchBackend as TorchBackend
+from mtp_torch.decoding.gated import MaskGate as MaskGate
+from mtp_torch.decoding.gated import add_mask_gate as add_mask_gate
 from mtp_torch.decoding.kernels import skinny_linear as skinny_linear
 from mtp_torch.decoding.mask import add_mask_token as add_mask_token
 from mtp_torch.decoding.model import GenerateOutput as GenerateOutput
@@ -28,8 +30,10 @@ __all__ = [
     "DistillConfig",
     "GenerateOutput",
     "MTPModel",
+    "MaskGate",
     "StaticK",
     "TorchBackend",
+    "add_mask_gate",
     "add_mask_token",
     "auto_policy",
     "choose_k_max",
