@@ -50,6 +50,7 @@ __all__ = [
     "find_blocks",
     "find_mask_gate",
     "gated_layers",
+    "load_saved_gate",
     "gate_settings",
     "gate_state_dict",
     "load_gate_state",
@@ -468,3 +469,18 @@ def read_gate_file(directory: Path) -> dict[str, torch.Tensor]:
             f"{path} is not an mtp-lm gate adapter (format {metadata.get('format')!r})"
         )
     return tensors
+
+
+def load_saved_gate(model: Any, mask_token_id: int, directory: Path) -> MaskGate | None:
+    """Restore the gate of a gated save (config key ``GATE_CONFIG_KEY``) from its
+    ``GATE_FILE``; ``None`` (and nothing done) for a save without a gate.
+
+    Raises:
+      FileNotFoundError: if the config says gated but the adapter file is missing.
+      ValueError: if the file is corrupt or does not fit the model.
+    """
+    settings = getattr(model.config, GATE_CONFIG_KEY, None)
+    if not isinstance(settings, dict):
+        return None
+    tensors = read_gate_file(directory)
+    return restore_mask_gate(model, mask_token_id, settings, tensors, source=str(directory))

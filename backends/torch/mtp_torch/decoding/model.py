@@ -27,9 +27,8 @@ from mtp_torch.decoding.gated import (
     MaskGate,
     find_mask_gate,
     gate_settings,
+    load_saved_gate,
     plain_layers,
-    read_gate_file,
-    restore_mask_gate,
     write_gate_file,
 )
 from mtp_torch.decoding.generation import (
@@ -269,11 +268,7 @@ class MTPModel:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel)
-        settings = getattr(model.config, GATE_CONFIG_KEY, None)
-        if isinstance(settings, dict):
-            directory = Path(source).expanduser()
-            tensors = read_gate_file(directory)
-            restore_mask_gate(model, mtp.mask_token_id, settings, tensors, source=str(directory))
+        load_saved_gate(model, mtp.mask_token_id, Path(source).expanduser())
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
             mtp.base_model = manifest["base_model"]
@@ -352,29 +347,17 @@ class MTPModel:
             K_MAX_CONFIG_KEY: int(policy.k_max),
             THRESHOLD_CONFIG_KEY: float(policy.threshold),
         }
-        gate = self.gate
-        if gate is not None:
-            settings[GATE_CONFIG_KEY] = gate_settings(gate)
+        if self.gate is not None:
+            settings[GATE_CONFIG_KEY] = gate_settings(self.gate)
         previous = {
             key: getattr(config, key, None)
             for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY, GATE_CONFIG_KEY)
         }
 
-        def write_files(staging: Path) -> None:
-            for key, value in settings.items():
-                setattr(config, key, value)
-            # A gated model: the base weights exactly as loaded, the gate in its own file.
-            with plain_layers(self.model):
-                self.model.save_pretrained(staging)
-            if gate is not None:
-                write_gate_file(self.model, staging)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-
         try:
             return write_checkpoint(
                 target,
-                write_files,
+                lambda staging: self._write_files(staging, settings),
                 overwrite=overwrite,
                 card=model_card(facts),
                 metadata={"base_model": facts.base_model, "training_summary": summary},
@@ -382,6 +365,18 @@ class MTPModel:
         finally:
             for key, value in previous.items():
                 setattr(config, key, value)
+
+    def _write_files(self, staging: Path, settings: Mapping[str, Any]) -> None:
+        """Config settings, weights (a gated model's base weights as loaded, its gate in its
+        own file) and tokenizer, into ``staging``."""
+        for key, value in settings.items():
+            setattr(self.model.config, key, value)
+        with plain_layers(self.model):
+            self.model.save_pretrained(staging)
+        if self.gate is not None:
+            write_gate_file(self.model, staging)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(staging)
 
     # ------------------------------------------------------------------------------------------
     # Decoding
