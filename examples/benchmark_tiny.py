@@ -54,10 +54,18 @@ def tiny_checkpoint(directory: Path) -> Path:
     tokenizer = word_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, initializer_range=0.5, bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.5,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     mtp = MTPModel(LlamaForCausalLM(config).eval(), tokenizer=tokenizer)
     return mtp.save_pretrained(directory / "tiny-mtp", k_max=4, threshold=0.9)
@@ -78,22 +86,36 @@ def main() -> None:
             encoding="utf-8",
         )
         # The same options as on the command line: mtp bench --model ... --data ... --out ...
-        status = mtp_main([
-            "bench",
-            "--model", str(checkpoint),
-            "--data", str(data),
-            "--out", str(work / "report.json"),
-            "--max-new-tokens", "16",
-            "--k-max", "4",
-            "--thresholds", "0.9,0.5",
-            "--static", "2",
-            "--verify-thresholds", "0.9",
-            "--prompt-lookup-tokens", "3",
-            "--cost-max-tokens", "4",
-            "--cost-repeats", "1",
-            "--device", "cpu",
-            "--quiet",
-        ])
+        status = mtp_main(
+            [
+                "bench",
+                "--model",
+                str(checkpoint),
+                "--data",
+                str(data),
+                "--out",
+                str(work / "report.json"),
+                "--max-new-tokens",
+                "16",
+                "--k-max",
+                "4",
+                "--thresholds",
+                "0.9,0.5",
+                "--static",
+                "2",
+                "--verify-thresholds",
+                "0.9",
+                "--prompt-lookup-tokens",
+                "3",
+                "--cost-max-tokens",
+                "4",
+                "--cost-repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
         assert status == 0, f"mtp bench exited with status {status}"
         report = json.loads((work / "report.json").read_text(encoding="utf-8"))
         names = [row["name"] for row in report["methods"]]

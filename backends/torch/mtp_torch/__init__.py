@@ -14,6 +14,8 @@ from mtp_core import ConfAdapt as ConfAdapt
 from mtp_core import StaticK as StaticK
 from mtp_torch.decoding.backend import TorchBackend as TorchBackend
 from mtp_torch.decoding.calibrate import auto_plan as auto_plan
+from mtp_torch.decoding.gated import MaskGate as MaskGate
+from mtp_torch.decoding.gated import add_mask_gate as add_mask_gate
 from mtp_torch.decoding.kernels import KernelPlan as KernelPlan
 from mtp_torch.decoding.kernels import fixed_plan as fixed_plan
 from mtp_torch.decoding.kernels import skinny_linear as skinny_linear
@@ -33,8 +35,10 @@ __all__ = [
     "GenerateOutput",
     "KernelPlan",
     "MTPModel",
+    "MaskGate",
     "StaticK",
     "TorchBackend",
+    "add_mask_gate",
     "add_mask_token",
     "auto_plan",
     "auto_policy",

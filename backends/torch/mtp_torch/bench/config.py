@@ -60,6 +60,8 @@ class BenchConfig:
       thresholds: ConfAdapt thresholds.
       static: static-k values.
       verify_thresholds: thresholds also run in the lossless mode (each ``k_max``).
+      verify_static: ``k`` values of lossless rows drafting every mask proposal
+        (``StaticK(k)`` with ``verify=True``); none by default.
       repeats: timed passes over all prompts per method; speed is the median (one untimed
         warm-up prompt per method first).
       quantize: ``None`` or ``"int8"`` (dynamic int8 Linear layers, CPU only) as an extra
@@ -85,6 +87,7 @@ class BenchConfig:
     thresholds: tuple[float, ...] = attrs.field(default=SWEEP_THRESHOLDS, converter=float_tuple)
     static: tuple[int, ...] = attrs.field(default=SWEEP_STATIC, converter=int_tuple)
     verify_thresholds: tuple[float, ...] = attrs.field(default=SWEEP_VERIFY, converter=float_tuple)
+    verify_static: tuple[int, ...] = attrs.field(default=(), converter=int_tuple)
     repeats: int = 1
     quantize: str | None = None
     kernel: str | None = None

@@ -8,6 +8,8 @@
 - ``ConfAdaptDecoding``: MTP decoding with ConfAdapt (paper: the threshold sweep); with
   ``verify=True`` the lossless mode (the same weights verify their own proposals, so the output
   equals greedy exactly);
+- ``VerifyStaticDecoding``: the lossless mode drafting every mask proposal whatever its
+  confidence (``StaticK(k)`` with ``verify=True``), beside the confidence-gated verify rows;
 - ``AutoKDecoding``: ConfAdapt whose ``k_max`` ``auto_policy`` chose for this hardware
   (``k_max="auto"``), plain or lossless.
 
@@ -49,6 +51,7 @@ __all__ = [
     "MethodInfo",
     "PromptLookup",
     "StaticKDecoding",
+    "VerifyStaticDecoding",
     "bench_methods",
     "policy_label",
 ]
@@ -296,6 +299,37 @@ class StaticKDecoding:
         return _mtp_generate(engine, input_ids, settings, self.policy, verify=False)
 
 
+@attrs.frozen
+class VerifyStaticDecoding:
+    """Lossless MTP decoding that drafts all ``k - 1`` mask proposals of each step, whatever
+    their confidence (``StaticK(k)`` with ``verify=True``): the output is greedy decoding."""
+
+    k: int
+    precision: str = "base"
+
+    @property
+    def name(self) -> str:
+        """``verify_static_{k}``."""
+        return f"verify_static_{self.k}{_suffix(self.precision)}"
+
+    @property
+    def policy(self) -> StaticK:
+        """``StaticK(k)``."""
+        return StaticK(self.k)
+
+    def describe(self) -> MethodInfo:
+        """The report fields (family ``verify``, ``k_max`` is ``k``)."""
+        return MethodInfo(
+            name=self.name, family="verify", policy=self.policy, k_max=self.k, verify=True
+        )
+
+    def generate(
+        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+    ) -> Generated:
+        """Decode with ``MTPModel.generate(..., verify=True)``."""
+        return _mtp_generate(engine, input_ids, settings, self.policy, verify=True)
+
+
 def _confadapt_name(verify: bool, threshold: float, k_label: str, precision: str) -> str:
     """``confadapt_{tau}_k{k}`` with a ``verify_`` prefix and a precision suffix."""
     prefix = "verify_confadapt" if verify else "confadapt"
@@ -405,6 +439,7 @@ def bench_methods(
     thresholds: Sequence[float] = SWEEP_THRESHOLDS,
     static: Sequence[int] = SWEEP_STATIC,
     verify_thresholds: Sequence[float] = SWEEP_VERIFY,
+    verify_static: Sequence[int] = (),
     prompt_lookup_tokens: int | None = PROMPT_LOOKUP_TOKENS,
     auto_policies: Mapping[float, AcceptancePolicy] | None = None,
     precision: str = "base",
@@ -418,6 +453,8 @@ def bench_methods(
       thresholds: ConfAdapt thresholds (paper sweep 0.995 ... 0.6).
       static: ``k`` values of static-k MTP rows (``1`` is MTP's own one-token decoding).
       verify_thresholds: thresholds whose ConfAdapt rows (each ``k_max``) also run lossless.
+      verify_static: ``k`` values of lossless rows that draft every mask proposal
+        (``StaticK(k)`` with ``verify=True``, rows ``verify_static_{k}``).
       prompt_lookup_tokens: candidate tokens of the prompt-lookup baseline; ``None`` skips it.
       auto_policies: ``{threshold: policy}`` chosen by ``auto_policy`` for ``"auto"``.
       precision: ``"base"``, ``"int8"`` or ``"skinny"`` (names get that suffix).
@@ -438,6 +475,7 @@ def bench_methods(
     chosen = auto_policies or {}
     methods += _confadapt_methods(thresholds, k_max, False, chosen, precision)
     methods += _confadapt_methods(verify_thresholds, k_max, True, chosen, precision)
+    methods += [VerifyStaticDecoding(int(k), precision) for k in verify_static]
     names = [method.name for method in methods]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

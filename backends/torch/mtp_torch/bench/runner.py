@@ -236,6 +236,7 @@ def _engines_and_methods(
             thresholds=config.thresholds,
             static=config.static,
             verify_thresholds=config.verify_thresholds if precision != "int8" else (),
+            verify_static=config.verify_static if precision != "int8" else (),
             prompt_lookup_tokens=config.prompt_lookup_tokens if precision == "base" else None,
             auto_policies=chosen,
             precision=precision,

@@ -103,6 +103,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
         help="thresholds also run in the lossless mode, each k_max ('' for none)",
     )
     parser.add_argument(
+        "--verify-static",
+        type=_int_list,
+        default=defaults.verify_static,
+        help="k values of lossless rows that draft every mask proposal, StaticK(k) with "
+        "verify (verify_static_{k}; comma-separated, none by default)",
+    )
+    parser.add_argument(
         "--prompt-lookup-tokens",
         type=int,
         default=defaults.prompt_lookup_tokens,
@@ -215,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         static=args.static,
         verify_thresholds=args.verify_thresholds,
+        verify_static=args.verify_static,
         repeats=args.repeats,
         quantize=args.quantize,
         kernel=None if args.kernel == "stock" else args.kernel,

@@ -23,6 +23,7 @@ import torch
 from mtp_core import ConfAdapt
 from mtp_torch._resources import package_data
 from mtp_torch.cli.options import ConfigOption, add_config_options, config_overrides
+from mtp_torch.decoding.gated import gate_settings
 from mtp_torch.decoding.model import parse_dtype
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
 from mtp_torch.training.config import DistillConfig, cpu_preset
@@ -119,6 +120,13 @@ TRAINING_OPTIONS = (
         "lora_rank",
         "LoRA adapters of this rank on the trained blocks, merged on save; 0 trains the "
         "weights themselves (default {default})",
+    ),
+    ConfigOption(
+        "lora_gate",
+        "mask: adapters that act only at mask positions, so the model's own predictions stay "
+        "bitwise the base model's (not merged; the gated preset: gt loss, rank 32, all "
+        "blocks; default: {default})",
+        none_text="none, merged LoRA",
     ),
     ConfigOption(
         "lora_alpha",
@@ -386,7 +394,8 @@ def _trained_steps(last: list[StepMetrics], checkpoint_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
-    rank = args.lora_rank if args.lora_rank is not None else cpu_preset().lora_rank
+    preset = cpu_preset(**({"lora_gate": args.lora_gate} if args.lora_gate else {}))
+    rank = args.lora_rank if args.lora_rank is not None else preset.lora_rank
     if args.delta_out is not None and not rank:
         raise ValueError("--delta-out needs LoRA adapters: add --lora-rank N (N > 0)")
     if args.out and _foreign_files(Path(args.out)) and not args.overwrite:
@@ -430,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
                 "threshold": args.threshold,
                 "lora_rank": cfg.lora_rank,
                 "steps": _trained_steps(last, checkpoint_dir),
+                **({"gate": json.dumps(gate_settings(mtp.gate))} if mtp.gate else {}),
             },
         )
         digest = file_sha256(delta_path)

@@ -43,6 +43,7 @@ class CardFacts:
       k_max: the stored default ``k_max``.
       threshold: the stored default ConfAdapt threshold.
       training_summary: what training reported (see ``check_training_summary``), or ``None``.
+      gated: whether the model carries mask-gated adapters (``mtp_gate.safetensors``).
     """
 
     name: str
@@ -52,6 +53,7 @@ class CardFacts:
     k_max: int
     threshold: float
     training_summary: Mapping[str, Any] | None = None
+    gated: bool = False
 
 
 def check_training_summary(summary: Any) -> dict[str, Any] | None:
@@ -117,11 +119,26 @@ def model_card(facts: CardFacts) -> str:
         "that follow, and the model (the student) learns to predict them at the mask "
         "positions.  At inference ConfAdapt keeps, per step, the longest prefix of the "
         "proposals whose top-1 probability reaches the threshold (at least one token).\n",
+        _gate_section(facts),
         _settings_section(facts),
         _training_section(facts.training_summary),
         _usage_section(facts),
     ]
-    return "\n".join(sections)
+    return "\n".join(section for section in sections if section)
+
+
+def _gate_section(facts: CardFacts) -> str:
+    if not facts.gated:
+        return ""
+    return (
+        "## Mask-gated adapters\n\nThis model is **mask-gated** (Samragh et al. 2025, "
+        "arXiv 2507.11851): its MTP ability is a low-rank adapter, `mtp_gate.safetensors`, that "
+        "acts only at `<mtp_mask>` positions.  The weights file holds the base model unchanged: "
+        "`AutoModelForCausalLM.from_pretrained` on this directory loads the exact base model "
+        "(ordinary next-token decoding, adapter unused).  For MTP decoding load it with "
+        "`mtp_torch.MTPModel.from_pretrained`, which restores the adapter; its one-token and "
+        "`verify=True` outputs are exactly the base model's greedy output.\n"
+    )
 
 
 def _settings_section(facts: CardFacts) -> str:

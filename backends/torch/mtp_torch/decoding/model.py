@@ -22,6 +22,15 @@ from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
 from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
+from mtp_torch.decoding.gated import (
+    GATE_CONFIG_KEY,
+    MaskGate,
+    find_mask_gate,
+    gate_settings,
+    load_saved_gate,
+    plain_layers,
+    write_gate_file,
+)
 from mtp_torch.decoding.generation import (
     GenerationPlan,
     plan_generation,
@@ -187,6 +196,13 @@ class MTPModel:
         self.base_model: str | None = None
         self.training_summary: Mapping[str, Any] | None = None
 
+    @property
+    def gate(self) -> MaskGate | None:
+        """The model's mask gate (``DistillConfig(lora_gate="mask")``), or ``None`` for a plain
+        or merged conversion.  On a gated model every real token's logits are bitwise the base
+        model's (``mtp_torch.decoding.gated``)."""
+        return find_mask_gate(self.model)
+
     # ------------------------------------------------------------------------------------------
     # Loading and saving
 
@@ -207,12 +223,18 @@ class MTPModel:
             token is added), ``"default"`` (the embedded default, converted by the delta that
             ships in the package) or ``"default-base"`` (the same model unconverted).
           dtype: parameter dtype (``torch.dtype``, a name such as ``"bfloat16"``, or ``"auto"``);
-            ``None`` is float32.
+            ``None`` is float32.  A mask-gated save (config key ``mtp_gate``) gets its gate
+            back from ``mtp_gate.safetensors``.
           device: where to put the model (``None``: CPU).
           linear_kernel: ``"stock"``, ``"skinny"``, ``"native"`` or ``"auto"`` (see the class).
 
         Returns:
           The ``MTPModel``, its model in eval mode.
+
+        Raises:
+          FileNotFoundError: for a source that holds no model, or a gated save whose adapter
+            file is missing.
+          ValueError: for corrupt weights or a gate adapter that is corrupt or does not fit.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,6 +274,7 @@ class MTPModel:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel)
+        load_saved_gate(model, mtp.mask_token_id, Path(source).expanduser())
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
             mtp.base_model = manifest["base_model"]
@@ -274,7 +297,10 @@ class MTPModel:
         ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
         base model, method, MTP settings, training summary, how to load it) and a manifest of
         the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
-        unchanged.  Everything is written to a temporary directory beside ``directory``:
+        unchanged.  A mask-gated model (``gate``) also writes its adapter, ``mtp_gate.safetensors``,
+        and the gate's settings (config key ``mtp_gate``): the weights file holds the base model
+        unchanged, so ``AutoModelForCausalLM`` loads the exact base model, and
+        ``from_pretrained`` restores the gate.  Everything is written to a temporary directory beside ``directory``:
 
         - a new or empty directory, or an earlier mtp-lm save holding only its own files, is
           replaced by a rename (a reader sees the old save or the new one, never a mix);
@@ -320,27 +346,24 @@ class MTPModel:
             k_max=int(policy.k_max),
             threshold=float(policy.threshold),
             training_summary=summary,
+            gated=self.gate is not None,
         )
-        settings = {
+        settings: dict[str, Any] = {
             MASK_TOKEN_CONFIG_KEY: self.mask_token_id,
             K_MAX_CONFIG_KEY: int(policy.k_max),
             THRESHOLD_CONFIG_KEY: float(policy.threshold),
         }
+        if self.gate is not None:
+            settings[GATE_CONFIG_KEY] = gate_settings(self.gate)
         previous = {
-            key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
+            key: getattr(config, key, None)
+            for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY, GATE_CONFIG_KEY)
         }
-
-        def write_files(staging: Path) -> None:
-            for key, value in settings.items():
-                setattr(config, key, value)
-            self.model.save_pretrained(staging)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
 
         try:
             return write_checkpoint(
                 target,
-                write_files,
+                lambda staging: self._write_files(staging, settings),
                 overwrite=overwrite,
                 card=model_card(facts),
                 metadata={"base_model": facts.base_model, "training_summary": summary},
@@ -348,6 +371,18 @@ class MTPModel:
         finally:
             for key, value in previous.items():
                 setattr(config, key, value)
+
+    def _write_files(self, staging: Path, settings: Mapping[str, Any]) -> None:
+        """Config settings, weights (a gated model's base weights as loaded, its gate in its
+        own file) and tokenizer, into ``staging``."""
+        for key, value in settings.items():
+            setattr(self.model.config, key, value)
+        with plain_layers(self.model):
+            self.model.save_pretrained(staging)
+        if self.gate is not None:
+            write_gate_file(self.model, staging)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(staging)
 
     # ------------------------------------------------------------------------------------------
     # Decoding

@@ -19,10 +19,12 @@ from mtp_core import LOSS_KINDS, LossKind, TrainingLayoutSpec, default_num_regio
 
 __all__ = [
     "ATTENTION_CHOICES",
+    "LORA_GATES",
     "RESUMABLE_FIELDS",
     "WEIGHT_DTYPES",
     "AttentionChoice",
     "DistillConfig",
+    "LoraGate",
     "WeightDtype",
     "check_resumable",
     "cpu_bf16_is_fast",
@@ -54,6 +56,9 @@ WEIGHT_DTYPES = ("bfloat16", "float32")
 ATTENTION_CHOICES = ("auto", "sdpa", "flex")
 WeightDtype = Literal["bfloat16", "float32"]
 AttentionChoice = Literal["auto", "sdpa", "flex"]
+# Gates of LoRA adapters (``DistillConfig.lora_gate``).
+LORA_GATES = ("mask",)
+LoraGate = Literal["mask"]
 
 
 def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -148,6 +153,13 @@ class DistillConfig:
         fine-tuning (the paper).
       lora_alpha: LoRA scaling numerator (the update is ``alpha / rank * B A``); ``None``:
         ``lora_rank`` (a scale of 1).
+      lora_gate: ``"mask"``: mask-gated adapters (Samragh et al. 2025, arXiv 2507.11851;
+        ``mtp_torch.decoding.gated``): the ``lora_rank`` adapters act only on rows whose input
+        is the mask token, and the mask token's input embedding is a vector of the gate (trained
+        when ``train_mask_embedding``), so every real token's logits stay bitwise the base
+        model's.  The teacher is the model itself (no copy, no adapters to disable), the
+        adapters are not merged (the result keeps its gate), and ``prefix_loss_weight`` must
+        be 0 (real tokens cannot move).  ``None``: plain LoRA, merged when training ends.
       seed: seeds the block sizes, offsets, data order, mask init and dropout.
       out_dir: checkpoint directory, or ``None`` for no checkpoints.
       checkpoint_every: save every this many steps (a final checkpoint is always written when
@@ -206,6 +218,7 @@ class DistillConfig:
     unconfident_weight: float = attrs.field(default=0.1, validator=_non_negative_float)
     lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
     lora_alpha: float | None = attrs.field(default=None)
+    lora_gate: LoraGate | None = attrs.field(default=None)
     seed: int = attrs.field(default=0, validator=_non_negative_int)
     out_dir: str | None = attrs.field(default=None)
     checkpoint_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
@@ -271,6 +284,25 @@ class DistillConfig:
         ):
             raise ValueError(
                 f"confident_targets must be None or a probability in (0, 1], got {value!r}"
+            )
+
+    @lora_gate.validator
+    def _check_lora_gate(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None:
+            return
+        if value not in LORA_GATES:
+            raise ValueError(f"lora_gate must be None or one of {LORA_GATES}, got {value!r}")
+        if self.lora_rank < 1:
+            raise ValueError("lora_gate='mask' gates LoRA adapters: set lora_rank >= 1 (e.g. 32)")
+        if self.prefix_loss_weight > 0:
+            raise ValueError(
+                "prefix_loss_weight must be 0 with lora_gate='mask': the real tokens' "
+                "predictions are the base model's and cannot move"
+            )
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "gradient_checkpointing is not supported with lora_gate='mask' (the recomputed "
+                "blocks would not see which rows are mask rows); turn it off"
             )
 
     @dtype.validator
@@ -351,6 +383,10 @@ def cpu_preset(**overrides: Any) -> DistillConfig:
       tokens, the only runs ConfAdapt can accept;
     - bfloat16 autocast where the CPU has native bf16 (2.6x float32 matmuls measured).
 
+    With ``lora_gate="mask"`` among the overrides the preset is the gated one: ``loss="gt"``
+    with no anchor (real tokens cannot drift), rank-32 gated adapters on every block and the
+    gate's mask vector trained (``_GATED_PRESET``); other overrides still win.
+
     Args:
       **overrides: any ``DistillConfig`` field, replacing the preset's value.
 
@@ -376,8 +412,23 @@ def cpu_preset(**overrides: Any) -> DistillConfig:
         "bf16": True if cpu_bf16_is_fast() else None,
         "checkpoint_every": 50,
     }
+    if overrides.get("lora_gate") == "mask":
+        preset.update(_GATED_PRESET)
     preset.update(overrides)
     return DistillConfig(**preset)
+
+
+# What ``cpu_preset(lora_gate="mask")`` changes: the real tokens cannot drift, so no anchor and
+# the teacher's own greedy corpus as targets (``gt``: no teacher pass); adapters on every block
+# (mask rows compute a different function through the whole depth) with the gate's mask vector
+# trained; rank 32 keeps the shipped delta of the default under 25 MB (fp16).
+_GATED_PRESET: dict[str, Any] = {
+    "loss": "gt",
+    "prefix_loss_weight": 0.0,
+    "train_layers": None,
+    "train_mask_embedding": True,
+    "lora_rank": 32,
+}
 
 
 def check_resumable(saved: dict[str, Any], cfg: DistillConfig) -> None:

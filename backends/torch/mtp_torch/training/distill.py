@@ -327,7 +327,11 @@ def _as_mtp_model(
     from mtp_torch.decoding.model import MTPModel
 
     delta = None
-    if cfg.lora_rank > 0:
+    if cfg.lora_gate is not None:
+        from mtp_torch.weights.delta import gated_delta
+
+        delta = gated_delta(student, mask_token_id)
+    elif cfg.lora_rank > 0:
         student, delta = merge_lora(student, mask_token_id)
     restore_model(student)
     student.eval()
@@ -456,7 +460,7 @@ def distill(
     if state.sharded:
         from mtp_torch.training.fsdp import gather_full_model
 
-        student = gather_full_model(student, lora=cfg.lora_rank > 0)
+        student = gather_full_model(student, lora=cfg.lora_rank > 0 and cfg.lora_gate is None)
     del state
     mtp = _as_mtp_model(student, mask_token_id, cfg, tokenizer)
     mtp.training_summary = training_summary(list(report.recent), cfg)

@@ -23,7 +23,7 @@ from mtp_torch.training.parameters import (
 if TYPE_CHECKING:
     from mtp_torch.training.config import DistillConfig
 
-__all__ = ["lora_parameters", "merge_lora", "with_lora"]
+__all__ = ["gated_parameters", "lora_parameters", "merge_lora", "with_lora"]
 
 
 def _adapted_layers(blocks: nn.ModuleList, train_layers: int | None) -> list[int] | None:
@@ -122,3 +122,38 @@ def merge_lora(student: Any, mask_token_id: int) -> tuple[nn.Module, dict[str, t
 
     delta = lora_delta(student, mask_token_id)
     return student.merge_and_unload(), delta
+
+
+def gated_parameters(
+    student: nn.Module, mask_token_id: int, cfg: DistillConfig
+) -> TrainableParameters:
+    """Give ``student`` mask-gated adapters (``lora_gate="mask"``) and freeze everything else.
+
+    Args:
+      student: the model (mask token added); gains the gate in place.
+      mask_token_id: the mask token's id.
+      cfg: the run's settings (``lora_rank``, ``lora_alpha``, ``train_layers``,
+        ``train_mask_embedding``, ``seed``).
+
+    Returns:
+      As ``trainable_parameters``: the adapters (and the gate's mask vector when
+      ``train_mask_embedding``), no embedding matrices, no hooks.
+    """
+    from mtp_torch.decoding.gated import add_mask_gate, gated_layers
+
+    blocks = find_blocks(student)
+    layers = _adapted_layers(blocks, cfg.train_layers)
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    gate = add_mask_gate(
+        student, mask_token_id, cfg.lora_rank, cfg.lora_alpha, layers=layers, seed=cfg.seed
+    )
+    main: list[nn.Parameter] = []
+    for _, layer in gated_layers(student):
+        main += [layer.lora_A, layer.lora_B]
+    if cfg.train_mask_embedding:
+        main.append(gate.mask_embedding)
+    for parameter in main:
+        parameter.requires_grad_(True)
+    gate.mask_embedding.requires_grad_(cfg.train_mask_embedding)
+    return main, [], []

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mtp_torch.decoding.gated import find_blocks
+
 __all__ = [
     "TrainableParameters",
     "drop_gradients",
@@ -26,29 +28,6 @@ __all__ = [
 
 # (main parameters, embedding matrices whose mask row trains, their gradient hooks)
 TrainableParameters = tuple[list[nn.Parameter], list[nn.Parameter], list[RemovableHandle]]
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a transformers model (``model.layers``, ``h`` ...).
-
-    Args:
-      model: a transformers causal LM.
-
-    Returns:
-      The ``nn.ModuleList`` holding ``config.num_hidden_layers`` blocks.
-
-    Raises:
-      ValueError: if no such list is found.
-    """
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if num_layers is None or len(module) == num_layers:
-                return module
-    raise ValueError(
-        "could not find the model's transformer blocks (an nn.ModuleList of "
-        "config.num_hidden_layers modules); use train_layers=None to train every weight"
-    )
 
 
 def embedding_matrices(model: Any) -> list[nn.Parameter]:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mtp_torch.training.config import DistillConfig
-from mtp_torch.training.lora import lora_parameters, with_lora
+from mtp_torch.training.lora import gated_parameters, lora_parameters, with_lora
 from mtp_torch.training.model_options import enable_gradient_checkpointing, prepare_model
 from mtp_torch.training.parameters import drop_gradients, parameter_groups, trainable_parameters
 
@@ -165,7 +165,13 @@ def init_train_state(
     student = model if sharded else model.to(device)
     student.train()
     teacher_context: ContextFactory = contextlib.nullcontext
-    if cfg.lora_rank > 0:
+    if cfg.lora_gate is not None:
+        # Mask-gated adapters: the teacher is the student itself (its forced input holds no
+        # mask token, so no adapter acts and it computes exactly the base model).
+        main, embeddings, hooks = gated_parameters(student, mask_token_id, cfg)
+        if cfg.loss != "gt":
+            teacher = student
+    elif cfg.lora_rank > 0:
         student = with_lora(student, cfg)
         if cfg.loss != "gt":
             teacher, teacher_context = student, student.disable_adapter

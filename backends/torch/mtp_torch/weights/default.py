@@ -11,6 +11,7 @@ directory (``$MTP_LM_CACHE`` overrides it).  Without the package, the Hugging Fa
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -255,7 +256,8 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
             f"the shipped delta was made with mask token id {metadata.get('mask_token_id')}, the "
             f"base model gives {mask_token_id}; the delta does not belong to this base model"
         )
-    apply_delta(model, tensors, mask_token_id)
+    gate = json.loads(metadata["gate"]) if "gate" in metadata else None
+    apply_delta(model, tensors, mask_token_id, gate)
     setattr(model.config, MASK_TOKEN_CONFIG_KEY, int(mask_token_id))
     if "k_max" in metadata:
         setattr(model.config, K_MAX_CONFIG_KEY, int(metadata["k_max"]))

@@ -13,6 +13,10 @@ File layout (``safetensors``; nothing is unpickled):
   is folded into ``down``);
 - ``mtp.mask_embedding`` ``(hidden,)``: the mask token's input-embedding row, and
   ``mtp.mask_unembedding`` for a model whose output embeddings are not tied;
+- or, for a mask-gated conversion (``DistillConfig(lora_gate="mask")``), the gate's tensors
+  ``gate.<module>.lora_A`` / ``gate.<module>.lora_B`` / ``gate.mask_embedding`` (float32 for
+  the last) and its settings as JSON in the metadata entry ``gate``: ``apply_delta`` then adds
+  the gate (``mtp_torch.decoding.gated``) instead of changing any weight;
 - metadata (strings): ``format`` (``DELTA_FORMAT``), ``mask_token_id`` and whatever the writer
   adds (base model, ``k_max``, threshold, the command that made it).
 """
@@ -28,11 +32,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["DELTA_FORMAT", "apply_delta", "file_sha256", "load_delta", "lora_delta", "save_delta"]
+__all__ = [
+    "DELTA_FORMAT",
+    "apply_delta",
+    "file_sha256",
+    "gated_delta",
+    "load_delta",
+    "lora_delta",
+    "save_delta",
+]
 
 DELTA_FORMAT = "mtp-lm-delta/1"
 _MASK_ROW = "mtp.mask_embedding"
 _MASK_OUT_ROW = "mtp.mask_unembedding"
+_GATE_VECTOR = "gate.mask_embedding"
 
 
 def lora_delta(peft_model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
@@ -61,6 +74,24 @@ def lora_delta(peft_model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
         tensors[f"{name}.up"] = up.contiguous()
         tensors[f"{name}.down"] = down.contiguous()
     tensors.update(_mask_rows(base, mask_token_id))
+    return tensors
+
+
+def gated_delta(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
+    """The delta of a mask-gated model: its gate's tensors (``gate.`` names) and the mask rows.
+
+    Args:
+      model: a transformers model carrying a ``MaskGate``.
+      mask_token_id: the mask token's id.
+
+    Returns:
+      CPU tensors for ``save_delta`` (the gate's settings go in its metadata as ``gate``).
+    """
+    from mtp_torch.decoding.gated import gate_state_dict, plain_layers
+
+    tensors = {f"gate.{key}": value.float() for key, value in gate_state_dict(model).items()}
+    with plain_layers(model):
+        tensors.update(_mask_rows(model, mask_token_id))
     return tensors
 
 
@@ -98,7 +129,9 @@ def save_delta(
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     stored = {
-        key: (value if key.startswith("mtp.") else value.to(dtype)).contiguous()
+        key: (
+            value if key.startswith("mtp.") or key == _GATE_VECTOR else value.to(dtype)
+        ).contiguous()
         for key, value in tensors.items()
     }
     info = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -146,19 +179,38 @@ def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
     return tensors, metadata
 
 
-def apply_delta(model: Any, tensors: Mapping[str, torch.Tensor], mask_token_id: int) -> None:
+def apply_delta(
+    model: Any,
+    tensors: Mapping[str, torch.Tensor],
+    mask_token_id: int,
+    gate: Mapping[str, Any] | None = None,
+) -> None:
     """Add a delta to ``model`` in place: ``W += up @ down`` per module, then set the mask rows.
+
+    A gated delta (``gate.`` tensors) adds the mask gate instead and changes no weight but the
+    mask rows.
 
     Args:
       model: the unconverted model, mask token already added (``add_mask_token``).
-      tensors: as returned by ``lora_delta`` or ``load_delta``.
+      tensors: as returned by ``lora_delta``, ``gated_delta`` or ``load_delta``.
       mask_token_id: the mask token's id in ``model``.
+      gate: the gate's settings (``gate_settings``; a delta file's ``gate`` metadata entry,
+        parsed), needed for a gated delta.
 
     Raises:
       ValueError: if a named module is missing or shapes do not match (a delta made for
         another model).
     """
-    pairs = sorted({key.rsplit(".", 1)[0] for key in tensors if not key.startswith("mtp.")})
+    gate_tensors = {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
+    if gate_tensors:
+        from mtp_torch.decoding.gated import restore_mask_gate
+
+        if gate is None:
+            raise ValueError("a gated delta needs its gate settings (the file's 'gate' metadata)")
+        restore_mask_gate(model, mask_token_id, gate, gate_tensors, source="the delta")
+    pairs = sorted(
+        {key.rsplit(".", 1)[0] for key in tensors if not key.startswith(("mtp.", "gate."))}
+    )
     with torch.no_grad():
         for name in pairs:
             try:
