@@ -1,4 +1,4 @@
-"""The shape issue 11 gave mtp_torch, kept by tests: no import cycle between its modules, no
+"""The shape of mtp_torch, kept by tests: no import cycle between its modules, no
 function over 90 lines, no module over 600 lines, and a light ``import mtp_torch``."""
 
 from __future__ import annotations

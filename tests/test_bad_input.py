@@ -1,7 +1,7 @@
 """Bad input gets a clear error of our own (naming the argument or file), and no file is lost.
 
-Issue 10 listed inputs that reached torch or transformers raw (IndexError, SafetensorError,
-JSONDecodeError ...), did something else silently, or deleted a user's file.  Each case here
+Each case is an input that could otherwise reach torch or transformers raw (IndexError,
+SafetensorError, JSONDecodeError ...), do something else silently, or delete a user's file.  Each case here
 asserts a ``ValueError``, ``TypeError`` or ``FileNotFoundError`` whose message names what was
 wrong; the hypothesis fuzz throws arbitrary values at ``generate``'s arguments.
 """
@@ -162,7 +162,7 @@ def test_corrupt_resume_state(tmp_path: Path) -> None:
 
 
 def test_save_keeps_a_users_files(tmp_path: Path, mtp: MTPModel) -> None:
-    """Issue 10: save_pretrained deleted whatever the directory held."""
+    """save_pretrained never deletes a user's file: without overwrite it refuses, with it the file stays."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("my notes")

@@ -241,7 +241,7 @@ def test_parse_policy_round_trips(threshold: float, k_max: int, k: int) -> None:
 
 
 def test_policy_without_k_max_takes_the_checkpoints() -> None:
-    """Issue 10: `--policy confadapt:0.9` on a k_max=4 checkpoint ran k_max 16."""
+    """`--policy confadapt:0.9` on a k_max=4 checkpoint keeps the checkpoint's k_max 4, not 16."""
     stored = ConfAdapt(threshold=0.8, k_max=4)
     assert parse_policy("confadapt:0.9", stored) == ConfAdapt(threshold=0.9, k_max=4)
     assert parse_policy("confadapt", stored) == stored

@@ -589,7 +589,7 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
 
 
 def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
-    """Issue 10's reproducer: resizing a parameter autograd had met broke the next backward."""
+    """Distilling a model that was trained earlier in the process works (resizing a parameter autograd had met must not break the next backward)."""
     teacher = tiny_llama(
         64,
         max_positions=128,
@@ -615,7 +615,7 @@ def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10: a NaN loss used to train on and write NaN weights."""
+    """A NaN loss stops the run before any update, and no NaN weights are written."""
     import mtp_torch.training.step as distill_module
 
     calls = {"n": 0}
@@ -644,7 +644,7 @@ class _Killed(BaseException):
 def test_a_kill_while_replacing_a_checkpoint_keeps_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 10: re-saving the same step deleted the checkpoint latest.json named first."""
+    """Killed while re-saving the same step, a run keeps the checkpoint latest.json names and resumes."""
     import mtp_torch.training.checkpoint as checkpoint_module
 
     corpus = random_corpus()
@@ -693,7 +693,7 @@ def test_a_kill_mid_save_leaves_no_temporary_directory_behind(
 
 
 def test_resumed_metrics_log_has_each_step_once(tmp_path: Path) -> None:
-    """Issue 10: steps after the last checkpoint were logged twice after a resume."""
+    """After a resume, steps after the last checkpoint are logged once, not twice."""
     log = tmp_path / "metrics.jsonl"
 
     def kill_after_step_3(metrics: object) -> None:

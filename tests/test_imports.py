@@ -1,10 +1,10 @@
-"""What `import mtp_torch` loads (issue 11: heavy or platform-specific modules load lazily)."""
+"""What `import mtp_torch` loads: heavy or platform-specific modules load lazily."""
 
 from __future__ import annotations
 
 
 def test_importing_mtp_torch_stays_light() -> None:
-    """Issue 11: `import mtp_torch` loaded the benchmark and the Unix-only `resource` module."""
+    """`import mtp_torch` loads neither the benchmark nor the Unix-only `resource` module."""
     import subprocess
     import sys
 

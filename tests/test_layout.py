@@ -1,4 +1,4 @@
-"""Properties of the packed training layout and the inference layout (METHOD.md section 2)."""
+"""Properties of the packed training layout and the inference layout (docs/method.md sections 1-2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model "mtp" (issue 12): harness tasks run with MTP decoding.
+"""The lm-evaluation-harness model "mtp": harness tasks run with MTP decoding.
 
 Offline: a tiny random Llama with a word-level tokenizer, saved as an MTP checkpoint, and three
 local tasks (a generation task, a multiple-choice task and a perplexity task) over a JSON-lines

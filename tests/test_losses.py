@@ -1,4 +1,4 @@
-"""Properties of the student-teacher losses (METHOD.md section 3), on numpy and on torch."""
+"""Properties of the student-teacher losses (docs/method.md section 4), on numpy and on torch."""
 
 from __future__ import annotations
 

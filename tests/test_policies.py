@@ -94,7 +94,7 @@ def test_invalid_confidences_are_rejected(confidences):
 
 
 def test_confadapt_unconfident_first_position_keeps_one():
-    """Issue 10's reproducer: [0.38, 0.90, 0.98, 0.69] at 0.9 kept 3 before the fix."""
+    """A first position below the threshold keeps exactly one token: [0.38, 0.90, 0.98, 0.69] at 0.9 keeps 1, not 3."""
     policy = ConfAdapt(threshold=0.9, k_max=4)
     rows = np.array([[0.38, 0.90, 0.98, 0.69], [0.95, 0.90, 0.98, 0.69], [0.95, 0.2, 0.98, 0.99]])
     assert policy.accept(rows).tolist() == [1, 3, 1]

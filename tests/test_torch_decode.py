@@ -520,7 +520,7 @@ def test_sliding_window_limits_the_context() -> None:
 
 
 def test_seeded_sampling_is_reproducible_across_threads() -> None:
-    """Issue 10: a generator shared by the backend let concurrent calls reseed each other."""
+    """Concurrent seeded calls do not reseed each other (no generator shared by the backend)."""
     from concurrent.futures import ThreadPoolExecutor
 
     model = cached_model("llama", init=0.5)

@@ -1,6 +1,6 @@
 """The backend-agnostic multi-token decode loop.
 
-One step, per row (METHOD.md section 4; paper section on decoding):
+One step, per row (docs/method.md sections 5-6; paper section on decoding):
 
 1. Feed the *pending* tokens (accepted earlier, keys/values not cached yet), then, in lossless
    mode, the unverified *draft* tokens of the previous step, then ``k - 1`` mask tokens, all at

@@ -1,6 +1,6 @@
 """Where tokens, masks, positions and visibility go: the training and inference layouts.
 
-Training packs ``M`` regions into one sequence of ``S`` slots (METHOD.md section 2; Kirchenbauer
+Training packs ``M`` regions into one sequence of ``S`` slots (docs/method.md section 2; Kirchenbauer
 et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019, section on training).
 Each region is a run of ground-truth ("real") tokens followed by ``k - 1`` mask tokens.  The
 ground-truth tokens hidden under one region's masks are repeated, as real tokens, at the start of
@@ -169,7 +169,7 @@ class TrainingLayout:
     ``spec.window_len`` token ids, the packed input is ``gt[source_index]`` with the slots where
     ``is_mask`` is true replaced by the mask token id.
 
-    Student forcing (METHOD.md section 3): after the student's pass, take its argmax token ids
+    Student forcing (docs/method.md section 3; paper section on the objective): after the student's pass, take its argmax token ids
     at ``predict_index`` (shape ``(M, k)``); the teacher's input is the packed input with mask
     slot ``predict_index[r, j]`` overwritten by the student's token read at
     ``predict_index[r, j - 1]`` (``j = 1 .. k-1``), see ``student_forcing_pairs``.  Because masks

@@ -16,7 +16,7 @@ targets, so no gradient can reach the teacher through them; the soft-teacher los
 whatever it is given.
 
 Reference: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019,
-section on the training objective (METHOD.md section 3).
+section on the training objective (docs/method.md sections 3-4).
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ def distillation_loss(
     ``kind="hard"`` (the paper's default and best): cross-entropy against the teacher's argmax;
     ``"soft"``: forward KL to the teacher's softmax; ``"gt"``: cross-entropy against ``targets``.
     With student forcing the teacher's logits at prediction column ``j`` score the student's
-    token ``j`` given its tokens before it (METHOD.md section 3).
+    token ``j`` given its tokens before it (docs/method.md section 3).
 
     Args:
       student_logits: student logits at the prediction slots, shape ``(..., k, vocab)``.

@@ -167,7 +167,7 @@ class ConfAdapt:
         confident = array >= float(self.threshold)
         # The scan starts at the first position and ends at the first one below the threshold;
         # the first token is emitted even then (so an unconfident first position keeps 1,
-        # whatever follows it: the authors' rule, METHOD.md section 4).
+        # whatever follows it: the authors' rule, docs/method.md section 5).
         run: IntArray = np.cumprod(confident, axis=1).sum(axis=1).astype(np.int64)
         kept: IntArray = np.maximum(run, 1)
         return kept

@@ -14,7 +14,7 @@ second, falling back to plain one-token decoding (``StaticK(1)``) when MTP does 
 
 The paper reports acceptance (tokens per pass) and wall-clock separately (Kirchenbauer et al.,
 "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019, section on decoding); choosing
-``k_max`` from the measured cost of a pass is this project's addition (METHOD.md section 6).
+``k_max`` from the measured cost of a pass is this project's addition (docs/method.md section 6).
 """
 
 from __future__ import annotations

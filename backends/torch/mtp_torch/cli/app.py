@@ -1,8 +1,9 @@
 """The ``mtp`` command line: ``mtp generate``, ``mtp convert``, ``mtp bench``.
 
 Each subcommand lives in a module ``mtp_torch.cli.<name>`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; only the subcommands whose module is
-installed are registered, so new ones plug in without editing this file's logic.
+``add_arguments(parser)`` and ``run(args) -> int``.  The names are listed in ``SUBCOMMANDS``: a
+new subcommand is its module plus its name added there (the parser is built from that list,
+skipping a listed module that is not installed).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Distil a causal LM into a multi-token predictor (self-distillation, arXiv 2602.06019).
 
 With no arguments, ``mtp convert`` converts the embedded default model (SmolLM2-135M-Instruct)
-on a corpus the model writes itself (answers to GSM8K train questions when that file is found,
-else Magpie-style prompts sampled from its chat template) within a coffee-break time budget on
+on a corpus the model writes itself (answers to seed prompts: ``--seed-prompts``, else
+``$MTP_SEED_PROMPTS``, else the bundled sample of GSM8K train questions; once those run out,
+prompts the model samples from its chat template) within a coffee-break time budget on
 a CPU, using the settings of ``cpu_preset``.  Checkpoints go next to the output directory
 (``<out>.ckpt``), so ``--resume`` continues a run that was stopped.
 """
@@ -246,7 +247,8 @@ def _add_corpus_arguments(corpus: argparse._ArgumentGroup) -> None:
         "--seed-prompts",
         default=None,
         help="JSON-lines file of prompts ({question} or {messages}); default: "
-        f"${_SEED_PROMPTS_ENV} or a GSM8K train file if found, else Magpie prompts",
+        f"${_SEED_PROMPTS_ENV}, else the bundled GSM8K train sample; when they run out, the "
+        "model samples prompts from its chat template",
     )
     corpus.add_argument(
         "--num-examples",
@@ -305,7 +307,8 @@ def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except OSError as error:
         raise ValueError(
-            f"cannot load model {name!r} ({error}); pass a model directory or 'default'"
+            f"cannot load model {name!r} ({error}); pass a model directory, a Hub id or "
+            "'default-base'"
         ) from error
     return model, tokenizer, Path(name.rstrip("/")).name or "model"
 
@@ -361,7 +364,7 @@ def _corpus(
         key = json.dumps([model_name, str(seed_file), args.response_tokens, seed])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cache = cache_root() / "corpora" / f"{model_name}-{digest}.jsonl"
-    print(f"corpus: {cache} ({'seeded by ' + str(seed_file) if seed_file else 'Magpie prompts'})")
+    print(f"corpus: {cache} (seeded by {seed_file})")
     writer = model
     dtype = parse_dtype(args.corpus_dtype)
     if dtype not in ("auto", next(model.parameters()).dtype):

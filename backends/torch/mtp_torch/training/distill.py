@@ -5,7 +5,7 @@
 ``train_step`` once per optimizer step on batches drawn by ``draw_batch``, logging, saving
 checkpoints and watching the time budget, and returns the student as an ``MTPModel``.  What one
 step does is described in ``mtp_torch.training.step`` (Kirchenbauer et al., "Multi-Token
-Prediction via Self-Distillation", arXiv 2602.06019; METHOD.md sections 2-3).
+Prediction via Self-Distillation", arXiv 2602.06019; docs/method.md sections 2-4).
 
 The same loop runs under ``torchrun`` (gloo on CPU, NCCL on CUDA): every rank draws the same
 ``k``, offset and global batch, and trains on its slice of it, with a whole copy of the model

@@ -2,7 +2,7 @@
 
 ``init_train_state`` (``mtp_torch.training.state``) builds everything a step reads and changes
 (teacher, student, optimizer, random generator) and ``train_step(state, batch)`` returns the
-next state and the step's metrics.  One step (METHOD.md sections 2-3; Kirchenbauer et al., "Multi-Token Prediction via
+next state and the step's metrics.  One step (docs/method.md sections 2-4; Kirchenbauer et al., "Multi-Token Prediction via
 Self-Distillation", arXiv 2602.06019, sections on the training layout and objective):
 
 1. Draw the block size ``k ~ U[2, k_max]`` and the region-grid offset ``~ U[0, P - 1]``; build the
