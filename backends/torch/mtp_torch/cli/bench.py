@@ -197,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     Raises:
       ValueError: on bad options, a missing prompt file, or a model without a tokenizer.
     """
-    from mtp_torch.decoding.model import MTPModel, parse_dtype
+    from mtp_torch.decoding.model import MTPModel
+    from mtp_torch.dtypes import parse_dtype
 
     def say(message: str) -> None:
         if not args.quiet:

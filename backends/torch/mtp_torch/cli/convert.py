@@ -25,8 +25,8 @@ from mtp_core import ConfAdapt
 from mtp_torch._resources import package_data
 from mtp_torch.cli.options import ConfigOption, add_config_options, config_overrides
 from mtp_torch.decoding.gated import gate_settings
-from mtp_torch.decoding.model import parse_dtype
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
+from mtp_torch.dtypes import parse_dtype
 from mtp_torch.training.config import DistillConfig, cpu_preset
 from mtp_torch.training.corpus import GENERATE_BATCH_SIZE, read_seed_prompts, write_corpus
 from mtp_torch.training.data import Example, load_examples

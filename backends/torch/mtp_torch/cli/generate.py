@@ -10,7 +10,8 @@ import torch
 
 from mtp_torch.cli.options import parse_policy
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
-from mtp_torch.decoding.model import MTPModel, parse_dtype
+from mtp_torch.decoding.model import MTPModel
+from mtp_torch.dtypes import parse_dtype
 from mtp_torch.text import encode_prompt
 from mtp_torch.weights.default import DEFAULT_MODEL_NAME
 

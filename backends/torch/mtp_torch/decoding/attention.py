@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from mtp_torch.decoding.plan import active_plan
+
 __all__ = ["FEW_QUERY_ATTENTION", "MAX_QUERIES", "install_few_query_attention"]
 
 FEW_QUERY_ATTENTION = "mtp_few_query"
@@ -48,8 +50,6 @@ def _few_query_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; see the module docstring."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from mtp_torch.decoding.kernels import active_plan
 
     plan = active_plan(module)
     batch, heads, queries, head_dim = query.shape

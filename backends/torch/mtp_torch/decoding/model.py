@@ -46,47 +46,11 @@ from mtp_torch.decoding.mask import (
     embedding_rows,
 )
 from mtp_torch.decoding.saving import check_model_source, read_manifest, write_checkpoint
+from mtp_torch.dtypes import parse_dtype as parse_dtype
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
 ChunkCallback = Callable[[int, npt.NDArray[np.int64]], None]
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    """Turn a dtype name (``"float32"``, ``"bf16"``, ``"auto"`` ...) into a ``torch.dtype``.
-
-    Args:
-      dtype: a ``torch.dtype``, one of the names above, ``"auto"`` (the checkpoint's dtype) or
-        ``None`` (float32).
-
-    Returns:
-      The ``torch.dtype``, or ``"auto"``.
-
-    Raises:
-      ValueError: for an unknown name.
-    """
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name == "auto":
-        return "auto"
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[name]
 
 
 @attrs.frozen(eq=False)
