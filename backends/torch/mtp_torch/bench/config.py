@@ -62,12 +62,14 @@ class BenchConfig:
       verify_thresholds: thresholds also run in the lossless mode (each ``k_max``).
       verify_static: ``k`` values of lossless rows drafting every mask proposal
         (``StaticK(k)`` with ``verify=True``); none by default.
-      repeats: timed passes over all prompts per method; speed is the median (one untimed
-        warm-up prompt per method first).
+      repeats: timed rounds over all prompts; every round runs every method once
+        (interleaved, so drift spreads evenly), each ratio is the median of the per-round
+        ratios with their range as the spread (one untimed warm-up prompt per method first).
       quantize: ``None`` or ``"int8"`` (dynamic int8 Linear layers, CPU only) as an extra
         configuration.
-      kernel: ``None`` or ``"skinny"``: also run every method (baselines included) with the
-        weight-first CPU product of ``mtp_torch.decoding.kernels`` (rows ``..._skinny``, their
+      kernel: ``None`` or a CPU kernel of ``mtp_torch.decoding.kernels`` (``"skinny"``,
+        ``"native"``, ``"auto"``): every MTP method also runs with it, beside greedy and
+        ``static_1`` with it and stock greedy (rows ``..._{kernel}``, their
         ``speedup`` against ``greedy_skinny``).
       prompt_lookup_tokens: candidates of the prompt-lookup baseline; ``None`` skips it.
       cost_curve: measure the cost curve of one forward pass (used for ceilings and k choice).
@@ -88,7 +90,7 @@ class BenchConfig:
     static: tuple[int, ...] = attrs.field(default=SWEEP_STATIC, converter=int_tuple)
     verify_thresholds: tuple[float, ...] = attrs.field(default=SWEEP_VERIFY, converter=float_tuple)
     verify_static: tuple[int, ...] = attrs.field(default=(), converter=int_tuple)
-    repeats: int = 1
+    repeats: int = 3
     quantize: str | None = None
     kernel: str | None = None
     prompt_lookup_tokens: int | None = PROMPT_LOOKUP_TOKENS
@@ -118,8 +120,10 @@ class BenchConfig:
                 raise ValueError(f"thresholds must lie in (0, 1], got {tau}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
-        if self.kernel not in (None, "skinny"):
-            raise ValueError(f"kernel must be None or 'skinny', got {self.kernel!r}")
+        if self.kernel not in (None, "skinny", "native", "auto"):
+            raise ValueError(
+                f"kernel must be None, 'skinny', 'native' or 'auto', got {self.kernel!r}"
+            )
         if self.prompt_lookup_tokens is not None and int(self.prompt_lookup_tokens) < 1:
             raise ValueError(
                 f"prompt_lookup_tokens must be >= 1 (or None to skip), got {self.prompt_lookup_tokens}"

@@ -27,7 +27,7 @@ import torch
 from mtp_torch.bench.methods import BenchMethod, DecodeSettings, Engine
 from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import TeacherNLL
-from mtp_torch.decoding.kernels import skinny_linear
+from mtp_torch.decoding.kernels import use_kernels
 from mtp_torch.text import cut_at_stop
 
 __all__ = [
@@ -167,8 +167,8 @@ def timed_decode(
     # one of them runs for any method.
     baseline = engine.reference_model
     with contextlib.ExitStack() as stack:
-        if engine.kernel == "skinny":
-            stack.enter_context(skinny_linear(engine.hf_model, baseline))
+        if engine.kernel is not None:
+            stack.enter_context(use_kernels(engine.kernel, engine.hf_model, baseline))
         widths = stack.enter_context(count_forwards(engine.hf_model))
         baseline_widths = (
             stack.enter_context(count_forwards(baseline)) if baseline is not engine.hf_model else []

@@ -39,6 +39,7 @@ from mtp_torch.bench.config import (
     SWEEP_VERIFY,
 )
 from mtp_torch.bench.cost import int_tuple
+from mtp_torch.decoding.plan import KernelPlan
 
 __all__ = [
     "AutoKDecoding",
@@ -81,19 +82,20 @@ class Engine:
     """The models of one precision that methods run on.
 
     Attributes:
-      precision: ``"base"``, ``"int8"`` or ``"skinny"``.
+      precision: ``"base"``, ``"int8"`` or a kernel name (``"skinny"``, ``"native"``,
+        ``"auto"``).
       hf_model: the transformers model (``mtp_model.model``).
       mtp_model: the ``MTPModel`` wrapping it.
       baseline_model: whose transformers ``generate`` the baselines run; ``None``: ``hf_model``.
-      kernel: ``"stock"`` or ``"skinny"``: the ``Linear`` kernel every method of this engine
-        runs with (baselines included).
+      kernel: ``None`` (PyTorch's own products) or the ``KernelPlan`` every method of this
+        engine runs in (baselines included; ``mtp_torch.decoding.kernels.use_kernels``).
     """
 
     precision: str
     hf_model: Any  # a transformers PreTrainedModel (its generate() is untyped)
     mtp_model: Any
     baseline_model: Any = None
-    kernel: str = "stock"
+    kernel: KernelPlan | None = None
 
     @property
     def reference_model(self) -> Any:

@@ -25,7 +25,7 @@ _COLORS = {
     "verify": "tab:green",
 }
 
-_Group = tuple[str, int | None, str]  # (family, k_max of a sweep, "base", "int8" or "skinny")
+_Group = tuple[str, int | None, str]  # (family, k_max of a sweep, "base", "int8" or a kernel)
 
 
 def _plot_groups(rows: Sequence[MethodRow], key: str) -> dict[_Group, list[MethodRow]]:
@@ -36,8 +36,8 @@ def _plot_groups(rows: Sequence[MethodRow], key: str) -> dict[_Group, list[Metho
             continue
         k_max = row.k_max if row.family in _SWEEPS else None
         precision = "int8" if row.precision == "int8" else "base"
-        if row.precision.endswith("skinny"):
-            precision = "skinny"
+        if len(row.precision.split()) > 1:  # "float32 auto": a kernel's rows
+            precision = row.precision.split()[-1]
         groups.setdefault((row.family, k_max, precision), []).append(row)
     return groups
 

@@ -54,6 +54,16 @@ def _histogram(values: Sequence[int] | None) -> tuple[int, ...] | None:
     return int_tuple(values) if values else None
 
 
+def _spread(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    """A ``(lowest, highest)`` pair of finite floats, or ``None``."""
+    if values is None:
+        return None
+    pair = tuple(json_float(v) for v in values)
+    return (
+        None if len(pair) != 2 or None in pair else tuple(float(v) for v in pair if v is not None)
+    )
+
+
 # Rows without these keys (full-precision rows) leave them out of the JSON.
 _SAME_PRECISION_KEYS = ("agreement_prefix_same_precision", "token_f1_same_precision")
 
@@ -96,9 +106,14 @@ class MethodRow:
       agreement_prefix_same_precision: common prefix with ``greedy`` of the row's precision
         (quantised rows only).
       token_f1_same_precision: token F1 against it (quantised rows only).
-      speedup: ``tokens_per_second`` over that of ``greedy`` of the same precision.
-      speedup_vs_fp32_greedy: over that of stock full-precision ``greedy``.
+      speedup: ``tokens_per_second`` over that of ``greedy`` of the same precision: the
+        median over timed rounds of the per-round ratio (rounds interleave all methods).
+      speedup_vs_fp32_greedy: the same over stock full-precision ``greedy``.
       speedup_ceiling: the speed-up the cost curve allows if passes were the only cost.
+      speedup_spread: ``(lowest, highest)`` per-round ``speedup``.
+      speedup_vs_fp32_greedy_spread: ``(lowest, highest)`` per-round ``speedup_vs_fp32_greedy``.
+      speedup_vs_static1: over ``static_1`` of the same model and kernel (MTP's own gain).
+      speedup_vs_static1_spread: ``(lowest, highest)`` per-round ``speedup_vs_static1``.
     """
 
     name: str
@@ -134,6 +149,14 @@ class MethodRow:
     speedup: float | None = attrs.field(default=None, converter=json_float)
     speedup_vs_fp32_greedy: float | None = attrs.field(default=None, converter=json_float)
     speedup_ceiling: float | None = attrs.field(default=None, converter=json_float)
+    speedup_spread: tuple[float, ...] | None = attrs.field(default=None, converter=_spread)
+    speedup_vs_fp32_greedy_spread: tuple[float, ...] | None = attrs.field(
+        default=None, converter=_spread
+    )
+    speedup_vs_static1: float | None = attrs.field(default=None, converter=json_float)
+    speedup_vs_static1_spread: tuple[float, ...] | None = attrs.field(
+        default=None, converter=_spread
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a JSON-ready dict (tuples as lists; no same-precision keys when unset)."""
@@ -190,6 +213,7 @@ class Headline:
       tokens_per_forward: the row's tokens per forward pass.
       accuracy: the row's accuracy.
       teacher_nll: the row's teacher NLL.
+      spread: ``(lowest, highest)`` per-round value of the metric, when measured.
     """
 
     name: str
@@ -199,6 +223,12 @@ class Headline:
     tokens_per_forward: float | None
     accuracy: float | None
     teacher_nll: float | None
+    spread: tuple[float, ...] | None = attrs.field(default=None, converter=_spread)
+
+    @property
+    def within_noise(self) -> bool:
+        """True when the per-round spread reaches 1.0 (no speed-up or slow-down shown)."""
+        return self.spread is not None and self.spread[0] <= 1.0 <= self.spread[1]
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "precision", <metric>: value, "tokens_per_forward", ...}``."""
@@ -209,6 +239,8 @@ class Headline:
             "tokens_per_forward": self.tokens_per_forward,
             "accuracy": self.accuracy,
             "teacher_nll": self.teacher_nll,
+            "spread": None if self.spread is None else list(self.spread),
+            "within_noise": self.within_noise,
         }
 
     @classmethod
@@ -222,6 +254,7 @@ class Headline:
             tokens_per_forward=data["tokens_per_forward"],
             accuracy=data["accuracy"],
             teacher_nll=data["teacher_nll"],
+            spread=data.get("spread"),
         )
 
     @classmethod
@@ -239,29 +272,39 @@ class Headline:
             tokens_per_forward=top.tokens_per_forward,
             accuracy=top.accuracy,
             teacher_nll=top.teacher_nll,
+            spread=getattr(top, f"{metric}_spread", None),
         )
 
 
 # Each summary slot and the row field it maximises.
 _SUMMARY_METRICS = {
-    "mtp_speedup_same_precision": "speedup",
-    "lossless_speedup_same_precision": "speedup",
+    "mtp_speedup_same_precision": "speedup_vs_static1",
+    "lossless_speedup_same_precision": "speedup_vs_static1",
+    "kernel_speedup": "speedup_vs_fp32_greedy",
     "fastest_vs_fp32_greedy": "speedup_vs_fp32_greedy",
 }
+
+MIN_CREDITED_TOKENS_PER_FORWARD = 1.05
+"""Below this many tokens per forward pass a row's speed-up is never credited to MTP."""
 
 
 @attrs.frozen(kw_only=True)
 class Summary:
-    """The headline numbers, kept apart: MTP alone, lossless MTP, and the fastest of all.
+    """The headline numbers, kept apart: MTP's own gain, lossless MTP, the kernel, the fastest.
 
     Attributes:
-      mtp_speedup_same_precision: the full-precision MTP row with the best ``speedup``.
+      mtp_speedup_same_precision: MTP's own gain: the MTP row (int8 apart) with the best
+        ``speedup_vs_static1`` among those at ``MIN_CREDITED_TOKENS_PER_FORWARD`` tokens per
+        forward or more (``None``: no row decodes more than one token per pass to speak of).
       lossless_speedup_same_precision: the same among the lossless (verify) rows.
+      kernel_speedup: the kernel's own gain: greedy/``static_1`` with the kernel against stock
+        full-precision greedy (``None`` without kernel rows).
       fastest_vs_fp32_greedy: any row (int8 included) with the best ``speedup_vs_fp32_greedy``.
     """
 
     mtp_speedup_same_precision: Headline | None = None
     lossless_speedup_same_precision: Headline | None = None
+    kernel_speedup: Headline | None = None
     fastest_vs_fp32_greedy: Headline | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +342,8 @@ class BenchReport:
       k_max_choice: the cost-aware ``k_max`` per threshold (empty without a cost curve).
       methods: one row per method, in run order.
       summary: the headline numbers.
+      kernel_cost_curve: the cost curve measured with the kernel the ``..._{kernel}`` rows
+        ran (``meta["kernel_plan"]`` says which implementation each width used), or ``None``.
     """
 
     meta: dict[str, Any]
@@ -306,6 +351,7 @@ class BenchReport:
     k_max_choice: tuple[KMaxChoice, ...] = attrs.field(converter=_choice_tuple)
     methods: tuple[MethodRow, ...] = attrs.field(converter=_row_tuple)
     summary: Summary
+    kernel_cost_curve: CostCurve | None = None
 
     def row(self, name: str) -> MethodRow:
         """The row called ``name``; ``KeyError`` if there is none."""
@@ -322,13 +368,18 @@ class BenchReport:
             "k_max_choice": [choice.to_dict() for choice in self.k_max_choice],
             "methods": [row.to_dict() for row in self.methods],
             "summary": self.summary.to_dict(),
+            "kernel_cost_curve": (
+                None if self.kernel_cost_curve is None else self.kernel_cost_curve.to_dict()
+            ),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BenchReport:
         """Read a report back from ``to_dict`` output (e.g. a loaded ``--out`` file)."""
         curve = data.get("cost_curve")
+        kernel_curve = data.get("kernel_cost_curve")
         return cls(
+            kernel_cost_curve=None if kernel_curve is None else CostCurve.from_dict(kernel_curve),
             meta=dict(data.get("meta") or {}),
             cost_curve=None if curve is None else CostCurve.from_dict(curve),
             k_max_choice=[KMaxChoice.from_dict(c) for c in data.get("k_max_choice") or ()],
@@ -345,48 +396,106 @@ def as_report(report: BenchReport | Mapping[str, Any]) -> BenchReport:
 # --- derived figures (pure) ---------------------------------------------------------------------
 
 
+def _round_rates(row: MethodRow) -> list[float]:
+    """Tokens per second of each timed round (all rounds decode the same tokens)."""
+    return [row.generated_tokens / s if s > 0 else math.nan for s in row.seconds_per_repeat]
+
+
+def paired_ratio(
+    row: MethodRow, reference: MethodRow
+) -> tuple[float | None, tuple[float, float] | None]:
+    """Median and range over timed rounds of ``row``'s tokens/s over ``reference``'s.
+
+    Round ``r`` of one method is compared with round ``r`` of the other: rounds interleave
+    all methods, so a slow stretch of the machine hits both sides of a ratio alike.
+
+    Returns:
+      ``(median, (lowest, highest))``; ``(None, None)`` when either row has no timing.
+    """
+    mine, theirs = _round_rates(row), _round_rates(reference)
+    ratios = [
+        a / b
+        for a, b in zip(mine, theirs, strict=False)
+        if math.isfinite(a) and math.isfinite(b) and b > 0
+    ]
+    if not ratios:
+        return None, None
+    ratios.sort()
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else 0.5 * (ratios[middle - 1] + ratios[middle])
+    return median, (ratios[0], ratios[-1])
+
+
 def with_speedups(
     rows: Sequence[MethodRow],
     baselines: Sequence[str],
     stock_baseline: str,
-    curve: CostCurve | None,
+    curves: Mapping[str, CostCurve | None] | CostCurve | None,
+    *,
+    static_baselines: Sequence[str] | None = None,
 ) -> list[MethodRow]:
-    """The rows with ``speedup``, ``speedup_vs_fp32_greedy`` and ``speedup_ceiling`` filled in.
+    """The rows with every speed-up (median of per-round ratios, and its spread) filled in.
 
     Args:
       rows: the measured rows.
       baselines: per row, the name of the greedy row of its precision (``speedup``'s reference).
       stock_baseline: the name of stock full-precision greedy; its own ``speedup`` is 1 exactly.
-      curve: the cost curve for the ceilings; ``None`` leaves them ``None``.
+      curves: the cost curve for the ceilings, one for all rows or per row precision label
+        (``row.precision``'s last word, e.g. ``"float32 auto"`` -> ``"auto"``, else ``"base"``);
+        ``None`` leaves them ``None``.
+      static_baselines: per row, the name of ``static_1`` of its precision
+        (``speedup_vs_static1``'s reference; rows without one keep ``None``).
 
     Returns:
       New rows, same order.
     """
-    rate = {row.name: row.tokens_per_second for row in rows}
-    stock = rate[stock_baseline]
+    by_name = {row.name: row for row in rows}
+    stock = by_name[stock_baseline]
+    statics: Sequence[str | None] = static_baselines or [None] * len(rows)
     result = []
-    for row, baseline in zip(rows, baselines, strict=True):
-        own, mine = rate[baseline], row.tokens_per_second
+    for row, baseline, static in zip(rows, baselines, statics, strict=True):
+        speedup, spread = paired_ratio(row, by_name[baseline])
+        if row.name == stock_baseline and speedup is not None:
+            speedup, spread = 1.0, (1.0, 1.0)
+        vs_stock, vs_stock_spread = paired_ratio(row, stock)
+        vs_static, vs_static_spread = (None, None)
+        if static is not None and static in by_name and row.policy is not None:
+            vs_static, vs_static_spread = paired_ratio(row, by_name[static])
+        curve = curves.get(_curve_key(row.precision)) if isinstance(curves, Mapping) else curves
         ceiling = None
         if curve is not None and row.tokens_per_forward:
             width = row.mean_pass_width or row.tokens_per_forward
             ceiling = speedup_ceiling(row.tokens_per_forward, curve, width)
-        speedup = mine / own if mine and own else None
-        if row.name == stock_baseline and speedup is not None:
-            speedup = 1.0
         result.append(
             attrs.evolve(
                 row,
                 speedup=speedup,
-                speedup_vs_fp32_greedy=mine / stock if mine and stock else None,
+                speedup_spread=spread,
+                speedup_vs_fp32_greedy=vs_stock,
+                speedup_vs_fp32_greedy_spread=vs_stock_spread,
+                speedup_vs_static1=vs_static,
+                speedup_vs_static1_spread=vs_static_spread,
                 speedup_ceiling=ceiling,
             )
         )
     return result
 
 
+def _curve_key(precision: str) -> str:
+    """``"float32 auto"`` -> ``"auto"``; ``"int8"`` -> ``"int8"``; a bare dtype -> ``"base"``."""
+    words = precision.split()
+    if len(words) > 1:
+        return words[-1]
+    return "int8" if precision == "int8" else "base"
+
+
 def summarize(rows: Sequence[MethodRow]) -> Summary:
     """The headline numbers of the rows (MTP rows are those with a policy; int8 rows are apart).
+
+    MTP is credited with a speed-up only by rows that decode at least
+    ``MIN_CREDITED_TOKENS_PER_FORWARD`` tokens per forward pass, measured against ``static_1``
+    of the same model and kernel; the kernel's own gain is greedy or ``static_1`` with the
+    kernel against stock full-precision greedy.
 
     Args:
       rows: the rows, speed-ups filled in (``with_speedups``).
@@ -394,11 +503,29 @@ def summarize(rows: Sequence[MethodRow]) -> Summary:
     Returns:
       The ``Summary``.
     """
-    full_precision_mtp = [row for row in rows if row.policy is not None and row.precision != "int8"]
-    lossless = [row for row in full_precision_mtp if row.verify]
+    mtp = [
+        row
+        for row in rows
+        if row.policy is not None
+        and row.precision != "int8"
+        and not (row.family == "static" and row.k_max == 1 and not row.verify)
+    ]
+    credited = [
+        row for row in mtp if (row.tokens_per_forward or 0.0) >= MIN_CREDITED_TOKENS_PER_FORWARD
+    ]
+    lossless = [row for row in credited if row.verify]
+    kernel_rows = [
+        row
+        for row in rows
+        if len(row.precision.split()) > 1
+        and row.family in ("greedy", "static")
+        and not row.verify
+        and row.k_max in (None, 1)
+    ]
     return Summary(
-        mtp_speedup_same_precision=Headline.best(full_precision_mtp, "speedup"),
-        lossless_speedup_same_precision=Headline.best(lossless, "speedup"),
+        mtp_speedup_same_precision=Headline.best(credited, "speedup_vs_static1"),
+        lossless_speedup_same_precision=Headline.best(lossless, "speedup_vs_static1"),
+        kernel_speedup=Headline.best(kernel_rows, "speedup_vs_fp32_greedy"),
         fastest_vs_fp32_greedy=Headline.best(rows, "speedup_vs_fp32_greedy"),
     )
 
@@ -416,9 +543,19 @@ def _fmt(value: object, digits: int = 2) -> str:
 
 
 _TABLE_HEADER = (
-    "| method | precision | tok/fwd | tok/s | speed-up | vs fp32 greedy | ceiling | "
-    "accuracy | teacher NLL | prefix | token F1 | peak MB |"
+    "| method | precision | tok/fwd | tok/s | speed-up [spread] | vs static_1 [spread] | "
+    "vs stock greedy | ceiling | accuracy | teacher NLL | prefix | token F1 | peak MB |"
 )
+_TABLE_COLUMNS = 13
+
+
+def _with_spread(value: float | None, spread: Sequence[float] | None) -> str:
+    """``1.23 [1.10-1.31]``; ``-`` when missing."""
+    if value is None:
+        return "-"
+    if spread is None:
+        return _fmt(value)
+    return f"{value:.2f} [{spread[0]:.2f}-{spread[1]:.2f}]"
 
 
 def _table_line(row: MethodRow) -> str:
@@ -428,8 +565,9 @@ def _table_line(row: MethodRow) -> str:
         str(row.precision),
         _fmt(row.tokens_per_forward),
         _fmt(row.tokens_per_second, 1),
-        _fmt(row.speedup),
-        _fmt(row.speedup_vs_fp32_greedy),
+        _with_spread(row.speedup, row.speedup_spread),
+        _with_spread(row.speedup_vs_static1, row.speedup_vs_static1_spread),
+        _with_spread(row.speedup_vs_fp32_greedy, row.speedup_vs_fp32_greedy_spread),
         _fmt(row.speedup_ceiling),
         _fmt(row.accuracy, 3),
         _fmt(row.teacher_nll, 3),
@@ -440,26 +578,53 @@ def _table_line(row: MethodRow) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _headline_text(line: Headline) -> str:
+    """``name at 1.23x [1.10-1.31], 1.40 tokens/forward`` plus a noise verdict."""
+    text = f"{line.name} at {_with_spread(line.value, line.spread)}x"
+    if line.tokens_per_forward is not None:
+        text += f", {_fmt(line.tokens_per_forward)} tokens/forward"
+    if line.within_noise:
+        text += " (within noise: the per-round spread covers 1.0)"
+    return text
+
+
 def _summary_notes(report: BenchReport) -> list[str]:
-    """The lines under the table: headline numbers and the cost-aware ``k_max``."""
+    """The lines under the table: MTP's own gain, the kernel's, and the cost-aware ``k_max``."""
     summary, notes = report.summary, []
     best = summary.mtp_speedup_same_precision
     if best:
+        notes.append(f"MTP's own gain (vs static_1, same model and kernel): {_headline_text(best)}")
+    else:
         notes.append(
-            f"MTP alone (same precision as greedy): best {best.name} at "
-            f"{_fmt(best.value)}x, {_fmt(best.tokens_per_forward)} tokens/forward"
+            "MTP's own gain: none to credit, no MTP row decodes "
+            f"{MIN_CREDITED_TOKENS_PER_FORWARD:g} tokens per forward pass or more"
         )
     lossless = summary.lossless_speedup_same_precision
     if lossless:
-        notes.append(f"Lossless mode: best {lossless.name} at {_fmt(lossless.value)}x")
+        notes.append(f"Lossless mode (vs static_1): {_headline_text(lossless)}")
+    kernel = summary.kernel_speedup
+    if kernel:
+        plan = report.meta.get("kernel_plan")
+        notes.append(
+            f"The kernel's own gain ({plan or kernel.precision}) vs stock greedy: "
+            f"{_headline_text(kernel)}"
+        )
     fastest = summary.fastest_vs_fp32_greedy
     if fastest:
         notes.append(
             f"Fastest configuration vs stock fp32 greedy: {fastest.name} "
-            f"({fastest.precision}) at {_fmt(fastest.value)}x"
+            f"({fastest.precision}) at {_with_spread(fastest.value, fastest.spread)}x"
         )
     for choice in report.k_max_choice:
         notes.append(f"Cost-aware k_max at threshold {choice.threshold:g}: {choice.chosen_k_max}")
+    for label, curve in (("stock", report.cost_curve), ("kernel", report.kernel_cost_curve)):
+        if curve is not None and curve.measured_seconds:
+            first = curve.measured_seconds[0]
+            ratios = " ".join(
+                f"{n}:{s / first:.2f}"
+                for n, s in zip(curve.num_tokens, curve.measured_seconds, strict=True)
+            )
+            notes.append(f"Pass cost t(n)/t(1), {label}, t(1) = {first * 1e3:.1f} ms: {ratios}")
     return notes
 
 
@@ -473,7 +638,7 @@ def format_markdown(report: BenchReport | Mapping[str, Any]) -> str:
       Markdown text.
     """
     report = as_report(report)
-    lines = [_TABLE_HEADER, "|" + "---|" * 12]
+    lines = [_TABLE_HEADER, "|" + "---|" * _TABLE_COLUMNS]
     lines += [_table_line(row) for row in report.methods]
     notes = _summary_notes(report)
     return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else [])) + "\n"

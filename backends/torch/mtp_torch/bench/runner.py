@@ -58,12 +58,15 @@ from mtp_torch.bench.methods import (
     DecodeSettings,
     Engine,
     GreedyGenerate,
+    StaticKDecoding,
     bench_methods,
     policy_label,
 )
 from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import agreement, grade_answers, mean, mean_teacher_nll
 from mtp_torch.bench.report import BenchReport, KMaxChoice, MethodRow, summarize, with_speedups
+from mtp_torch.decoding.calibrate import auto_plan
+from mtp_torch.decoding.kernels import STOCK_PLAN, KernelPlan, fixed_plan, use_kernels
 from mtp_torch.text import stop_token_ids
 
 __all__ = ["BenchConfig", "run_benchmark"]
@@ -117,12 +120,19 @@ def run_benchmark(
     hf_model.eval()
     settings = _decode_settings(mtp_model, config)
 
-    # 1. The cost curve of one forward pass, and k_max="auto" resolved per threshold.
+    # 1. The kernel plan, the cost curve of one forward pass (stock, and with the kernel), and
+    #    k_max="auto" resolved per threshold (on the kernel's curve when there is one).
+    plan = _kernel_plan(mtp_model, config, say)
     curve = _cost_curve(hf_model, config, say)
-    curve, chosen = _auto_policies(mtp_model, prompts, config, curve, settings, say)
+    kernel_curve = _cost_curve(hf_model, config, say, plan) if plan is not None else None
+    kernel_curve, chosen = _auto_policies(
+        mtp_model, prompts, config, kernel_curve or curve, settings, say, plan
+    )
+    if plan is None:
+        curve, kernel_curve = kernel_curve, None
 
     # 2. The methods, and the models of each precision they run on.
-    engines, methods = _engines_and_methods(mtp_model, config, chosen, baseline_model, say)
+    engines, methods = _engines_and_methods(mtp_model, config, chosen, baseline_model, say, plan)
 
     # 3. Warm-up on the first prompt (untimed).
     for method in methods:
@@ -136,17 +146,42 @@ def run_benchmark(
     dtype = str(next(hf_model.parameters()).dtype).replace("torch.", "")
     rows = [_method_row(method, traces, prompts, scorer, mtp_model, dtype) for method in methods]
 
-    # 6. Speed-ups against greedy of the same precision and stock greedy; ceilings; summary.
-    baselines = [GreedyGenerate(method.precision).name for method in methods]
-    rows = with_speedups(rows, baselines, GreedyGenerate().name, curve)
+    # 6. Speed-ups (medians of per-round ratios, with their spread) against greedy of the same
+    #    precision, stock greedy and StaticK(1) of the same model and kernel; ceilings; summary.
+    rows = with_speedups(
+        rows,
+        [GreedyGenerate(method.precision).name for method in methods],
+        GreedyGenerate().name,
+        {m.precision: kernel_curve if m.precision == config.kernel else curve for m in methods},
+        static_baselines=[StaticKDecoding(1, method.precision).name for method in methods],
+    )
     device = model_device(hf_model)
+    extra = dict(meta or {})
+    if plan is not None:
+        extra["kernel_plan"] = plan.describe()
     return BenchReport(
-        meta=_meta(device, settings, dtype, len(prompts), int(config.repeats), teacher_label, meta),
+        meta=_meta(
+            device, settings, dtype, len(prompts), int(config.repeats), teacher_label, extra
+        ),
         cost_curve=curve,
-        k_max_choice=_k_max_choices(methods, rows, curve),
+        k_max_choice=_k_max_choices(methods, rows, kernel_curve or curve),
         methods=rows,
         summary=summarize(rows),
+        kernel_cost_curve=kernel_curve,
     )
+
+
+def _kernel_plan(mtp_model: Any, config: BenchConfig, say: Log) -> KernelPlan | None:
+    """The plan of ``config.kernel`` for this model on this machine (``None``: no kernel rows)."""
+    if config.kernel is None:
+        return None
+    if config.kernel == "auto":
+        say("choosing the Linear kernel per pass width (measured once per machine, cached) ...")
+        plan = auto_plan(mtp_model.model)
+    else:
+        plan = fixed_plan(config.kernel)
+    say(f"kernel {plan.describe()}")
+    return plan
 
 
 def _decode_settings(mtp_model: Any, config: BenchConfig) -> DecodeSettings:
@@ -159,17 +194,21 @@ def _decode_settings(mtp_model: Any, config: BenchConfig) -> DecodeSettings:
     return DecodeSettings(int(config.max_new_tokens), eos_ids, pad_id)
 
 
-def _cost_curve(hf_model: torch.nn.Module, config: BenchConfig, say: Log) -> CostCurve | None:
-    """Measure the cost curve when the config asks for it."""
+def _cost_curve(
+    hf_model: torch.nn.Module, config: BenchConfig, say: Log, plan: KernelPlan | None = None
+) -> CostCurve | None:
+    """Measure the cost curve when the config asks for it (inside ``plan`` when given)."""
     if not config.cost_curve:
         return None
-    say("measuring the cost curve of one forward pass ...")
-    return measure_cost_curve(
-        hf_model,
-        max_tokens=config.cost_max_tokens,
-        context_length=config.cost_context,
-        repeats=config.cost_repeats,
-    )
+    label = "stock" if plan is None else plan.describe()
+    say(f"measuring the cost curve of one forward pass ({label}) ...")
+    with use_kernels(plan or STOCK_PLAN, hf_model):
+        return measure_cost_curve(
+            hf_model,
+            max_tokens=config.cost_max_tokens,
+            context_length=config.cost_context,
+            repeats=config.cost_repeats,
+        )
 
 
 def _auto_candidates(candidates: Sequence[int], mtp_model: Any) -> tuple[int, ...]:
@@ -191,6 +230,7 @@ def _auto_policies(
     curve: CostCurve | None,
     settings: DecodeSettings,
     say: Log,
+    plan: KernelPlan | None = None,
 ) -> tuple[CostCurve | None, dict[float, AcceptancePolicy]]:
     """For ``k_max="auto"``: ``auto_policy`` per threshold, probing the first prompts.
 
@@ -203,7 +243,8 @@ def _auto_policies(
         return curve, chosen
     candidates = _auto_candidates(config.auto_candidates, mtp_model)
     if curve is None:
-        curve = measure_cost_curve(mtp_model.model, max_tokens=max(2 * max(candidates), 2))
+        with use_kernels(plan or STOCK_PLAN, mtp_model.model):
+            curve = measure_cost_curve(mtp_model.model, max_tokens=max(2 * max(candidates), 2))
     probe = [list(p.input_ids) for p in prompts[: max(int(config.probe_prompts), 1)]]
     for tau in sorted({*config.thresholds, *config.verify_thresholds}):
         policy = auto_policy(
@@ -226,15 +267,31 @@ def _engines_and_methods(
     chosen: dict[float, AcceptancePolicy],
     baseline_model: torch.nn.Module | None,
     say: Log,
+    plan: KernelPlan | None = None,
 ) -> tuple[dict[str, Engine], list[BenchMethod]]:
-    """The models per precision and the methods to run on them (full precision first)."""
+    """The models per precision and the methods to run on them (full precision first).
+
+    ``StaticK(1)`` always runs (every MTP row is also compared with it, same model and kernel).
+    With a kernel, the stock products run only the baselines and ``static_1`` (what the kernel
+    adds) and every MTP method runs with the kernel (what MTP adds on top of it).
+    """
+    static = tuple(sorted({1, *config.static}))
 
     def methods_for(precision: str) -> list[BenchMethod]:
         # The lossless mode runs at full precision only, prompt lookup with the stock kernel only.
+        if precision == "base" and plan is not None:
+            return bench_methods(
+                k_max=(),
+                thresholds=(),
+                static=(1,),
+                verify_thresholds=(),
+                prompt_lookup_tokens=config.prompt_lookup_tokens,
+                precision=precision,
+            )
         return bench_methods(
             k_max=config.k_max,
             thresholds=config.thresholds,
-            static=config.static,
+            static=static,
             verify_thresholds=config.verify_thresholds if precision != "int8" else (),
             verify_static=config.verify_static if precision != "int8" else (),
             prompt_lookup_tokens=config.prompt_lookup_tokens if precision == "base" else None,
@@ -244,11 +301,11 @@ def _engines_and_methods(
 
     engines = {"base": Engine("base", mtp_model.model, mtp_model, baseline_model)}
     methods = methods_for("base")
-    if config.kernel == "skinny":
-        engines["skinny"] = Engine(
-            "skinny", mtp_model.model, mtp_model, baseline_model, kernel="skinny"
+    if plan is not None and config.kernel is not None:
+        engines[config.kernel] = Engine(
+            config.kernel, mtp_model.model, mtp_model, baseline_model, kernel=plan
         )
-        methods += methods_for("skinny")
+        methods += methods_for(config.kernel)
     if config.quantize == "int8":
         say("quantising Linear layers to int8 (dynamic) ...")
         quantized = quantize_int8(mtp_model.model)
@@ -428,7 +485,7 @@ def _meta(
 
 
 def _precision_label(precision: str, dtype: str) -> str:
-    """The report's precision: the dtype, ``int8``, or the dtype with ``skinny`` (the kernel)."""
-    if precision == "base":
-        return dtype
-    return f"{dtype} skinny" if precision == "skinny" else precision
+    """The report's precision: the dtype, ``int8``, or the dtype and the kernel's name."""
+    if precision in ("base", "int8"):
+        return dtype if precision == "base" else precision
+    return f"{dtype} {precision}"

@@ -24,7 +24,7 @@ from mtp_torch.bench.report import format_markdown, write_report
 from mtp_torch.bench.runner import run_benchmark
 from mtp_torch.cli.options import comma_separated
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
-from mtp_torch.weights.default import DEFAULT_MODEL_NAME, load_named
+from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -38,9 +38,28 @@ _float_list = comma_separated(float, "numbers")
 _k_list = comma_separated(_int_or_auto, "integers or 'auto'")
 
 
+# What ``mtp bench`` runs when no method option is given: the main job, sized to finish in
+# ~10 minutes on 2 CPU cores (AVX2 or AVX-512): stock greedy and static_1 (the kernel's gain),
+# then with the kernel chosen per width on this machine greedy, static_1, ConfAdapt(0.9) at the
+# cost-aware k_max, and both lossless modes (confidence-gated drafts and every mask drafted).
+# ``--sweep`` runs BenchConfig's full sweep instead.
+MAIN_JOB = BenchConfig(
+    max_new_tokens=96,
+    k_max=("auto",),
+    thresholds=(0.9,),
+    static=(1,),
+    verify_thresholds=(0.9,),
+    verify_static=(2,),
+    repeats=3,
+    kernel="auto",
+    prompt_lookup_tokens=None,
+)
+MAIN_JOB_PROMPTS = 4
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``mtp bench`` options on ``parser`` (defaults: ``BenchConfig``'s)."""
-    defaults = BenchConfig()
+    """Register the ``mtp bench`` options on ``parser`` (defaults: the main job, ``MAIN_JOB``)."""
+    defaults = MAIN_JOB
     _add_io_arguments(parser)
     _add_method_arguments(parser, defaults)
     _add_measure_arguments(parser, defaults)
@@ -66,7 +85,12 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", default=None, help="PNG plot to write (default: the report's path with .png)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
-    parser.add_argument("--num-prompts", type=int, default=50, help="first N prompts of --data")
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help=f"first N prompts of --data (default {MAIN_JOB_PROMPTS}; 50 with --sweep)",
+    )
     parser.add_argument(
         "--no-chat-template",
         action="store_true",
@@ -107,13 +131,19 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
         type=_int_list,
         default=defaults.verify_static,
         help="k values of lossless rows that draft every mask proposal, StaticK(k) with "
-        "verify (verify_static_{k}; comma-separated, none by default)",
+        "verify (verify_static_{k}; comma-separated, '' for none)",
     )
     parser.add_argument(
         "--prompt-lookup-tokens",
         type=int,
-        default=defaults.prompt_lookup_tokens,
-        help="prompt_lookup_num_tokens of the prompt-lookup baseline (0 skips it)",
+        default=defaults.prompt_lookup_tokens or 0,
+        help="prompt_lookup_num_tokens of the prompt-lookup baseline (0, the default, skips it)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run the full sweep (k_max 4,8,16; thresholds 0.99-0.6; static 2,3; prompt lookup; "
+        "50 prompts x 256 tokens) instead of the main job's methods; explicit options still win",
     )
     parser.add_argument(
         "--quantize",
@@ -125,8 +155,10 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
         "--kernel",
         choices=list(LINEAR_KERNELS),
         default=defaults.kernel or "stock",
-        help="'skinny' also runs every method, greedy included, with the weight-first CPU "
-        "product for few-token passes (rows ..._skinny, speed-ups against greedy_skinny)",
+        help="CPU Linear kernel of the MTP rows: 'auto' (default: the fastest per pass width, "
+        "measured once on this machine), 'native', 'skinny'; rows ..._{kernel}, beside stock "
+        "greedy and static_1 so the kernel's gain stays apart from MTP's; 'stock' runs every "
+        "method with PyTorch's own products only",
     )
 
 
@@ -153,15 +185,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--teacher",
         default=None,
         help="original model directory scoring the generated tokens, or 'default-base' for "
-        "the unconverted embedded default (default: the checkpoint itself as a plain LM over "
-        "real tokens)",
+        "the unconverted embedded default (default: 'default-base' for --model default, else "
+        "the checkpoint itself as a plain LM over real tokens)",
     )
     parser.add_argument(
         "--baseline",
         default=None,
         help="model whose transformers greedy generate (and prompt lookup) is the baseline, "
-        "e.g. 'default-base', the model a conversion started from (default: the checkpoint "
-        "itself)",
+        "e.g. 'default-base', the model a conversion started from (default: 'default-base' "
+        "for --model default, else the checkpoint itself)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument(
@@ -213,21 +245,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             "--quantize int8 (dynamic quantisation) runs on the CPU only; add --device cpu"
         )
-    if args.kernel == "skinny" and not str(device).startswith("cpu"):
-        raise ValueError("--kernel skinny is a CPU kernel; add --device cpu or drop --kernel")
+    kernel = None if args.kernel == "stock" else args.kernel
+    if kernel is not None and not str(device).startswith("cpu"):
+        say(f"--kernel {args.kernel} is a CPU kernel: on {device} every method runs stock")
+        kernel = None
+    methods = _method_options(args)
     if args.quantize == "int8" and dtype_name not in ("float32", "fp32"):
         raise ValueError("--quantize int8 compares against float32; drop --dtype or use float32")
     config = BenchConfig(
-        max_new_tokens=args.max_new_tokens,
-        k_max=args.k_max,
-        thresholds=args.thresholds,
-        static=args.static,
-        verify_thresholds=args.verify_thresholds,
-        verify_static=args.verify_static,
+        max_new_tokens=methods["max_new_tokens"],
+        k_max=methods["k_max"],
+        thresholds=methods["thresholds"],
+        static=methods["static"],
+        verify_thresholds=methods["verify_thresholds"],
+        verify_static=methods["verify_static"],
         repeats=args.repeats,
         quantize=args.quantize,
-        kernel=None if args.kernel == "stock" else args.kernel,
-        prompt_lookup_tokens=args.prompt_lookup_tokens or None,
+        kernel=kernel,
+        prompt_lookup_tokens=methods["prompt_lookup_tokens"] or None,
         cost_curve=not args.no_cost_curve,
         cost_max_tokens=args.cost_max_tokens,
         cost_repeats=args.cost_repeats,
@@ -236,20 +271,27 @@ def run(args: argparse.Namespace) -> int:
     mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(dtype_name), device=device)
     if mtp.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; save one with the model to bench it")
+    num_prompts = args.num_prompts
+    if num_prompts is None:
+        num_prompts = 50 if args.sweep else MAIN_JOB_PROMPTS
     prompts = load_prompts(
-        data, mtp.tokenizer, num_prompts=args.num_prompts, chat=not args.no_chat_template
+        data, mtp.tokenizer, num_prompts=num_prompts, chat=not args.no_chat_template
     )
-    teacher = _load_teacher(args.teacher, device) if args.teacher else None
+    # The embedded default's original model ships too: it is the teacher and the baseline.
+    converted_default = str(args.model) in CONVERTED_NAMES
+    teacher_name = args.teacher or ("default-base" if converted_default else None)
+    baseline_name = args.baseline or ("default-base" if converted_default else None)
+    teacher = _load_teacher(teacher_name, device) if teacher_name else None
     baseline = None
-    if args.baseline:
-        same = args.baseline == args.teacher and teacher is not None
-        baseline = teacher if same else _load_teacher(args.baseline, device)
+    if baseline_name:
+        same = baseline_name == teacher_name and teacher is not None
+        baseline = teacher if same else _load_teacher(baseline_name, device)
     report = run_benchmark(
         mtp,
         prompts,
         config,
         teacher=teacher,
-        teacher_label=args.teacher,
+        teacher_label=teacher_name,
         meta={
             "model": str(args.model),
             # The bundled file is named package-relative: a report holds no path of one machine.
@@ -267,6 +309,24 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, plot_path)
         print(f"plot: {plot_path}")
     return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options: as given, with ``--sweep`` turning main-job defaults into the sweep's."""
+    names = (
+        "max_new_tokens", "k_max", "thresholds", "static", "verify_thresholds", "verify_static",
+        "prompt_lookup_tokens",
+    )  # fmt: skip
+    chosen = {name: getattr(args, name) for name in names}
+    if args.sweep:
+        sweep = BenchConfig()
+        for name in names:
+            main_default = getattr(MAIN_JOB, name)
+            if name == "prompt_lookup_tokens":
+                main_default = main_default or 0
+            if chosen[name] == main_default:
+                chosen[name] = getattr(sweep, name)
+    return chosen
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
