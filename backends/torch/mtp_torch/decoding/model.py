@@ -36,7 +36,13 @@ from mtp_torch.decoding.mask import (
     add_mask_token,
     embedding_rows,
 )
-from mtp_torch.decoding.saving import check_model_source, read_manifest, write_checkpoint
+from mtp_torch.decoding.saving import (
+    check_model_source,
+    read_manifest,
+    recover_checkpoint,
+    write_checkpoint,
+    write_config_settings,
+)
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
@@ -220,6 +226,7 @@ class MTPModel:
             if device is not None:
                 named_model.to(device)
             return cls(named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel)
+        recover_checkpoint(source)  # a save killed midway: its earlier save back, copies swept
         check_model_source(source)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
@@ -320,28 +327,22 @@ class MTPModel:
             K_MAX_CONFIG_KEY: int(policy.k_max),
             THRESHOLD_CONFIG_KEY: float(policy.threshold),
         }
-        previous = {
-            key: getattr(config, key, None) for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY)
-        }
 
         def write_files(staging: Path) -> None:
-            for key, value in settings.items():
-                setattr(config, key, value)
             self.model.save_pretrained(staging)
+            # The settings go into the staged file, never onto the live config (which other
+            # threads read and save concurrently).
+            write_config_settings(staging, settings)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
 
-        try:
-            return write_checkpoint(
-                target,
-                write_files,
-                overwrite=overwrite,
-                card=model_card(facts),
-                metadata={"base_model": facts.base_model, "training_summary": summary},
-            )
-        finally:
-            for key, value in previous.items():
-                setattr(config, key, value)
+        return write_checkpoint(
+            target,
+            write_files,
+            overwrite=overwrite,
+            card=model_card(facts),
+            metadata={"base_model": facts.base_model, "training_summary": summary},
+        )
 
     # ------------------------------------------------------------------------------------------
     # Decoding
