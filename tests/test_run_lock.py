@@ -59,3 +59,4 @@ def test_a_second_convert_into_a_locked_out_fails_naming_the_holder(
     # Killed, the holder's lock is gone with it: the next run takes it.
     with run_lock(out) as path:
         assert str(os.getpid()) in path.read_text()
+    assert not path.exists()  # a run that ends removes its lock file

@@ -3,7 +3,7 @@
 The lock is an ``fcntl.flock`` on a small file beside the output (``.<out>.lock``) that names
 its holder: pid, host and start time.  The operating system releases it when the process
 exits, however it exits (``kill -9`` included), so a stale lock file never blocks a later
-run; only a live holder does.
+run; only a live holder does.  A run that ends normally removes the file.
 """
 
 from __future__ import annotations
@@ -49,16 +49,8 @@ def run_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor = _acquire(path, out)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLockedError(
-                    f"{out} is in use by another run ({_holder(path)}); wait for it to finish "
-                    "or stop it, or choose another --out"
-                ) from None
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -67,8 +59,32 @@ def run_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
         yield path
+        path.unlink(missing_ok=True)  # still held: no one else can be using this file
     finally:
-        os.close(descriptor)  # releases the lock; the file stays (its content is only a hint)
+        os.close(descriptor)  # releases the lock (a killed run leaves the file: harmless)
+
+
+def _acquire(path: Path, out: str | os.PathLike[str]) -> int:
+    """Open and lock ``path``; retry if it was replaced meanwhile (a holder unlinked it)."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return descriptor
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise RunLockedError(
+                f"{out} is in use by another run ({_holder(path)}); wait for it to finish "
+                "or stop it, or choose another --out"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return descriptor
+        os.close(descriptor)
 
 
 def _holder(path: Path) -> str:
