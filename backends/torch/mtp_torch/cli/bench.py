@@ -172,6 +172,9 @@ def _load_teacher(path: str, device: str) -> torch.nn.Module:
         model: torch.nn.Module = named[0].to(device)
         model.eval()
         return model
+    from mtp_torch.decoding.saving import check_model_source
+
+    path = check_model_source(path)
     teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )

@@ -24,6 +24,7 @@ from mtp_core import ConfAdapt
 from mtp_torch._resources import package_data
 from mtp_torch.cli.options import ConfigOption, add_config_options, config_overrides
 from mtp_torch.decoding.model import parse_dtype
+from mtp_torch.decoding.saving import check_model_source
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
 from mtp_torch.training.config import DistillConfig, cpu_preset
 from mtp_torch.training.corpus import GENERATE_BATCH_SIZE, read_seed_prompts, write_corpus
@@ -294,6 +295,7 @@ def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
         return named[0], named[1], _short_name(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = check_model_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,

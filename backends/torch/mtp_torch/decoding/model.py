@@ -227,7 +227,7 @@ class MTPModel:
                 named_model.to(device)
             return cls(named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel)
         recover_checkpoint(source)  # a save killed midway: its earlier save back, copies swept
-        check_model_source(source)
+        source = check_model_source(source)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 source, dtype=parse_dtype(dtype), trust_remote_code=False

@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "CARD_FILE",
+    "HUB_PREFIX",
+    "check_config_sizes",
     "MANIFEST_FILE",
     "check_model_source",
     "foreign_files",
@@ -45,23 +47,120 @@ CARD_FILE = "README.md"
 JOURNAL_FILE = "mtp_lm_journal.json"
 
 
-def check_model_source(source: str) -> None:
-    """Raise ``FileNotFoundError`` for a local path that cannot hold a model (before the Hub)."""
+HUB_PREFIX = "hub:"
+
+# Sizes a config may give, with the largest value any real model uses times a wide margin: a
+# value outside is a typo or a corrupted file, caught before transformers builds (for minutes,
+# or with a ZeroDivisionError / AssertionError) a model of that size.
+_SIZE_LIMITS = {
+    "vocab_size": 10_000_000,
+    "hidden_size": 1 << 17,
+    "n_embd": 1 << 17,
+    "d_model": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "n_inner": 1 << 20,
+    "num_hidden_layers": 1024,
+    "n_layer": 1024,
+    "num_attention_heads": 1024,
+    "n_head": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 27,
+    "n_positions": 1 << 27,
+}
+
+
+def check_config_sizes(config: Mapping[str, Any], source: str = "the config") -> None:
+    """Raise ``ValueError`` naming the field when a config's sizes cannot build a model.
+
+    Every size listed must be an integer from 1 to a generous limit, and the hidden size must
+    divide among the attention heads, and those among the key-value heads.
+
+    Args:
+      config: a ``config.json``'s entries (nested ``text_config`` is checked too).
+      source: what to call the config in the message.
+
+    Raises:
+      ValueError: on the first field out of range.
+    """
+    for field, limit in _SIZE_LIMITS.items():
+        value = config.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(
+                f"{source}: {field} is {value!r}; it must be an integer from 1 to {limit} "
+                "(the config is mistyped or corrupt)"
+            )
+    hidden = config.get("hidden_size")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and config.get("head_dim") is None:
+        if hidden % heads:
+            raise ValueError(
+                f"{source}: hidden_size {hidden} does not divide among num_attention_heads "
+                f"{heads}; fix either field"
+            )
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise ValueError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+            f"{kv_heads}; fix either field"
+        )
+    nested = config.get("text_config")
+    if isinstance(nested, Mapping):
+        check_config_sizes(nested, f"{source} (text_config)")
+
+
+def check_model_source(source: str) -> str:
+    """Check a model name before anything is loaded; return the name to give transformers.
+
+    The rule that tells a local path from a Hugging Face Hub id, for a name that does not
+    exist locally: it is a *path* (and fails at once, naming it) if it is absolute, starts
+    with ``.`` or ``~``, holds a backslash, more than one ``/`` or a trailing ``/``, or if its
+    first part names an existing local directory (``runs/model-mtpp`` with ``runs/`` here);
+    otherwise (``name`` or ``org/name``) it is a Hub id.  ``hub:org/name`` always asks the Hub.
+    A local directory must hold a ``config.json`` whose sizes can build a model.
+
+    Raises:
+      FileNotFoundError: for a missing path or a directory that is not a model's.
+      ValueError: for a config whose sizes are out of range (naming the field).
+    """
+    if source.startswith(HUB_PREFIX):
+        return source[len(HUB_PREFIX) :]
     path = Path(source).expanduser()
-    looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        config_path = path / "config.json"
+        if not config_path.is_file():
             raise FileNotFoundError(
                 f"{path} has no config.json, so it is not a model directory; pass a directory "
                 "written by save_pretrained (or mtp convert)"
             )
-    elif path.exists():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise ValueError(f"{config_path} is not valid JSON ({error})") from error
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path} does not hold a JSON object")
+        check_config_sizes(config, str(config_path))
+        return source
+    if path.exists():
         raise FileNotFoundError(f"{path} is a file; pass the model's directory")
-    elif looks_local:
+    first = source.replace("\\", "/").split("/")[0]
+    looks_local = (
+        path.is_absolute()
+        or source.startswith((".", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or source.endswith("/")
+        or ("/" in source and Path(first).is_dir())
+    )
+    if looks_local:
         raise FileNotFoundError(
             f"model directory {path} does not exist; check the path, or use 'default' / "
-            "'default-base' for the embedded default"
+            f"'default-base' for the embedded default (for a Hugging Face Hub id, write "
+            f"'{HUB_PREFIX}{source.strip('/')}')"
         )
+    return source
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
