@@ -60,3 +60,6 @@ def test_a_second_convert_into_a_locked_out_fails_naming_the_holder(
     with run_lock(out) as path:
         assert str(os.getpid()) in path.read_text()
     assert not path.exists()  # a run that ends removes its lock file
+    with pytest.raises(RuntimeError), run_lock(out):
+        raise RuntimeError("a run that fails")
+    assert not path.exists()  # ... and so does one that fails

@@ -59,8 +59,8 @@ def run_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
         yield path
-        path.unlink(missing_ok=True)  # still held: no one else can be using this file
     finally:
+        path.unlink(missing_ok=True)  # still held: no one else can be using this file
         os.close(descriptor)  # releases the lock (a killed run leaves the file: harmless)
 
 
