@@ -403,6 +403,16 @@ def test_resume_with_other_settings_is_rejected(tmp_path: Path) -> None:
         distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 4, k_max=3))
 
 
+def test_resume_on_other_data_is_rejected(tmp_path: Path) -> None:
+    """Same length, other tokens: the data's fingerprint differs (issue 20 item 3)."""
+    corpus = random_corpus()
+    distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))
+    other = random_corpus(seed=1)
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint was trained on other data"):
+        distill(tiny_gpt2(), other, _resume_config(tmp_path, 4))
+    distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 4))  # the same data still resumes
+
+
 # --- learning: the tiny teacher's language becomes ~k_max tokens per forward ---------------------
 
 

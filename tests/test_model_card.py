@@ -149,10 +149,15 @@ def test_whose_readme_it_is_follows_the_manifest(tmp_path: Path) -> None:
     mtp = fresh_mtp()
     target = mtp.save_pretrained(tmp_path / "out")
     assert "README.md" in manifest(target)["files"]  # type: ignore[operator]
-    # Our card is ours: a plain re-save (no overwrite needed) replaces it.
+    # Our card is ours while unchanged: a plain re-save (no overwrite needed) replaces it.
+    mtp.save_pretrained(target, threshold=0.55)
+    assert card(target).startswith("---\n") and "0.55" in card(target)
+    # Edited by hand it is the user's (its hash no longer matches): refused, then kept.
     (target / "README.md").write_text("edited by hand\n")
-    mtp.save_pretrained(target)
-    assert card(target).startswith("---\n")
+    with pytest.raises(FileExistsError, match="README.md"):
+        mtp.save_pretrained(target)
+    mtp.save_pretrained(target, overwrite=True)
+    assert card(target) == "edited by hand\n"
     # A save that did not write a card (a user's README present) leaves the next one foreign.
     other = tmp_path / "other"
     other.mkdir()

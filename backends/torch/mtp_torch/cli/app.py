@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args._run(args)
+    except BrokenPipeError:  # the reader went away (| head): say so once, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"mtp {args.command}: error: the output pipe was closed", file=sys.stderr)
+        return 2
     except Exception as error:  # every failure is one line; --debug shows the traceback
         if args.debug:
             raise

@@ -22,7 +22,7 @@ from mtp_torch.bench.plot import plot_report
 from mtp_torch.bench.prompts import default_data_path, load_prompts
 from mtp_torch.bench.report import format_markdown, write_report
 from mtp_torch.bench.runner import run_benchmark
-from mtp_torch.cli.options import comma_separated
+from mtp_torch.cli.options import check_device, comma_separated
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
 from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, load_named
 
@@ -211,6 +211,9 @@ def _load_teacher(path: str, device: str) -> torch.nn.Module:
         model: torch.nn.Module = named[0].to(device)
         model.eval()
         return model
+    from mtp_torch.decoding.saving import check_model_source
+
+    path = check_model_source(path)
     teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
@@ -239,8 +242,11 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
     data = Path(args.data) if args.data else default_data_path()
+    if data.is_dir():
+        raise ValueError(f"--data {data} is a directory; give a JSON-lines prompt file")
     if not data.is_file():
         raise ValueError(f"--data {data} does not exist; give a JSON-lines prompt file")
+    check_device(device)
     if args.quantize == "int8" and not str(device).startswith("cpu"):
         raise ValueError(
             "--quantize int8 (dynamic quantisation) runs on the CPU only; add --device cpu"

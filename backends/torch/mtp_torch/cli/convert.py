@@ -25,6 +25,7 @@ from mtp_core import ConfAdapt
 from mtp_torch._resources import package_data
 from mtp_torch.cli.options import ConfigOption, add_config_options, config_overrides
 from mtp_torch.decoding.gated import gate_settings
+from mtp_torch.decoding.saving import check_model_source
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
 from mtp_torch.dtypes import parse_dtype
 from mtp_torch.training.config import DistillConfig, cpu_preset
@@ -33,9 +34,16 @@ from mtp_torch.training.data import Example, load_examples
 from mtp_torch.training.distill import distill
 from mtp_torch.training.distributed import init_distributed
 from mtp_torch.training.parameters import find_blocks
+from mtp_torch.training.run_lock import run_lock
 from mtp_torch.training.sources import load_dataset_examples, parse_field_mapping
 from mtp_torch.training.step import StepMetrics
-from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, cache_root, load_named
+from mtp_torch.weights.default import (
+    BASE_NAMES,
+    CONVERTED_NAMES,
+    DEFAULT_MODEL_NAME,
+    cache_root,
+    load_named,
+)
 
 __all__ = [
     "DEFAULT_NUM_EXAMPLES",
@@ -294,9 +302,10 @@ def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
         )
     named = load_named(name)
     if named is not None:
-        return named[0], named[1], DEFAULT_MODEL_NAME
+        return named[0], named[1], _short_name(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = check_model_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name,
@@ -310,7 +319,14 @@ def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
             f"cannot load model {name!r} ({error}); pass a model directory, a Hub id or "
             "'default-base'"
         ) from error
-    return model, tokenizer, Path(name.rstrip("/")).name or "model"
+    return model, tokenizer, _short_name(name)
+
+
+def _short_name(name: str) -> str:
+    """The model's name in default paths (``<name>-mtp``)."""
+    if name in (*CONVERTED_NAMES, *BASE_NAMES):
+        return DEFAULT_MODEL_NAME
+    return Path(name.rstrip("/")).name or "model"
 
 
 def _config(args: argparse.Namespace, checkpoint_dir: Path, model: Any) -> DistillConfig:
@@ -396,7 +412,19 @@ def _trained_steps(last: list[StepMetrics], checkpoint_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary."""
+    """Run ``mtp convert``: build the corpus, distil, save the MTP model; print a summary.
+
+    The output directory is locked for the whole run (``training.run_lock``): a second
+    ``mtp convert`` into the same ``--out`` fails at once, naming the process that holds it.
+    """
+    out = Path(args.out) if args.out else Path(f"{_short_name(args.model)}-mtp")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 holds the lock
+        return _run(args)
+    with run_lock(out):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     preset = cpu_preset(**({"lora_gate": args.lora_gate} if args.lora_gate else {}))
     rank = args.lora_rank if args.lora_rank is not None else preset.lora_rank
     if args.delta_out is not None and not rank:

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from mtp_torch.cli.options import parse_policy
+from mtp_torch.cli.options import check_device, check_sampling, check_text, parse_policy
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
 from mtp_torch.decoding.model import MTPModel
 from mtp_torch.dtypes import parse_dtype
@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``mtp generate``; print the text (streamed) or, with ``--json``, one JSON object."""
     if args.policy is not None:
         parse_policy(args.policy)  # a malformed spec fails before the model loads
+    check_text("--prompt", args.prompt)
+    check_sampling(args.temperature, args.top_p, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     mtp = MTPModel.from_pretrained(
         args.model, dtype=parse_dtype(args.dtype), device=device, linear_kernel=args.kernel
     )

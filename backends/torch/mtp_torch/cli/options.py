@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -191,3 +192,37 @@ def comma_separated(item: Callable[[str], ItemT], what: str) -> Callable[[str], 
             ) from error
 
     return parse
+
+
+def check_device(device: str) -> None:
+    """Raise ``ValueError`` for a ``--device`` PyTorch does not know or this machine lacks."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a device PyTorch knows; use cpu, cuda or cuda:N"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+
+
+def check_sampling(temperature: float, top_p: float, seed: int) -> None:
+    """Raise ``ValueError`` naming ``--temperature``, ``--top-p`` or ``--seed`` when out of range."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(
+            f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}"
+        )
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+
+
+def check_text(name: str, text: str) -> None:
+    """Raise ``ValueError`` when ``text`` (an argument) is not valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid UTF-8 text; pass the text in UTF-8") from None

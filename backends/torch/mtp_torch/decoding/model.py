@@ -45,7 +45,13 @@ from mtp_torch.decoding.mask import (
     add_mask_token,
     embedding_rows,
 )
-from mtp_torch.decoding.saving import check_model_source, read_manifest, write_checkpoint
+from mtp_torch.decoding.saving import (
+    check_model_source,
+    read_manifest,
+    recover_checkpoint,
+    write_checkpoint,
+    write_config_settings,
+)
 from mtp_torch.dtypes import parse_dtype as parse_dtype
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
@@ -212,7 +218,8 @@ class MTPModel:
             if device is not None:
                 named_model.to(device)
             return cls(named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel)
-        check_model_source(source)
+        recover_checkpoint(source)  # a save killed midway: its earlier save back, copies swept
+        source = check_model_source(source)
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(
                 source, dtype=parse_dtype(dtype), trust_remote_code=False
@@ -319,30 +326,22 @@ class MTPModel:
         }
         if self.gate is not None:
             settings[GATE_CONFIG_KEY] = gate_settings(self.gate)
-        previous = {
-            key: getattr(config, key, None)
-            for key in (K_MAX_CONFIG_KEY, THRESHOLD_CONFIG_KEY, GATE_CONFIG_KEY)
-        }
-
-        try:
-            return write_checkpoint(
-                target,
-                lambda staging: self._write_files(staging, settings),
-                overwrite=overwrite,
-                card=model_card(facts),
-                metadata={"base_model": facts.base_model, "training_summary": summary},
-            )
-        finally:
-            for key, value in previous.items():
-                setattr(config, key, value)
+        return write_checkpoint(
+            target,
+            lambda staging: self._write_files(staging, settings),
+            overwrite=overwrite,
+            card=model_card(facts),
+            metadata={"base_model": facts.base_model, "training_summary": summary},
+        )
 
     def _write_files(self, staging: Path, settings: Mapping[str, Any]) -> None:
         """Config settings, weights (a gated model's base weights as loaded, its gate in its
         own file) and tokenizer, into ``staging``."""
-        for key, value in settings.items():
-            setattr(self.model.config, key, value)
         with plain_layers(self.model):
             self.model.save_pretrained(staging)
+        # The settings go into the staged file, never onto the live config (which other
+        # threads read and save concurrently).
+        write_config_settings(staging, settings)
         if self.gate is not None:
             write_gate_file(self.model, staging)
         if self.tokenizer is not None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -229,6 +230,12 @@ def load_examples(
     return examples
 
 
+_SAME_DATA = (
+    "resume with the same corpus (the same --data file or dataset, seed prompts, --num-examples "
+    "and seed), or start a new run in a new --out / out_dir (or delete the old checkpoints)"
+)
+
+
 @attrs.define
 class TokenStream:
     """Sequences concatenated into one token stream, cut into consecutive training windows.
@@ -405,23 +412,47 @@ class TokenStream:
                 confidence[row] = self.confidence[index]
             self.cursor += 1
 
-    def state_dict(self) -> dict[str, int]:
-        """The position, as JSON values: ``{"cursor", "epoch", "num_tokens"}``."""
-        return {"cursor": int(self.cursor), "epoch": int(self.epoch), "num_tokens": len(self)}
+    def fingerprint(self) -> str:
+        """What identifies the data: sha256 over the token ids, targets and sequence starts."""
+        hasher = hashlib.sha256(np.ascontiguousarray(self.tokens, dtype=np.int64).tobytes())
+        for extra in (self.supervised, self.starts, self.confidence):
+            hasher.update(b"|" if extra is None else np.ascontiguousarray(extra).tobytes())
+        return hasher.hexdigest()
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """The position and the data's identity, as JSON values.
+
+        ``{"cursor", "epoch", "num_tokens", "fingerprint"}`` (``fingerprint()``: a resume on
+        other data is refused).
+        """
+        return {
+            "cursor": int(self.cursor),
+            "epoch": int(self.epoch),
+            "num_tokens": len(self),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a position saved by ``state_dict``.
 
         Args:
           state: the saved position.
 
         Raises:
-          ValueError: if it was saved for a stream of another length (another corpus).
+          ValueError: if it was saved for another corpus (another length or fingerprint; a
+            state without a fingerprint, from an older version, is checked by length only).
         """
         if int(state["num_tokens"]) != len(self):
             raise ValueError(
-                f"the checkpoint was written for a corpus of {state['num_tokens']} tokens, this "
-                f"one has {len(self)}; resume with the same corpus (and seed), or start a new run"
+                f"cannot resume: the checkpoint was written for a corpus of "
+                f"{state['num_tokens']} tokens, this one has {len(self)}; {_SAME_DATA}"
+            )
+        recorded = state.get("fingerprint")
+        if isinstance(recorded, str) and recorded != self.fingerprint():
+            raise ValueError(
+                f"cannot resume: the checkpoint was trained on other data of the same length "
+                f"({len(self)} tokens; data sha256 {recorded[:12]}..., this corpus gives "
+                f"{self.fingerprint()[:12]}...); {_SAME_DATA}"
             )
         self.cursor = int(state["cursor"])
         self.epoch = int(state["epoch"])

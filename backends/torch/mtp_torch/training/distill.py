@@ -137,7 +137,9 @@ def _resume(state: TrainState, stream: TokenStream, rank: int, world_size: int) 
     found = latest_checkpoint(cfg.out_dir)
     if found is None:
         return state
-    check_resumable(read_checkpoint_state(found)["config"], cfg)
+    saved_state = read_checkpoint_state(found)
+    check_resumable(saved_state["config"], cfg)
+    stream.load_state_dict(saved_state["data"])  # another corpus is refused before any load
     if state.sharded:
         saved = load_sharded_checkpoint(
             found,
