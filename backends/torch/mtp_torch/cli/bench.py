@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from mtp_torch.bench.config import BenchConfig
+from mtp_torch.bench.output import format_markdown, write_report
 from mtp_torch.bench.plot import plot_report
 from mtp_torch.bench.prompts import default_data_path, load_prompts
-from mtp_torch.bench.report import format_markdown, write_report
 from mtp_torch.bench.runner import run_benchmark
 from mtp_torch.cli.options import check_device, comma_separated
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
