@@ -1,25 +1,36 @@
-"""Time a decoding pass with PyTorch's stock Linear kernel and with ``skinny_linear``.
+"""The cost of a decoding pass of n tokens, per Linear kernel, and what it buys MTP.
 
-Decoding at batch 1 feeds a few tokens per forward pass, so its cost is set by how fast each
-``nn.Linear`` multiplies a few rows by its weight.  This script measures the cost curve (median
-time of one pass of ``n`` new tokens after a warm cache, ``measure_cost_curve``) twice, once
-with the stock kernel and once inside ``skinny_linear`` (the weight-first product), checks that
-both kernels give the same greedy tokens, and prints the two curves side by side.  Whether the
-kernel pays depends on the CPU's BLAS; docs/results.md has the figures of the development
-machine (SmolLM2-135M, 2 cores).
+MTP can only pay where a pass of several tokens costs about what a pass of one does.  This
+benchmark prints, side by side for every kernel (``stock``, ``skinny``, ``native``, ``auto``):
+
+1. the cost curve t(n)/t(1) of one forward pass of ``n`` new tokens after a warm cache
+   (``measure_cost_curve``, median of ``--repeats``), and t(1) itself;
+2. decoding the same prompt through ``MTPModel.generate``: seconds per forward pass of
+   ``StaticK(4)`` over ``StaticK(1)`` (a StaticK(4) pass feeds 4 pending tokens + 3 masks), and
+   ``StaticK(1)``'s tokens per second over transformers' greedy ``generate`` with the same kernel,
+   the same weights, measured in the same run (interleaved, median of ``--rounds``);
+3. whether each kernel gives transformers' greedy tokens with ``StaticK(1)``.
+
+It also prints the CPU's model and ISA flags: the figures depend on them (docs/results.md).
 
 Run:  python examples/kernel_cost.py                          # a tiny random model, seconds
-      python examples/kernel_cost.py --model default-base     # the embedded default, ~1 minute
+      python examples/kernel_cost.py --model default-base     # the embedded default, ~3 minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mtp_torch import MTPModel, measure_cost_curve, skinny_linear
+from mtp_torch import MTPModel, StaticK, measure_cost_curve, use_kernels
+from mtp_torch.decoding.native import cpu_description
+
+KERNELS = ("stock", "skinny", "native", "auto")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 
 
 def tiny_model() -> LlamaForCausalLM:
@@ -32,6 +43,7 @@ def tiny_model() -> LlamaForCausalLM:
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
     return model
 
 
@@ -40,35 +52,71 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model name or directory (default: tiny)")
     parser.add_argument("--max-tokens", type=int, default=8, help="widest pass timed")
     parser.add_argument("--context", type=int, default=200, help="cached tokens before the pass")
-    parser.add_argument("--repeats", type=int, default=10, help="timed passes per width")
+    parser.add_argument("--repeats", type=int, default=9, help="timed passes per width")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved decoding rounds")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per round")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = tiny_model() if args.model is None else MTPModel.from_pretrained(args.model).model
+    model.generation_config.eos_token_id = None  # every round decodes the full budget
+    flags = set(cpu_description().split("|")[-1].split())
+    print(f"CPU: {cpu_description().split('|')[0].strip()}; ISA: "
+          f"{' '.join(f for f in ISA_FLAGS if f in flags) or 'none of ' + ', '.join(ISA_FLAGS)}")  # fmt: skip
 
-    prompt = torch.randint(10, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        stock_tokens = model.generate(prompt, do_sample=False, max_new_tokens=16)
-        with skinny_linear(model):
-            skinny_tokens = model.generate(prompt, do_sample=False, max_new_tokens=16)
-    same = bool(torch.equal(stock_tokens, skinny_tokens))
+    wrappers = {
+        kernel: MTPModel(model, mask_token_id=None, linear_kernel=kernel) for kernel in KERNELS
+    }
+    plans = {kernel: wrapper.kernel_plan() for kernel, wrapper in wrappers.items()}
+    for kernel, plan in plans.items():
+        print(f"  {kernel:6s} -> {plan.describe()}")
 
+    # 1. The cost curve per kernel.
     timing = dict(max_tokens=args.max_tokens, context_length=args.context, repeats=args.repeats)
-    stock = measure_cost_curve(model, **timing)
-    with skinny_linear(model):
-        skinny = measure_cost_curve(model, **timing)
-
-    print(f"one forward pass after {args.context} cached tokens, {args.threads} threads (ms)")
-    print("| n | stock | skinny | stock / skinny | stock n / stock 1 | skinny n / skinny 1 |")
-    print("|---|---|---|---|---|---|")
-    stock_ms = [s * 1e3 for s in stock.measured_seconds]
-    skinny_ms = [s * 1e3 for s in skinny.measured_seconds]
-    for n, a, b in zip(stock.num_tokens, stock_ms, skinny_ms, strict=True):
+    curves = {}
+    for kernel, plan in plans.items():
+        with use_kernels(plan, model):
+            curves[kernel] = [s * 1e3 for s in measure_cost_curve(model, **timing).measured_seconds]
+    print(f"\none forward pass after {args.context} cached tokens, {args.threads} threads: "
+          "t(1) in ms, then t(n)/t(1)")  # fmt: skip
+    print(
+        "| kernel | t(1) ms | " + " | ".join(f"n={n}" for n in range(2, args.max_tokens + 1)) + " |"
+    )
+    print("|---|---|" + "---|" * (args.max_tokens - 1))
+    for kernel, ms in curves.items():
         print(
-            f"| {n} | {a:.1f} | {b:.1f} | {a / b:.2f} | {a / stock_ms[0]:.2f} | "
-            f"{b / skinny_ms[0]:.2f} |"
+            f"| {kernel} | {ms[0]:.1f} | " + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |"
         )
-    print(f"same greedy tokens with both kernels: {same}")
+
+    # 2. Decoding: StaticK(4) vs StaticK(1) per pass, StaticK(1) vs transformers' generate.
+    prompt = torch.randint(10, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    n = args.new_tokens
+    samples: dict[str, dict[str, list[float]]] = {
+        k: {"s1": [], "s4": [], "hf": []} for k in KERNELS
+    }
+    same: dict[str, bool] = {}
+    for _ in range(args.rounds):
+        for kernel, mtp in wrappers.items():
+            one = mtp.generate(prompt, policy=StaticK(1), max_new_tokens=n)
+            four = mtp.generate(prompt, policy=StaticK(4), max_new_tokens=n)
+            with torch.no_grad(), use_kernels(plans[kernel], model):
+                start = time.perf_counter()
+                greedy = model.generate(prompt, do_sample=False, max_new_tokens=n)
+                hf_seconds = time.perf_counter() - start
+            samples[kernel]["s1"].append(one.elapsed_s / one.num_forward_passes)
+            samples[kernel]["s4"].append(four.elapsed_s / four.num_forward_passes)
+            samples[kernel]["hf"].append(hf_seconds / one.elapsed_s)  # StaticK(1) tok/s over hf's
+            same[kernel] = same.get(kernel, True) and torch.equal(one.sequences, greedy)
+    print(f"\nMTPModel.generate, {n} new tokens, median of {args.rounds} interleaved rounds")
+    print("| kernel | StaticK(1) ms/pass | StaticK(4) ms/pass | StaticK(4)/StaticK(1) per pass "
+          "| StaticK(1) tok/s / generate tok/s | StaticK(1) == generate |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for kernel, s in samples.items():
+        s1, s4 = statistics.median(s["s1"]), statistics.median(s["s4"])
+        print(f"| {kernel} | {s1 * 1e3:.1f} | {s4 * 1e3:.1f} | {s4 / s1:.2f} | "
+              f"{statistics.median(s['hf']):.2f} | {same[kernel]} |")  # fmt: skip
+
+    print(f"\nStaticK(1) gives transformers' greedy tokens with every kernel: {all(same.values())}")
 
 
 if __name__ == "__main__":

@@ -155,14 +155,12 @@ def run_benchmark(
         {m.precision: kernel_curve if m.precision == config.kernel else curve for m in methods},
         static_baselines=[StaticKDecoding(1, method.precision).name for method in methods],
     )
-    device = model_device(hf_model)
-    extra = dict(meta or {})
-    if plan is not None:
-        extra["kernel_plan"] = plan.describe()
+    extra = {**(meta or {}), **({"kernel_plan": plan.describe()} if plan is not None else {})}
     return BenchReport(
         meta=_meta(
-            device, settings, dtype, len(prompts), int(config.repeats), teacher_label, extra
-        ),
+            model_device(hf_model), settings, dtype, len(prompts), int(config.repeats),
+            teacher_label, extra,
+        ),  # fmt: skip
         cost_curve=curve,
         k_max_choice=_k_max_choices(methods, rows, kernel_curve or curve),
         methods=rows,

@@ -283,15 +283,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = load_prompts(
         data, mtp.tokenizer, num_prompts=num_prompts, chat=not args.no_chat_template
     )
-    # The embedded default's original model ships too: it is the teacher and the baseline.
-    converted_default = str(args.model) in CONVERTED_NAMES
-    teacher_name = args.teacher or ("default-base" if converted_default else None)
-    baseline_name = args.baseline or ("default-base" if converted_default else None)
-    teacher = _load_teacher(teacher_name, device) if teacher_name else None
-    baseline = None
-    if baseline_name:
-        same = baseline_name == teacher_name and teacher is not None
-        baseline = teacher if same else _load_teacher(baseline_name, device)
+    teacher_name, teacher, baseline = _reference_models(args, device)
     report = run_benchmark(
         mtp,
         prompts,
@@ -315,6 +307,20 @@ def run(args: argparse.Namespace) -> int:
         plot_report(report, plot_path)
         print(f"plot: {plot_path}")
     return 0
+
+
+def _reference_models(args: argparse.Namespace, device: str) -> tuple[str | None, Any, Any]:
+    """``(teacher name, teacher, baseline)``; the embedded default's original model ships too,
+    so for ``--model default`` it is the teacher and the baseline unless others are given."""
+    converted_default = str(args.model) in CONVERTED_NAMES
+    teacher_name = args.teacher or ("default-base" if converted_default else None)
+    baseline_name = args.baseline or ("default-base" if converted_default else None)
+    teacher = _load_teacher(teacher_name, device) if teacher_name else None
+    baseline = None
+    if baseline_name:
+        same = baseline_name == teacher_name and teacher is not None
+        baseline = teacher if same else _load_teacher(baseline_name, device)
+    return teacher_name, teacher, baseline
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:

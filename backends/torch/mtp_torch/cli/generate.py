@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         choices=list(LINEAR_KERNELS),
-        default="stock",
-        help="Linear kernel: 'stock' (PyTorch's, transformers' exact numerics) or 'skinny' (the "
-        "weight-first CPU product for few-token passes; equal to rounding, faster on some CPUs)",
+        default="auto",
+        help="CPU Linear kernel: 'auto' (default: the fastest per pass width, measured once on "
+        "this machine and cached), 'native', 'skinny', or 'stock' (PyTorch's own products: "
+        "transformers' exact numerics; the others agree to rounding)",
     )
 
 
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_p, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
+    # The CPU kernels are for the CPU; elsewhere PyTorch's own products run.
+    kernel = args.kernel if str(device).startswith("cpu") else "stock"
     mtp = MTPModel.from_pretrained(
-        args.model, dtype=parse_dtype(args.dtype), device=device, linear_kernel=args.kernel
+        args.model, dtype=parse_dtype(args.dtype), device=device, linear_kernel=kernel
     )
     policy = parse_policy(args.policy, mtp.default_policy) if args.policy is not None else None
     tokenizer = mtp.tokenizer

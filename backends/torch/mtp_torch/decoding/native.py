@@ -8,7 +8,9 @@ torch version and the CPU's model and flags, so another CPU or torch gets its ow
 machine without a compiler (or ``ninja``) simply has no native kernel: ``load_native()`` returns
 ``None`` and says why once in the log; every caller then falls back to PyTorch's products.
 
-Set ``MTP_LM_NATIVE=0`` to never build or load it.
+Set ``MTP_LM_NATIVE=0`` to never build or load it, and ``MTP_LM_NATIVE_CFLAGS`` to add compiler
+flags (e.g. ``-mno-avx512f`` to build the AVX2 path on an AVX-512 machine, as docs/results.md
+does to measure an AVX2-only CPU); they are part of the build's name.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ import torch
 
 from mtp_torch._resources import cache_root
 
-__all__ = ["NATIVE_ENV", "cpu_description", "load_native", "native_unavailable_reason"]
+__all__ = ["CFLAGS_ENV", "NATIVE_ENV", "cpu_description", "load_native", "native_unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
 NATIVE_ENV = "MTP_LM_NATIVE"
 """Environment variable: ``0`` disables the compiled kernel (no build, no load)."""
+
+CFLAGS_ENV = "MTP_LM_NATIVE_CFLAGS"
+"""Environment variable: extra compiler flags of the build (space-separated)."""
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny.cpp"
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
@@ -56,10 +61,14 @@ def cpu_description() -> str:
     return f"{model} | {flags}"
 
 
+def _cflags() -> list[str]:
+    return [*_CFLAGS, *os.environ.get(CFLAGS_ENV, "").split()]
+
+
 def _build_name() -> str:
     digest = hashlib.sha256()
     digest.update(_SOURCE.read_bytes())
-    digest.update(" ".join(_CFLAGS).encode())
+    digest.update(" ".join(_cflags()).encode())
     digest.update(torch.__version__.encode())
     digest.update(cpu_description().encode())
     return f"mtp_lm_skinny_{digest.hexdigest()[:16]}"
@@ -75,7 +84,7 @@ def _build() -> Any:
     return load(
         name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=list(_CFLAGS),
+        extra_cflags=_cflags(),
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=False,

@@ -95,8 +95,9 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
       chat_template_args: extra keyword arguments of ``tokenizer.apply_chat_template`` (e.g.
         ``{"enable_thinking": False}``) when the harness runs with ``apply_chat_template``.
       seed: seed of the sampling draws of tasks that sample.
-      linear_kernel: ``"stock"`` or ``"skinny"`` (the weight-first CPU product for few-token
-        passes; see ``MTPModel``); ``None`` keeps a loaded model's, else ``"stock"``.
+      linear_kernel: ``"stock"``, ``"skinny"``, ``"native"`` or ``"auto"`` (see ``MTPModel``);
+        ``None`` keeps a loaded model's, else ``"stock"`` (evaluations default to exact
+        numerics).
       max_batch_size: accepted for the harness's interface and unused (no automatic batch size).
 
     Attributes:
