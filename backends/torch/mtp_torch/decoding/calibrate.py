@@ -46,6 +46,13 @@ MARGIN = 0.05
 """Another implementation replaces stock at a width only when at least this much faster."""
 
 _VERSION = 1
+_ISA_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MTP_LM_NATIVE_CFLAGS",
+    "MTP_LM_NATIVE",
+)
 
 
 @attrs.frozen
@@ -96,8 +103,11 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
 def _key(weights: Sequence[torch.Tensor]) -> str:
     shapes = sorted(tuple(w.shape) for w in weights)
     dtypes = sorted({str(w.dtype) for w in weights})
+    # What else decides which product is fastest: the ISA PyTorch, oneDNN, MKL and the native
+    # build are told to use (how docs/results.md measures an AVX2-only CPU on an AVX-512 one).
+    isa = [os.environ.get(name, "") for name in _ISA_ENV]
     text = json.dumps(
-        [cpu_description(), torch.__version__, torch.get_num_threads(), dtypes, shapes]
+        [cpu_description(), torch.__version__, torch.get_num_threads(), dtypes, shapes, isa]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
