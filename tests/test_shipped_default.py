@@ -30,7 +30,8 @@ def test_the_delta_ships_with_its_checksum_and_fits_the_size_limit() -> None:
     assert DELTA.stat().st_size <= 25 * 1024 * 1024
     tensors, metadata = load_delta(DELTA)
     assert int(metadata["k_max"]) >= 2 and 0 < float(metadata["threshold"]) <= 1
-    assert any(key.endswith(".up") for key in tensors)
+    # A merged LoRA delta (".up"/".down" factors) or a mask-gated one ("gate." adapters).
+    assert any(key.endswith(".up") or key.startswith("gate.") for key in tensors)
 
 
 def test_a_tampered_delta_is_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,5 +58,12 @@ def test_default_decodes_several_tokens_per_forward() -> None:
     ids = torch.tensor([encode_prompt(mtp.tokenizer, row["question"])])
     out = mtp.generate(ids, max_new_tokens=48)
     assert out.tokens_per_forward > 1.0
+    if mtp.gate is not None:  # a gated default: StaticK(1) and verify are the base model's own
+        from mtp_core import StaticK
+
+        base = MTPModel.from_pretrained("default-base")
+        greedy = base.generate(ids, policy=StaticK(1), max_new_tokens=48)
+        lossless = mtp.generate(ids, policy=StaticK(3), verify=True, max_new_tokens=48)
+        assert torch.equal(lossless.sequences, greedy.sequences)
     text = mtp.tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
     assert any(ch.isdigit() for ch in text), text
