@@ -153,9 +153,14 @@ class GatedLinear(nn.Module):
                 "mask-gated adapters need every adapted layer to see one row per input token "
                 "(mixture-of-experts layers are not supported)"
             )
-        picked = flat_x.index_select(0, index).to(self.lora_A.dtype)
-        update = (picked @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+        picked = flat_x.index_select(0, index)
         flat = base.reshape(-1, base.shape[-1])
+        if not torch.is_grad_enabled() and picked.dtype == self.lora_A.dtype == flat.dtype:
+            # Decoding: four ops, the update added in place into the fresh base output (each
+            # op is a dispatch on every adapted layer of every pass, so they are counted).
+            update = torch.mm(torch.mm(picked, self.lora_A.t()), self.lora_B.t())
+            return flat.index_add_(0, index, update, alpha=self.scale).reshape(base.shape)
+        update = (picked.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t() * self.scale
         return flat.index_add(0, index, update.to(flat.dtype)).reshape(base.shape)
 
 
