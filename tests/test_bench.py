@@ -864,3 +864,28 @@ def test_summary_credits_mtp_only_above_one_token_per_pass_and_says_within_noise
         meta={}, cost_curve=None, k_max_choice=[], methods=timed[:3], summary=alone
     )
     assert "none to credit" in format_markdown(report)
+
+
+def test_the_table_says_how_many_tokens_the_teacher_could_not_score() -> None:
+    from mtp_torch.bench.output import format_markdown
+    from mtp_torch.bench.report import BenchReport, summarize, with_speedups
+
+    def table(skipped: int) -> str:
+        rows = [
+            _timed_row("greedy", "greedy", [10.0], 1.0, teacher_nll_skipped_tokens=skipped),
+            _timed_row("static_1", "static", [9.0], 1.0, policy="StaticK(1)", k_max=1),
+        ]
+        timed = with_speedups(
+            rows, ["greedy"] * 2, "greedy", None, static_baselines=["static_1"] * 2
+        )
+        return format_markdown(
+            BenchReport(
+                meta={}, cost_curve=None, k_max_choice=[], methods=timed, summary=summarize(timed)
+            )
+        )
+
+    assert (
+        "Teacher NLL leaves out 7 generated tokens (greedy: 7): they are outside the teacher's "
+        "vocabulary"
+    ) in table(7)
+    assert "Teacher NLL leaves out" not in table(0)

@@ -59,3 +59,21 @@ def test_a_closed_pipe_is_one_line(model_dir: Path) -> None:
         "mtp generate: error: the output pipe was closed"
     ), done.stderr
     assert "Traceback" not in done.stderr
+
+
+_BINARY = b'{"question": "ok"}\n{"question": "\xff\xfe bad"}\n'
+
+
+@pytest.mark.parametrize(("command", "name"), [("bench", "p.jsonl"), ("convert", "c.txt")])
+def test_a_binary_data_file_names_the_file_and_the_byte(
+    model_dir: Path, tmp_path: Path, command: str, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / name
+    data.write_bytes(_BINARY)
+    argv = [command, "--model", str(model_dir), "--data", str(data)]
+    argv += ["--out", str(tmp_path / "out")] + (["--steps", "1"] if command == "convert" else [])
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    # The first bad byte is the 34th: the first line is 19 bytes, then 14 before it.
+    line = f"mtp {command}: error: {data} is not UTF-8 text: byte 33 (0xff) is invalid"
+    assert err.strip().splitlines()[-1].startswith(line) and err.count("error") == 1, err

@@ -266,3 +266,45 @@ def test_gated_conversion_learns_while_one_token_decoding_stays_the_teachers() -
     )
     assert torch.equal(verified.sequences, reference)
     assert verified.tokens_per_forward > 1.5
+
+
+def test_saving_never_unwraps_the_live_model_while_another_thread_decodes(tmp_path: Path) -> None:
+    """Saving reads the model only: a thread decoding the same gated model meanwhile always
+    gets its adapters' tokens, and the save still loads as the exact base model."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    base, gated, mask_token_id = gated_pair("llama")
+    mtp = MTPModel(gated, mask_token_id)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    policy = StaticK(3)
+    expected = mtp.generate(prompt, policy=policy, max_new_tokens=12).sequences
+    plain_tokens = MTPModel(copy.deepcopy(base), mask_token_id).generate(
+        prompt, policy=policy, max_new_tokens=12
+    )
+    assert not torch.equal(plain_tokens.sequences, expected)  # the adapters matter here
+    stop, errors = threading.Event(), []
+
+    def save_repeatedly() -> None:
+        try:
+            while not stop.is_set():
+                mtp.save_pretrained(tmp_path / "gated", overwrite=True)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    saver = threading.Thread(target=save_repeatedly)
+    saver.start()
+    try:
+        for _ in range(40):
+            assert torch.equal(
+                mtp.generate(prompt, policy=policy, max_new_tokens=12).sequences, expected
+            )
+    finally:
+        stop.set()
+        saver.join()
+    assert not errors
+    assert find_mask_gate(gated) is not None
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "gated")
+    for name, value in base.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value), name

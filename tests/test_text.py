@@ -39,3 +39,24 @@ def test_token_id_lists_refuse_strings_and_floats(bad: object) -> None:
 def test_token_ids_come_from_tensors_and_numpy_ints() -> None:
     assert as_token_ids(torch.tensor([[1], [2]])) == [1, 2]
     assert as_token_ids(None) == []
+
+
+def test_a_chat_template_that_never_ends_is_stopped_with_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from mtp_torch import text
+    from tests.synthetic import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    assert text.encode_prompt(tokenizer, "hi")  # a normal template renders
+    tokenizer.chat_template = (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+    )
+    monkeypatch.setattr(text, "CHAT_TEMPLATE_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"chat template took more than 0.5 s to render"):
+        text.encode_prompt(tokenizer, "hi")
+    assert time.monotonic() - start < 5

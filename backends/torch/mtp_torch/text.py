@@ -3,13 +3,94 @@ prompt encoding, stop-token resolution and cutting a continuation at its stop to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["as_token_ids", "chat_prompt", "cut_at_stop", "encode_prompt", "stop_token_ids"]
+__all__ = [
+    "CHAT_TEMPLATE_SECONDS",
+    "as_token_ids",
+    "chat_prompt",
+    "cut_at_stop",
+    "decode_utf8",
+    "encode_prompt",
+    "read_utf8",
+    "render_chat_template",
+    "stop_token_ids",
+]
+
+# The longest a chat template may take to render one conversation (real templates take
+# milliseconds); past it rendering stops with an error rather than running on.
+CHAT_TEMPLATE_SECONDS = 10.0
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike[str], offset: int = 0) -> str:
+    """``data`` (read from ``path`` at byte ``offset``) as text.
+
+    Raises:
+      ValueError: naming the file and the file offset of the first byte that is not UTF-8.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte {offset + error.start} "
+            f"(0x{data[error.start]:02x}) is invalid; is it a binary file? Give a UTF-8 "
+            ".jsonl or .txt file"
+        ) from None
+
+
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """The whole file as text (``decode_utf8``'s error for a file that is not UTF-8)."""
+    with open(path, "rb") as handle:
+        return decode_utf8(handle.read(), path)
+
+
+class _TemplateTimeout(Exception):
+    """Raised inside a chat template's rendering when it runs past its time."""
+
+
+def _deadline_tracer(deadline: float) -> Callable[[FrameType, str, Any], Any]:
+    """A trace function that stops the traced thread once ``time.monotonic()`` passes
+    ``deadline`` (checked at every call, line and loop turn of Python code)."""
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _TemplateTimeout
+        return trace
+
+    return trace
+
+
+def render_chat_template(tokenizer: Any, messages: Sequence[Any], **kwargs: Any) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)``, bounded in time.
+
+    A template is code from the model's files: one with huge nested loops would render for ever.
+    The render is traced in this thread only (a Jinja template compiles to Python, so every loop
+    turn is seen) and stopped after ``CHAT_TEMPLATE_SECONDS``.
+
+    Raises:
+      ValueError: if the template runs past its time.
+    """
+    limit = CHAT_TEMPLATE_SECONDS
+    previous = sys.gettrace()
+    sys.settrace(_deadline_tracer(time.monotonic() + limit))
+    try:
+        rendered = tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+    except _TemplateTimeout:
+        raise ValueError(
+            f"the chat template took more than {limit:g} s to render one conversation (a loop "
+            "that does not end?); fix the tokenizer's chat_template or run without the template"
+        ) from None
+    finally:
+        sys.settrace(previous)
+    return str(rendered)
 
 
 def as_token_ids(value: int | Sequence[int] | torch.Tensor | None) -> list[int]:
@@ -80,10 +161,8 @@ def chat_prompt(tokenizer: Any, text: str) -> str | None:
     or ``None`` when the tokenizer has no template."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    return str(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+    return render_chat_template(
+        tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True
     )
 
 

@@ -74,6 +74,22 @@ def _headline_text(line: Headline) -> str:
     return text
 
 
+def _skipped_note(rows: Sequence[MethodRow]) -> str | None:
+    """Says how many generated tokens the teacher NLL column leaves out, and why; ``None``
+    when it scored them all."""
+    counts = [(row.name, row.teacher_nll_skipped_tokens) for row in rows]
+    counts = [(name, count) for name, count in counts if count]
+    if not counts:
+        return None
+    total = sum(count for _, count in counts)
+    per_row = ", ".join(f"{name}: {count}" for name, count in counts)
+    return (
+        f"Teacher NLL leaves out {total} generated tokens ({per_row}): they are outside the "
+        "teacher's vocabulary (the teacher has another tokenizer), so that column scores the "
+        "rest only"
+    )
+
+
 def _summary_notes(report: BenchReport) -> list[str]:
     """The lines under the table: MTP's own gain, the kernel's, and the cost-aware ``k_max``."""
     summary, notes = report.summary, []
@@ -101,6 +117,9 @@ def _summary_notes(report: BenchReport) -> list[str]:
             f"Fastest configuration vs stock fp32 greedy: {fastest.name} "
             f"({fastest.precision}) at {_with_spread(fastest.value, fastest.spread)}x"
         )
+    skipped = _skipped_note(report.methods)
+    if skipped:
+        notes.append(skipped)
     for choice in report.k_max_choice:
         notes.append(f"Cost-aware k_max at threshold {choice.threshold:g}: {choice.chosen_k_max}")
     for label, curve in (("stock", report.cost_curve), ("kernel", report.kernel_cost_curve)):

@@ -55,6 +55,7 @@ __all__ = [
     "gate_state_dict",
     "load_gate_state",
     "plain_layers",
+    "plain_state_dict",
     "read_gate_file",
     "restore_mask_gate",
     "write_gate_file",
@@ -409,6 +410,25 @@ def restore_mask_gate(
         raise ValueError(f"the gate names a layer this model lacks ({error})") from error
     load_gate_state(model, tensors, source)
     return gate
+
+
+def plain_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """``model``'s tensors as without its gate: the base layers' under their original names, no
+    adapter or gate tensor.  The model is only read (other threads may be decoding with it)."""
+    gated = {name: f"{name}.base_layer." for name, _ in gated_layers(model)}
+    plain: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(f"{_GATE_MODULE}."):
+            continue
+        owner = key.rpartition(".")[0]
+        if owner in gated:  # an adapter's own tensor (lora_A, lora_B)
+            continue
+        for name, prefix in gated.items():
+            if key.startswith(prefix):
+                key = f"{name}.{key[len(prefix) :]}"
+                break
+        plain[key] = value
+    return plain
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from mtp_torch.decoding.gated import (
     find_mask_gate,
     gate_settings,
     load_saved_gate,
-    plain_layers,
+    plain_state_dict,
     write_gate_file,
 )
 from mtp_torch.decoding.generation import (
@@ -337,8 +337,10 @@ class MTPModel:
     def _write_files(self, staging: Path, settings: Mapping[str, Any]) -> None:
         """Config settings, weights (a gated model's base weights as loaded, its gate in its
         own file) and tokenizer, into ``staging``."""
-        with plain_layers(self.model):
-            self.model.save_pretrained(staging)
+        # The base weights under their original names, read without unwrapping the live
+        # model's gated layers (another thread may be decoding with them meanwhile).
+        state = plain_state_dict(self.model) if self.gate is not None else None
+        self.model.save_pretrained(staging, state_dict=state)
         # The settings go into the staged file, never onto the live config (which other
         # threads read and save concurrently).
         write_config_settings(staging, settings)

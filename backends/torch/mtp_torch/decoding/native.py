@@ -27,7 +27,13 @@ import torch
 
 from mtp_torch._resources import cache_root
 
-__all__ = ["CFLAGS_ENV", "NATIVE_ENV", "cpu_description", "load_native", "native_unavailable_reason"]
+__all__ = [
+    "CFLAGS_ENV",
+    "NATIVE_ENV",
+    "cpu_description",
+    "load_native",
+    "native_unavailable_reason",
+]
 
 logger = logging.getLogger(__name__)
 

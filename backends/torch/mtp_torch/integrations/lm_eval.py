@@ -47,7 +47,7 @@ from mtp_torch.cli.options import parse_policy
 from mtp_torch.decoding.kernels import check_linear_kernel
 from mtp_torch.decoding.model import MTPModel
 from mtp_torch.integrations.stopping import DecodeSettings, GenerationStats, decode_until
-from mtp_torch.text import stop_token_ids
+from mtp_torch.text import render_chat_template, stop_token_ids
 
 __all__ = ["DEFAULT_MAX_LENGTH", "MTPEvalLM", "main"]
 
@@ -269,14 +269,12 @@ class MTPEvalLM(TemplateLM):  # type: ignore[misc]  # the harness is untyped
         Returns:
           The prompt text.
         """
-        return str(
-            self.tokenizer.apply_chat_template(
-                chat_history,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=not add_generation_prompt,
-                **self.chat_template_args,
-            )
+        return render_chat_template(
+            self.tokenizer,
+            chat_history,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+            **self.chat_template_args,
         )
 
     # ------------------------------------------------------------------------------------------

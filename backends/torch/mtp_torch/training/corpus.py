@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 import torch
 
-from mtp_torch.text import chat_prompt
+from mtp_torch.text import chat_prompt, render_chat_template
 from mtp_torch.training.data import has_chat_template, read_jsonl
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ def user_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
             "Magpie-style prompts need a chat template; pass seed prompts (a file) or a corpus "
             "with --data for a model without one"
         )
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=False
+    rendered = render_chat_template(
+        tokenizer, [{"role": "user", "content": _SENTINEL}], add_generation_prompt=False
     )
     prefix = str(rendered).split(_SENTINEL)[0]
     bos = getattr(tokenizer, "bos_token", None)

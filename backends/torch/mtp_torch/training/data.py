@@ -22,6 +22,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
+from mtp_torch.text import decode_utf8, read_utf8
 from mtp_torch.training.sources import tokenize_rows
 
 if TYPE_CHECKING:
@@ -51,10 +52,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
       1-based line numbers and the decoded JSON objects.
 
     Raises:
-      ValueError: if a line is not valid JSON or not a JSON object.
+      ValueError: if a line is not valid JSON or not a JSON object, or the file is not UTF-8
+        (naming the byte).
     """
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line, offset = decode_utf8(raw, path, offset), offset + len(raw)
             if not line.strip():
                 continue
             try:
@@ -196,7 +200,7 @@ def load_examples(
     if not source.is_file():
         raise ValueError(f"corpus file {source} does not exist; pass a .jsonl or .txt file")
     if source.suffix not in (".jsonl", ".json"):
-        text = source.read_text(encoding="utf-8")
+        text = read_utf8(source)
         if not text.strip():
             raise ValueError(f"corpus {source} is empty: it holds no text to train on")
         return [Example(encode_row({"text": text}, tokenizer))]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from mtp_torch.text import render_chat_template
+
 __all__ = ["RowText", "load_dataset_examples", "parse_field_mapping", "row_text"]
 
 # Corpus row fields a dataset column can be mapped to.
@@ -77,12 +79,12 @@ def row_text(row: Mapping[str, Any], tokenizer: Any) -> RowText:
                 "for a model without one"
             )
         chat = [dict(m) for m in messages]
-        return str(tokenizer.apply_chat_template(chat, tokenize=False)), False
+        return render_chat_template(tokenizer, chat), False
     if "question" in row and "answer" in row:
         question, answer = str(row["question"]), str(row["answer"])
         if has_template:
             chat = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            return str(tokenizer.apply_chat_template(chat, tokenize=False)), False
+            return render_chat_template(tokenizer, chat), False
         return f"Question: {question}\nAnswer: {answer}", True
     if "text" in row:
         return str(row["text"]), True

@@ -87,18 +87,21 @@ def gated_delta(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
     Returns:
       CPU tensors for ``save_delta`` (the gate's settings go in its metadata as ``gate``).
     """
-    from mtp_torch.decoding.gated import gate_state_dict, plain_layers
+    from mtp_torch.decoding.gated import gate_state_dict
 
     tensors = {f"gate.{key}": value.float() for key, value in gate_state_dict(model).items()}
-    with plain_layers(model):
-        tensors.update(_mask_rows(model, mask_token_id))
+    tensors.update(_mask_rows(model, mask_token_id))  # reads the model, never unwraps it
     return tensors
 
 
 def _mask_rows(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
     inputs = model.get_input_embeddings().weight
     rows = {_MASK_ROW: inputs[mask_token_id].detach().float().cpu().clone()}
+    from mtp_torch.decoding.gated import GatedLinear
+
     output = model.get_output_embeddings()
+    if isinstance(output, GatedLinear):
+        output = output.base_layer
     if output is not None and output.weight is not inputs:
         rows[_MASK_OUT_ROW] = output.weight[mask_token_id].detach().float().cpu().clone()
     return rows
