@@ -129,9 +129,7 @@ def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_layers_import_only_layers_below() -> None:
     upward = _upward_imports(_import_graph(PACKAGE))
-    assert not upward, "move the shared code down to a layer both can import: " + "; ".join(
-        upward
-    )
+    assert not upward, "move the shared code down to a layer both can import: " + "; ".join(upward)
 
 
 def test_the_layer_check_can_fail() -> None:
@@ -180,3 +178,17 @@ def test_import_mtp_torch_loads_no_benchmark_resource_or_matplotlib() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_decoding_reaches_the_default_model_through_the_loader_weights_registers() -> None:
+    # decoding never imports weights; importing any mtp_torch module runs mtp_torch/__init__,
+    # which imports weights/default.py, which registers the loader from_pretrained asks.
+    code = (
+        "from mtp_torch.decoding.named import _LOADERS, load_named; "
+        "from mtp_torch.weights.default import load_named as weights_loader; "
+        "print(_LOADERS == [weights_loader], load_named('not-a-default-name'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True None", result.stdout
