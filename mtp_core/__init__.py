@@ -7,6 +7,7 @@ numpy (and the array API for the losses).  No deep-learning framework is importe
 Method: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019.
 """
 
+from mtp_core._src.backend import MASK_TOKEN_CONFIG_KEY as MASK_TOKEN_CONFIG_KEY
 from mtp_core._src.backend import Backend as Backend
 from mtp_core._src.backend import Sampling as Sampling
 from mtp_core._src.backend import StepInputs as StepInputs
@@ -43,6 +44,7 @@ from mtp_core._src.sampling import filtered_probabilities as filtered_probabilit
 __version__ = "0.1.0"
 
 __all__ = [
+    "MASK_TOKEN_CONFIG_KEY",
     "LOSS_KINDS",
     "AcceptancePolicy",
     "Backend",

@@ -1,5 +1,9 @@
-"""The shape of mtp_torch, kept by tests: no import cycle between its modules, no
-function over 90 lines, no module over 600 lines, and a light ``import mtp_torch``."""
+"""The shape of the packages, kept by tests.
+
+For every package (mtp_core, mtp_numpy, mtp_torch): no import cycle between its modules (lazy
+imports counted), no function over 90 lines, no module over 600 lines.  For mtp_torch: its
+layers import only layers below them (``LAYERS``), and ``import mtp_torch`` stays light.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,29 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "backends" / "torch" / "mtp_torch"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "backends" / "torch" / "mtp_torch"
+PACKAGES = (ROOT / "mtp_core", ROOT / "backends" / "numpy" / "mtp_numpy", PACKAGE)
 MAX_FUNCTION_LINES = 90
 MAX_MODULE_LINES = 600
 
+# mtp_torch's layers, bottom first.  A module may import its own layer's modules and those of
+# any layer below; layers that share a tier (``training`` and ``bench``) import neither each
+# other.  The package's ``__init__`` (the public names) is above them all.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_resources", "dtypes", "jsonl", "text"),
+    ("decoding",),
+    ("weights",),
+    ("training", "bench"),
+    ("integrations",),
+    ("cli",),
+)
 
-def _modules() -> dict[str, Path]:
+
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         found[".".join(parts)] = path
@@ -64,8 +82,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycle_between_modules() -> None:
-    modules = _modules()
+def _import_graph(package: Path) -> dict[str, set[str]]:
+    modules = _modules(package)
     known = set(modules)
     # A package's __init__ re-exporting its children is not a cycle: the children never need
     # their package's __init__ to run first for anything but the package object itself.
@@ -73,15 +91,63 @@ def test_no_import_cycle_between_modules() -> None:
         name: {t for t in _imported(name, path, known) if not name.startswith(t + ".")}
         for name, path in modules.items()
     }
-    graph = {
+    return {
         name: {t for t in targets if not (modules[t].name == "__init__.py" and t in name)}
         for name, targets in graph.items()
     }
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.name)
+def test_no_import_cycle_between_modules(package: Path) -> None:
+    graph = _import_graph(package)
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 
+def _tier(module: str) -> tuple[int, str] | None:
+    """``(tier, layer)`` of an mtp_torch module; ``None`` for the package's own ``__init__``."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    for tier, layers in enumerate(LAYERS):
+        if parts[1] in layers:
+            return tier, parts[1]
+    raise AssertionError(f"{module} is in no layer: add {parts[1]!r} to LAYERS")
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, targets in sorted(graph.items()):
+        source = _tier(name)
+        for target in sorted(targets):
+            dest = _tier(target)
+            if source is None or dest is None or source[1] == dest[1]:
+                continue
+            if dest[0] >= source[0]:
+                found.append(f"{name} imports {target}")
+    return found
+
+
+def test_layers_import_only_layers_below() -> None:
+    upward = _upward_imports(_import_graph(PACKAGE))
+    assert not upward, "move the shared code down to a layer both can import: " + "; ".join(upward)
+
+
+def test_the_layer_check_can_fail() -> None:
+    graph = {
+        "mtp_torch.decoding.model": {"mtp_torch.weights.default", "mtp_torch.text"},
+        "mtp_torch.bench.prompts": {"mtp_torch.training.data"},
+        "mtp_torch.cli.app": {"mtp_torch.bench.runner", "mtp_torch.cli.options"},
+    }
+    assert _upward_imports(graph) == [
+        "mtp_torch.bench.prompts imports mtp_torch.training.data",
+        "mtp_torch.decoding.model imports mtp_torch.weights.default",
+    ]
+
+
 @pytest.mark.parametrize(
-    "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
+    "path",
+    sorted(path for package in PACKAGES for path in package.rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_functions_and_modules_stay_small(path: Path) -> None:
     source = path.read_text()
@@ -112,3 +178,17 @@ def test_import_mtp_torch_loads_no_benchmark_resource_or_matplotlib() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_decoding_reaches_the_default_model_through_the_loader_weights_registers() -> None:
+    # decoding never imports weights; importing any mtp_torch module runs mtp_torch/__init__,
+    # which imports weights/default.py, which registers the loader from_pretrained asks.
+    code = (
+        "from mtp_torch.decoding.named import _LOADERS, load_named; "
+        "from mtp_torch.weights.default import load_named as weights_loader; "
+        "print(_LOADERS == [weights_loader], load_named('not-a-default-name'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True None", result.stdout

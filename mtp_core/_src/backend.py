@@ -20,7 +20,11 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Backend", "Sampling", "StepInputs", "StepOutputs"]
+__all__ = ["MASK_TOKEN_CONFIG_KEY", "Backend", "Sampling", "StepInputs", "StepOutputs"]
+
+#: Key under which a converted checkpoint's ``config.json`` stores the ``<mtp_mask>`` token id;
+#: every backend that loads a checkpoint reads the mask id from it.
+MASK_TOKEN_CONFIG_KEY = "mtp_mask_token_id"
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]

@@ -28,7 +28,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mtp_core._src.backend import GREEDY, Backend, Sampling, StepInputs
+from mtp_core._src.backend import GREEDY, Backend, Sampling, StepInputs, StepOutputs
 from mtp_core._src.policies import AcceptancePolicy
 
 __all__ = ["DecodeResult", "StopCriterion", "decode", "plan_step"]
@@ -137,12 +137,26 @@ class _Row:
     stopped: bool = False
 
 
+@attrs.frozen
+class _Rules:
+    """What decides a row's tokens, fixed for one ``decode`` call."""
+
+    policy: AcceptancePolicy
+    k: int
+    verify: bool
+    stop: frozenset[int]
+    max_new_tokens: int
+    stop_criterion: StopCriterion | None
+
+
 def _validate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     max_length: int | None,
     mask_token_id: int,
     vocab_size: int | None,
+    verify: bool,
+    sampling: Sampling,
 ) -> None:
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one prompt of token ids")
@@ -166,6 +180,11 @@ def _validate(
         raise ValueError(
             f"mask_token_id={mask_token_id} is outside the vocabulary [0, {vocab_size}); "
             "convert the model first (MTPModel adds a mask token) or pass the right id"
+        )
+    if verify and not sampling.greedy:
+        raise ValueError(
+            "verify=True checks proposals against greedy decoding; use temperature 0 with it, "
+            "or verify=False to sample"
         )
 
 
@@ -216,14 +235,11 @@ def decode(
       ValueError: on empty prompts, a negative budget, a prompt that cannot fit the context,
         a mask id outside the vocabulary, or ``verify`` with sampling.
     """
-    _validate(prompts, max_new_tokens, max_length, mask_token_id, vocab_size)
-    if verify and not sampling.greedy:
-        raise ValueError(
-            "verify=True checks proposals against greedy decoding; use temperature 0 with it, "
-            "or verify=False to sample"
-        )
-    stop = frozenset(int(token) for token in stop_token_ids)
+    _validate(prompts, max_new_tokens, max_length, mask_token_id, vocab_size, verify, sampling)
     k = int(policy.num_positions)
+    rules = _Rules(
+        policy, k, verify, frozenset(int(t) for t in stop_token_ids), max_new_tokens, stop_criterion
+    )
     rng = np.random.default_rng(seed)
     rows = [
         _Row(index=i, next_position=0, pending=[int(t) for t in prompt])
@@ -237,102 +253,23 @@ def decode(
 
     while active:
         # 1. Plan: pending + drafts + masks per row, clipped so no row writes past its budget.
-        blocks: list[list[int]] = []
-        read_starts: list[int] = []
-        read_counts: list[int] = []
-        mask_counts: list[int] = []
-        for row in active:
-            remaining = max_new_tokens - len(row.generated)
-            drafts = row.drafts[: max(remaining - 1, 0)]
-            row.drafts = drafts
-            num_masks = max(min(k - 1, remaining - 1 - len(drafts)), 0)
-            blocks.append(row.pending + drafts + [mask_token_id] * num_masks)
-            read_starts.append(len(row.pending) - 1)
-            read_counts.append(1 + len(drafts) + num_masks)
-            mask_counts.append(num_masks)
-        inputs = plan_step(
-            blocks,
-            read_starts,
-            read_counts,
-            [row.next_position for row in active],
-            visible,
-            pad_token_id,
+        inputs, read_counts, mask_counts = _plan(
+            active, k, mask_token_id, max_new_tokens, visible, pad_token_id
         )
-        past = visible.shape[1]
 
         # 2. One forward pass for the whole batch.
         step_seed = int(rng.integers(0, 2**31 - 1))
         outputs, cache = backend.forward(cache, inputs, sampling, step_seed)
         num_passes += 1
 
-        # 3. Accept per row.
-        valid_new = np.zeros(len(active), dtype=np.int64)
-        for slot, row in enumerate(active):
-            row.passes += 1
-            count = read_counts[slot]
-            tokens = outputs.tokens[slot, :count]
-            confidences = outputs.confidences[slot, :count]
-            num_drafts = len(row.drafts)
-            if verify:
-                greedy = tokens[: num_drafts + 1]
-                matches = np.asarray(row.drafts, dtype=np.int64) == greedy[:num_drafts]
-                matched = int(np.cumprod(matches).sum()) if num_drafts else 0
-                emitted = [*row.drafts[:matched], int(greedy[matched])]
-                kept_slots = len(row.pending) + matched
-                next_drafts: list[int] = []
-                if matched == num_drafts and mask_counts[slot] > 0:
-                    proposal_conf = confidences[num_drafts:][None, :]
-                    proposal_conf = _pad_to(proposal_conf, k)
-                    keep = int(policy.accept(proposal_conf)[0])
-                    keep = min(keep, 1 + mask_counts[slot])
-                    next_drafts = [int(t) for t in tokens[num_drafts + 1 : num_drafts + keep]]
-            else:
-                keep = int(policy.accept(_pad_to(confidences[None, :], k))[0])
-                keep = min(keep, count)
-                emitted = [int(t) for t in tokens[:keep]]
-                kept_slots = len(row.pending)
-                next_drafts = []
-            emitted, stopped = _truncate(emitted, stop, max_new_tokens - len(row.generated))
-            if stop_criterion is not None:
-                emitted, stopped = _cut_at_criterion(
-                    stop_criterion, row.index, row.generated, emitted, stopped
-                )
-            histogram[min(len(emitted), k)] += 1
-            row.generated.extend(emitted)
-            row.next_position += kept_slots
-            valid_new[slot] = kept_slots
-            row.stopped = stopped
-            if on_chunk is not None and emitted:
-                on_chunk(row.index, np.asarray(emitted, dtype=np.int64))
-            if verify:
-                row.pending = emitted[-1:]
-                row.drafts = next_drafts
-            else:
-                row.pending = emitted
-                row.drafts = []
+        # 3. Accept per row: emit tokens, cut at stops and budget, keep the valid new slots.
+        valid_new = _accept(active, outputs, read_counts, mask_counts, rules, histogram, on_chunk)
 
         # 4. Drop the masks' keys/values: keep slots up to the furthest valid one, holes elsewhere.
-        new_length = past + int(valid_new.max())
-        cache = backend.crop(cache, new_length)
-        new_visible = np.arange(new_length - past)[None, :] < valid_new[:, None]
-        visible = np.concatenate([visible, new_visible], axis=1)
+        cache, visible = _crop(backend, cache, visible, valid_new)
 
         # 5. Retire finished rows, compact the cache when holes pile up.
-        still = [
-            slot
-            for slot, row in enumerate(active)
-            if not row.stopped and len(row.generated) < max_new_tokens
-        ]
-        holes = new_length - int(visible.sum(axis=1).min()) if still else 0
-        if still and holes > max(_COMPACT_MIN_HOLES, new_length // 4):
-            keep_rows = np.asarray(still, dtype=np.int64)
-            slots, visible = _compaction(visible[keep_rows])
-            cache = backend.reindex(cache, keep_rows, slots)
-        elif len(still) < len(active) and still:
-            keep_rows = np.asarray(still, dtype=np.int64)
-            cache = backend.reindex(cache, keep_rows, None)
-            visible = visible[keep_rows]
-        active = [active[slot] for slot in still]
+        active, cache, visible = _retire(backend, cache, visible, active, max_new_tokens)
 
     return DecodeResult(
         tokens=[np.asarray(row.generated, dtype=np.int64) for row in rows],
@@ -341,6 +278,158 @@ def decode(
         accepted_histogram=histogram,
         finished_by_stop=np.asarray([row.stopped for row in rows], dtype=np.bool_),
     )
+
+
+def _plan(
+    active: list[_Row],
+    k: int,
+    mask_token_id: int,
+    max_new_tokens: int,
+    visible: BoolArray,
+    pad_token_id: int,
+) -> tuple[StepInputs, list[int], list[int]]:
+    """Each row's block (pending + drafts + masks), clipped to its remaining budget, laid out.
+
+    Returns ``(inputs, read_counts, mask_counts)``: the step's ``plan_step`` layout, and per row
+    how many positions it reads and how many masks it fed.  A row's drafts are cut to its
+    budget in place.
+    """
+    blocks: list[list[int]] = []
+    read_starts: list[int] = []
+    read_counts: list[int] = []
+    mask_counts: list[int] = []
+    for row in active:
+        remaining = max_new_tokens - len(row.generated)
+        drafts = row.drafts[: max(remaining - 1, 0)]
+        row.drafts = drafts
+        num_masks = max(min(k - 1, remaining - 1 - len(drafts)), 0)
+        blocks.append(row.pending + drafts + [mask_token_id] * num_masks)
+        read_starts.append(len(row.pending) - 1)
+        read_counts.append(1 + len(drafts) + num_masks)
+        mask_counts.append(num_masks)
+    next_positions = [row.next_position for row in active]
+    inputs = plan_step(blocks, read_starts, read_counts, next_positions, visible, pad_token_id)
+    return inputs, read_counts, mask_counts
+
+
+def _crop(
+    backend: Backend[Any], cache: Any, visible: BoolArray, valid_new: IntArray
+) -> tuple[Any, BoolArray]:
+    """Crop the cache after the furthest slot any row keeps; the others' extra slots are holes."""
+    past = visible.shape[1]
+    new_length = past + int(valid_new.max())
+    cache = backend.crop(cache, new_length)
+    new_visible = np.arange(new_length - past)[None, :] < valid_new[:, None]
+    return cache, np.concatenate([visible, new_visible], axis=1)
+
+
+def _choose(
+    row: _Row,
+    tokens: IntArray,
+    confidences: npt.NDArray[np.float64],
+    num_masks: int,
+    rules: _Rules,
+) -> tuple[list[int], int, list[int]]:
+    """One row's accepted tokens, before stops and budget.
+
+    Args:
+      row: the row, with the drafts it fed this step.
+      tokens: the token read at each of its read positions (last pending, drafts, masks).
+      confidences: their top-1 probabilities.
+      num_masks: how many mask positions it fed.
+      rules: the policy, its width ``k`` and whether drafts are verified.
+
+    Returns:
+      ``(emitted, kept_slots, next_drafts)``: the tokens emitted, how many of this step's new
+      cache slots stay valid, and the drafts to verify next step.
+    """
+    policy, k = rules.policy, rules.k
+    if not rules.verify:
+        keep = int(policy.accept(_pad_to(confidences[None, :], k))[0])
+        keep = min(keep, len(tokens))
+        return [int(t) for t in tokens[:keep]], len(row.pending), []
+    num_drafts = len(row.drafts)
+    greedy = tokens[: num_drafts + 1]
+    matches = np.asarray(row.drafts, dtype=np.int64) == greedy[:num_drafts]
+    matched = int(np.cumprod(matches).sum()) if num_drafts else 0
+    emitted = [*row.drafts[:matched], int(greedy[matched])]
+    next_drafts: list[int] = []
+    if matched == num_drafts and num_masks > 0:
+        proposal_conf = _pad_to(confidences[num_drafts:][None, :], k)
+        keep = min(int(policy.accept(proposal_conf)[0]), 1 + num_masks)
+        next_drafts = [int(t) for t in tokens[num_drafts + 1 : num_drafts + keep]]
+    return emitted, len(row.pending) + matched, next_drafts
+
+
+def _accept(
+    active: list[_Row],
+    outputs: StepOutputs,
+    read_counts: list[int],
+    mask_counts: list[int],
+    rules: _Rules,
+    histogram: IntArray,
+    on_chunk: ChunkCallback | None,
+) -> IntArray:
+    """Accept, emit and advance every row; per row, how many new cache slots stay valid."""
+    valid_new = np.zeros(len(active), dtype=np.int64)
+    for slot, row in enumerate(active):
+        count = read_counts[slot]
+        tokens, confidences = outputs.tokens[slot, :count], outputs.confidences[slot, :count]
+        chosen = _choose(row, tokens, confidences, mask_counts[slot], rules)
+        emitted = _emit(row, chosen, rules)
+        histogram[min(len(emitted), rules.k)] += 1
+        valid_new[slot] = chosen[1]
+        if on_chunk is not None and emitted:
+            on_chunk(row.index, np.asarray(emitted, dtype=np.int64))
+    return valid_new
+
+
+def _emit(row: _Row, chosen: tuple[list[int], int, list[int]], rules: _Rules) -> list[int]:
+    """Cut ``_choose``'s tokens at stops and the budget and advance the row; the tokens emitted."""
+    emitted, kept_slots, next_drafts = chosen
+    budget = rules.max_new_tokens - len(row.generated)
+    emitted, stopped = _truncate(emitted, rules.stop, budget)
+    if rules.stop_criterion is not None:
+        emitted, stopped = _cut_at_criterion(
+            rules.stop_criterion, row.index, row.generated, emitted, stopped
+        )
+    row.passes += 1
+    row.generated.extend(emitted)
+    row.next_position += kept_slots
+    row.stopped = stopped
+    row.pending = emitted[-1:] if rules.verify else emitted
+    row.drafts = next_drafts
+    return emitted
+
+
+def _retire(
+    backend: Backend[Any],
+    cache: Any,
+    visible: BoolArray,
+    active: list[_Row],
+    max_new_tokens: int,
+) -> tuple[list[_Row], Any, BoolArray]:
+    """Drop finished rows from the batch; compact the cache when holes pile up.
+
+    Returns:
+      ``(active, cache, visible)`` for the rows still decoding.
+    """
+    new_length = visible.shape[1]
+    still = [
+        slot
+        for slot, row in enumerate(active)
+        if not row.stopped and len(row.generated) < max_new_tokens
+    ]
+    holes = new_length - int(visible.sum(axis=1).min()) if still else 0
+    if still and holes > max(_COMPACT_MIN_HOLES, new_length // 4):
+        keep_rows = np.asarray(still, dtype=np.int64)
+        slots, visible = _compaction(visible[keep_rows])
+        cache = backend.reindex(cache, keep_rows, slots)
+    elif len(still) < len(active) and still:
+        keep_rows = np.asarray(still, dtype=np.int64)
+        cache = backend.reindex(cache, keep_rows, None)
+        visible = visible[keep_rows]
+    return [active[slot] for slot in still], cache, visible
 
 
 def _pad_to(confidences: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.float64]:

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mtp_core import (
+    MASK_TOKEN_CONFIG_KEY,
     AcceptancePolicy,
     Backend,
     DecodeResult,
@@ -32,8 +33,6 @@ from mtp_numpy._safetensors import load_checkpoint_tensors
 
 __all__ = ["MASK_TOKEN_CONFIG_KEY", "NumpyBackend", "generate", "sample_tokens"]
 
-#: Key under which a converted checkpoint's ``config.json`` stores the ``<mtp_mask>`` token id.
-MASK_TOKEN_CONFIG_KEY = "mtp_mask_token_id"
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -23,7 +23,7 @@ import inspect
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from mtp_core import ConfAdapt, StaticK
+from mtp_torch.jsonl import float_tuple as float_tuple
+from mtp_torch.jsonl import int_tuple as int_tuple
 
 if TYPE_CHECKING:
     import torch
@@ -70,16 +72,6 @@ _DEFAULT_PROBE_TEXTS: tuple[str, ...] = (
     "A train travels 60 miles per hour for 3 hours. How far does it travel? Explain step by step.",
     "List three tips for writing clear Python code.",
 )
-
-
-def int_tuple(values: Iterable[Any]) -> tuple[int, ...]:
-    """``values`` as a tuple of ints (an attrs converter)."""
-    return tuple(int(value) for value in values)
-
-
-def float_tuple(values: Iterable[Any]) -> tuple[float, ...]:
-    """``values`` as a tuple of floats (an attrs converter)."""
-    return tuple(float(value) for value in values)
 
 
 @attrs.frozen

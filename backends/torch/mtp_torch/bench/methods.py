@@ -38,8 +38,8 @@ from mtp_torch.bench.config import (
     SWEEP_THRESHOLDS,
     SWEEP_VERIFY,
 )
-from mtp_torch.bench.cost import int_tuple
 from mtp_torch.decoding.plan import KernelPlan
+from mtp_torch.jsonl import int_tuple
 
 __all__ = [
     "AutoKDecoding",

@@ -77,7 +77,7 @@ def load_prompts(
       ValueError: for a line that is not a JSON object or has none of the three fields, or a
         file with no prompt.
     """
-    from mtp_torch.training.data import read_jsonl
+    from mtp_torch.jsonl import read_jsonl
 
     if num_prompts is not None and int(num_prompts) < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")

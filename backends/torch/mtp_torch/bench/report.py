@@ -16,7 +16,8 @@ from typing import Any
 
 import attrs
 
-from mtp_torch.bench.cost import CostCurve, float_tuple, int_tuple, speedup_ceiling
+from mtp_torch.bench.cost import CostCurve, speedup_ceiling
+from mtp_torch.jsonl import float_tuple, int_tuple
 
 __all__ = [
     "BenchReport",

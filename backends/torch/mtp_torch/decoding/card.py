@@ -15,6 +15,9 @@ from typing import Any
 
 import attrs
 
+from mtp_torch._resources import cache_root
+from mtp_torch.decoding.named import DEFAULT_MODEL_NAME, HF_MODEL_ID
+
 __all__ = ["CardFacts", "base_model_name", "check_training_summary", "model_card"]
 
 PAPER = 'Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019'
@@ -88,8 +91,6 @@ def base_model_name(config: Any, recorded: str | None = None) -> str | None:
     name = str(getattr(config, "_name_or_path", "") or "")
     if not name:
         return None
-    from mtp_torch.weights.default import DEFAULT_MODEL_NAME, HF_MODEL_ID, cache_root
-
     path = Path(name).expanduser()
     if path == cache_root() / DEFAULT_MODEL_NAME:
         return HF_MODEL_ID

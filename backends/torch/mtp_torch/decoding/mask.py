@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mtp_core import MASK_TOKEN_CONFIG_KEY as MASK_TOKEN_CONFIG_KEY
+
 __all__ = [
     "K_MAX_CONFIG_KEY",
     "MASK_TOKEN",
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 MASK_TOKEN = "<mtp_mask>"
 # The MTP settings a converted checkpoint stores in its config.json.
-MASK_TOKEN_CONFIG_KEY = "mtp_mask_token_id"
 K_MAX_CONFIG_KEY = "mtp_k_max"
 THRESHOLD_CONFIG_KEY = "mtp_threshold"
 

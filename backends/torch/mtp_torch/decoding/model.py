@@ -208,7 +208,7 @@ class MTPModel:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mtp_torch.weights.default import load_named
+        from mtp_torch.decoding.named import load_named
 
         source = str(path_or_name)
         wanted = parse_dtype(dtype)

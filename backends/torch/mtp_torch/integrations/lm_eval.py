@@ -43,9 +43,9 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from mtp_core import AcceptancePolicy
-from mtp_torch.cli.options import parse_policy
 from mtp_torch.decoding.kernels import check_linear_kernel
 from mtp_torch.decoding.model import MTPModel
+from mtp_torch.decoding.policies import parse_policy
 from mtp_torch.integrations.stopping import DecodeSettings, GenerationStats, decode_until
 from mtp_torch.text import render_chat_template, stop_token_ids
 

@@ -233,6 +233,11 @@ class DistillConfig:
     attention: AttentionChoice = attrs.field(default="auto")
     progress: bool = attrs.field(default=True)
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training builds and runs a teacher: every loss but ground truth (``"gt"``)."""
+        return self.loss != "gt"
+
     @device.validator
     def _check_device(self, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is None:

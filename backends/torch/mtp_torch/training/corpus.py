@@ -24,8 +24,9 @@ import attrs
 import numpy as np
 import torch
 
+from mtp_torch.jsonl import read_jsonl
 from mtp_torch.text import chat_prompt, render_chat_template
-from mtp_torch.training.data import has_chat_template, read_jsonl
+from mtp_torch.training.data import has_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

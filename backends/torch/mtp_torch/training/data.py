@@ -12,9 +12,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,9 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from mtp_torch.text import decode_utf8, read_utf8
+from mtp_torch.jsonl import float_tuple, int_tuple
+from mtp_torch.jsonl import read_jsonl as read_jsonl
+from mtp_torch.text import read_utf8
 from mtp_torch.training.sources import tokenize_rows
 
 if TYPE_CHECKING:
@@ -40,36 +41,6 @@ __all__ = [
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, row)`` for each non-blank line of a JSON-lines file.
-
-    Args:
-      path: the file.
-
-    Yields:
-      1-based line numbers and the decoded JSON objects.
-
-    Raises:
-      ValueError: if a line is not valid JSON or not a JSON object, or the file is not UTF-8
-        (naming the byte).
-    """
-    offset = 0
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line, offset = decode_utf8(raw, path, offset), offset + len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number} is not valid JSON ({error}); fix or drop that line"
-                ) from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} must be a JSON object, got {type(row).__name__}")
-            yield number, row
 
 
 def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -128,12 +99,8 @@ def _token_ids(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _int_tuple(values: Iterable[int]) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)
-
-
 def _float_tuple(values: Iterable[float] | None) -> tuple[float, ...] | None:
-    return None if values is None else tuple(float(v) for v in values)
+    return None if values is None else float_tuple(values)
 
 
 @attrs.frozen
@@ -150,7 +117,7 @@ class Example:
         (``len(ids) - context_len`` values), or ``None`` when unknown.
     """
 
-    ids: tuple[int, ...] = attrs.field(converter=_int_tuple)
+    ids: tuple[int, ...] = attrs.field(converter=int_tuple)
     context_len: int = attrs.field(default=0)
     confidence: tuple[float, ...] | None = attrs.field(default=None, converter=_float_tuple)
 

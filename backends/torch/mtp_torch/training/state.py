@@ -157,7 +157,7 @@ def init_train_state(
     # 2. Teacher: a frozen copy of the model as passed (none for "gt"; with LoRA the student
     #    with its adapters disabled, below).  Sharded models move to the device with FSDP.
     teacher = None
-    if cfg.loss != "gt" and cfg.lora_rank == 0:
+    if cfg.needs_teacher and cfg.lora_rank == 0:
         teacher = _frozen_copy(model, None if sharded else device)
     # 3. Student: the model itself, with a mask token (and LoRA adapters).
     drop_gradients(model)  # stale gradients would not match a resized vocabulary
@@ -169,11 +169,11 @@ def init_train_state(
         # Mask-gated adapters: the teacher is the student itself (its forced input holds no
         # mask token, so no adapter acts and it computes exactly the base model).
         main, embeddings, hooks = gated_parameters(student, mask_token_id, cfg)
-        if cfg.loss != "gt":
+        if cfg.needs_teacher:
             teacher = student
     elif cfg.lora_rank > 0:
         student = with_lora(student, cfg)
-        if cfg.loss != "gt":
+        if cfg.needs_teacher:
             teacher, teacher_context = student, student.disable_adapter
         main, embeddings, hooks = lora_parameters(student, mask_token_id, cfg.train_mask_embedding)
     else:

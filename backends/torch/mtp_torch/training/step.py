@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtp_core import agreement, distillation_loss
+from mtp_core import ConfAdapt, agreement, distillation_loss
 from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 # TrainState and init_train_state live in mtp_torch.training.state; they stay importable here.
+
+# The ConfAdapt threshold of the running acceptance estimate (``StepStats.accepted_at_0_9``).
+ESTIMATE_THRESHOLD = 0.9
 
 
 @attrs.frozen
@@ -234,7 +237,7 @@ def _batch_loss(
     targets = packed.windows[:, target_index]
     target_weights = packed.weights[:, target_index]
     teacher_logits = teacher_kept = None
-    if cfg.loss != "gt":
+    if cfg.needs_teacher:
         assert teacher is not None
         # 4-5. Student forcing, then the teacher's forward (no gradient, same layout).
         forced = _forced_teacher_input(packed, student_logits, mask_token_id)
@@ -275,11 +278,19 @@ def _agreement_rates(
 
 
 def _confident_run(student_logits: torch.Tensor, target_weights: torch.Tensor) -> float:
-    """Mean tokens ConfAdapt(0.9) keeps per region, over regions whose first target is trained."""
-    confident = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1) >= 0.9
-    kept = torch.cumprod(confident.long(), dim=-1).sum(dim=-1).clamp_min(1).float()
+    """Mean tokens ConfAdapt(0.9) keeps per region, over regions whose first target is trained.
+
+    The rule is the core's ``ConfAdapt.accept``, applied to each region's ``k`` top-1
+    probabilities.
+    """
     counted = target_weights[..., 0] > 0
-    return float(kept[counted].mean()) if bool(counted.any()) else 1.0
+    if not bool(counted.any()):
+        return 1.0
+    confidences = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1)[counted]
+    k = confidences.shape[-1]
+    policy = ConfAdapt(threshold=ESTIMATE_THRESHOLD, k_max=k)
+    kept = policy.accept(confidences.reshape(-1, k).nan_to_num(0.0).cpu().numpy())
+    return float(kept.astype(np.float32).mean())
 
 
 def _check_finite(what: str, value: float, step: int, cfg: DistillConfig) -> None:

