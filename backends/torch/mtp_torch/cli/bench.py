@@ -53,6 +53,10 @@ MAIN_JOB = BenchConfig(
     repeats=3,
     kernel="auto",
     prompt_lookup_tokens=None,
+    cost_max_tokens=8,  # the widest pass these methods run (k_max <= 4, verify 2k - 1)
+    auto_candidates=(1, 2, 3, 4),
+    probe_prompts=2,
+    probe_tokens=48,
 )
 MAIN_JOB_PROMPTS = 4
 
