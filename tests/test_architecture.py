@@ -24,7 +24,8 @@ MAX_MODULE_LINES = 600
 # any layer below; layers that share a tier (``training`` and ``bench``) import neither each
 # other.  The package's ``__init__`` (the public names) is above them all.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_resources", "dtypes", "jsonl", "text"),
+    ("_resources", "dtypes", "text"),
+    ("jsonl",),  # reads through text's UTF-8 decoding
     ("decoding",),
     ("weights",),
     ("training", "bench"),
