@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mtp_torch.decoding.plan import active_plan
 
@@ -49,8 +50,6 @@ def _few_query_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; see the module docstring."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plan = active_plan(module)
     batch, heads, queries, head_dim = query.shape
     if (

@@ -124,7 +124,14 @@ def run_implementation(
     rows = x.numel() // features if features else 0
     if kind == "stock" or not 1 <= rows <= MAX_PLAN_ROWS or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    product = _PRODUCTS[kind](x.reshape(rows, features), weight)
+    return _apply(kind, x, weight, bias, rows)
+
+
+def _apply(
+    kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """The product of ``kind`` on ``x`` flattened to its ``rows`` rows (already checked)."""
+    product = _PRODUCTS[kind](x.reshape(rows, x.shape[-1]), weight)
     if bias is not None:
         product = product + bias
     return product.reshape(*x.shape[:-1], weight.shape[0])
@@ -158,10 +165,11 @@ class KernelLinear(torch.nn.Linear):
             kind == "stock"
             or input.device.type != "cpu"
             or input.dtype != weight.dtype
+            or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
         ):
             return F.linear(input, weight, self.bias)
-        return run_implementation(kind, input, weight, self.bias)
+        return _apply(kind, input, weight, self.bias, rows)  # rows and kind known: no re-check
 
 
 def _switch(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
