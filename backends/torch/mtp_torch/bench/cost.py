@@ -333,6 +333,65 @@ def choose_k_max(
 # --- measurement (torch) ----------------------------------------------------------------------
 
 
+def _model_pass(model: Any, context: Any, blocks: Any) -> Any:
+    """Prefill ``context`` through ``model``; return ``one_pass(n)`` timing a block of ``n``."""
+    import torch
+    from transformers import DynamicCache
+
+    parameters = inspect.signature(model.forward).parameters
+    cache_argument = "cache" if "cache" in parameters else "past_key_values"
+    cache = DynamicCache()
+    model(input_ids=context, use_cache=True, **{cache_argument: cache})
+    length, device = int(context.shape[1]), context.device
+
+    def one_pass(n: int) -> float:
+        positions = torch.arange(length, length + n, device=device)
+        _synchronize(device)
+        start = time.perf_counter()
+        model(
+            input_ids=blocks[:, :n],
+            position_ids=positions[None, :],
+            use_cache=True,
+            **{cache_argument: cache},
+        )
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        cache.crop(-n)
+        return elapsed
+
+    return one_pass
+
+
+def _backend_pass(backend: Any, context: Any, blocks: Any) -> Any:
+    """Prefill ``context`` through ``backend``; return ``one_pass(n)`` timing a block of ``n``."""
+    from mtp_core import Sampling, StepInputs
+
+    length = int(context.shape[1])
+    state = {"cache": backend.new_cache(1)}
+
+    def step(ids: np.ndarray, past: int) -> None:
+        width = int(ids.shape[1])
+        inputs = StepInputs(
+            token_ids=ids,
+            position_ids=np.arange(past, past + width, dtype=np.int64)[None, :],
+            attention_mask=np.ones((1, past + width), dtype=bool),
+            read_index=np.arange(width, dtype=np.int64)[None, :],
+        )
+        _, state["cache"] = backend.forward(state["cache"], inputs, Sampling(), 0)
+
+    step(context.cpu().numpy().astype(np.int64), 0)
+    block_ids = blocks.cpu().numpy().astype(np.int64)
+
+    def one_pass(n: int) -> float:
+        start = time.perf_counter()
+        step(np.ascontiguousarray(block_ids[:, :n]), length)  # the read-out syncs the device
+        elapsed = time.perf_counter() - start
+        state["cache"] = backend.crop(state["cache"], length)
+        return elapsed
+
+    return one_pass
+
+
 def _synchronize(device: torch.device) -> None:
     import torch
 
@@ -347,6 +406,7 @@ def measure_cost_curve(
     repeats: int = COST_REPEATS,
     warmup: int = 1,
     seed: int = 0,
+    backend: Any = None,
 ) -> CostCurve:
     """Time one forward pass of ``n = 1 .. max_tokens`` tokens after a warm cache.
 
@@ -362,13 +422,15 @@ def measure_cost_curve(
       repeats: timed passes per width (median taken).
       warmup: untimed passes per width first.
       seed: seed of the random token ids.
+      backend: a decoding backend (``MTPModel.decoding_backend()``) to time instead of the
+        model's own forward: a pass is then exactly what ``generate`` runs (its cache, its
+        compiled pass if any, the read-out of every position of the block).
 
     Returns:
       The ``CostCurve``; its ``seconds`` are the per-width medians (also in
       ``measured_seconds``; ``monotone_envelope`` smooths them where a caller wants that).
     """
     import torch
-    from transformers import DynamicCache
 
     if int(max_tokens) < 1 or int(context_length) < 1 or int(repeats) < 1 or int(warmup) < 0:
         raise ValueError(
@@ -386,28 +448,12 @@ def measure_cost_curve(
     times: dict[int, list[float]] = {n: [] for n in widths}
     was_training = model.training
     model.eval()
-    parameters = inspect.signature(model.forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"
     try:
         with torch.inference_mode():
-            cache = DynamicCache()
-            model(input_ids=context, use_cache=True, **{cache_argument: cache})
-
-            def one_pass(n: int) -> float:
-                positions = torch.arange(context_length, context_length + n, device=device)
-                _synchronize(device)
-                start = time.perf_counter()
-                model(
-                    input_ids=blocks[:, :n],
-                    position_ids=positions[None, :],
-                    use_cache=True,
-                    **{cache_argument: cache},
-                )
-                _synchronize(device)
-                elapsed = time.perf_counter() - start
-                cache.crop(-n)
-                return elapsed
-
+            if backend is None:
+                one_pass = _model_pass(model, context, blocks)
+            else:
+                one_pass = _backend_pass(backend, context, blocks)
             for n in widths:
                 for _ in range(int(warmup)):
                     one_pass(n)

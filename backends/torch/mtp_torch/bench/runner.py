@@ -33,6 +33,8 @@ import torch
 from mtp_core import AcceptancePolicy
 from mtp_torch.bench.config import BenchConfig
 from mtp_torch.bench.cost import (
+    COST_CONTEXT_LENGTH,
+    COST_REPEATS,
     DEFAULT_K_CANDIDATES,
     CostCurve,
     acceptance_from_histogram,
@@ -123,8 +125,8 @@ def run_benchmark(
     # 1. The kernel plan, the cost curve of one forward pass (stock, and with the kernel), and
     #    k_max="auto" resolved per threshold (on the kernel's curve when there is one).
     plan = _kernel_plan(mtp_model, config, say)
-    curve = _cost_curve(hf_model, config, say)
-    kernel_curve = _cost_curve(hf_model, config, say, plan) if plan is not None else None
+    curve = _cost_curve(mtp_model, config, say)
+    kernel_curve = _cost_curve(mtp_model, config, say, plan) if plan is not None else None
     kernel_curve, chosen = _auto_policies(
         mtp_model, prompts, config, kernel_curve or curve, settings, say, plan
     )
@@ -193,19 +195,32 @@ def _decode_settings(mtp_model: Any, config: BenchConfig) -> DecodeSettings:
 
 
 def _cost_curve(
-    hf_model: torch.nn.Module, config: BenchConfig, say: Log, plan: KernelPlan | None = None
+    mtp_model: Any, config: BenchConfig, say: Log, plan: KernelPlan | None = None
 ) -> CostCurve | None:
-    """Measure the cost curve when the config asks for it (inside ``plan`` when given)."""
+    """Measure the cost curve when the config asks for it (inside ``plan`` when given), through
+    the backend decoding runs on under that plan."""
     if not config.cost_curve:
         return None
     label = "stock" if plan is None else plan.describe()
     say(f"measuring the cost curve of one forward pass ({label}) ...")
+    return _measure(
+        mtp_model, plan, config.cost_max_tokens, config.cost_context, config.cost_repeats
+    )
+
+
+def _measure(
+    mtp_model: Any, plan: KernelPlan | None, max_tokens: int, context: int, repeats: int
+) -> CostCurve:
+    """``measure_cost_curve`` of the passes ``generate`` runs under ``plan`` (stock: ``None``)."""
+    hf_model = mtp_model.model
+    backend = getattr(mtp_model, "decoding_backend", None)
     with use_kernels(plan or STOCK_PLAN, hf_model):
         return measure_cost_curve(
             hf_model,
-            max_tokens=config.cost_max_tokens,
-            context_length=config.cost_context,
-            repeats=config.cost_repeats,
+            max_tokens=max_tokens,
+            context_length=context,
+            repeats=repeats,
+            backend=None if backend is None else backend(plan or STOCK_PLAN),
         )
 
 
@@ -241,8 +256,9 @@ def _auto_policies(
         return curve, chosen
     candidates = _auto_candidates(config.auto_candidates, mtp_model)
     if curve is None:
-        with use_kernels(plan or STOCK_PLAN, mtp_model.model):
-            curve = measure_cost_curve(mtp_model.model, max_tokens=max(2 * max(candidates), 2))
+        curve = _measure(
+            mtp_model, plan, max(2 * max(candidates), 2), COST_CONTEXT_LENGTH, COST_REPEATS
+        )
     probe = [list(p.input_ids) for p in prompts[: max(int(config.probe_prompts), 1)]]
     for tau in sorted({*config.thresholds, *config.verify_thresholds}):
         policy = auto_policy(

@@ -22,6 +22,7 @@ from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
 from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
+from mtp_torch.decoding.fused import FusedBackend, fused_unavailable_reason
 from mtp_torch.decoding.gated import (
     GATE_CONFIG_KEY,
     MaskGate,
@@ -472,12 +473,14 @@ class MTPModel:
         self.model.eval()
         if streamer is not None:
             streamer.put(ids_host)
-        kernel = use_kernels(self.kernel_plan(), self.model)
+        kernel_plan = self.kernel_plan()
+        backend = self.decoding_backend(kernel_plan)
+        kernel = use_kernels(kernel_plan, self.model)
         start = time.perf_counter()
         try:
             with kernel:
                 result = decode(
-                    self.backend,
+                    backend,
                     prompts,
                     policy,
                     mask_token_id=self.mask_token_id,
@@ -499,6 +502,18 @@ class MTPModel:
             if streamer is not None:
                 streamer.end()
         return result, time.perf_counter() - start
+
+    def decoding_backend(self, plan: KernelPlan | None = None) -> TorchBackend:
+        """The backend ``generate`` runs its passes on under ``plan`` (default: ``kernel_plan()``).
+
+        ``FusedBackend`` (one compiled call per pass, ``mtp_torch.decoding.fused``) where the plan
+        runs the native kernel and the model qualifies; ``self.backend`` (transformers' forward)
+        otherwise.
+        """
+        plan = self.kernel_plan() if plan is None else plan
+        if "native" in plan.widths and fused_unavailable_reason(self.model) is None:
+            return FusedBackend(self.model, plan)
+        return self.backend
 
     def kernel_plan(self) -> KernelPlan:
         """The per-width plan ``linear_kernel`` stands for (``"auto"``: measured once, cached).

@@ -44,6 +44,7 @@ CFLAGS_ENV = "MTP_LM_NATIVE_CFLAGS"
 """Environment variable: extra compiler flags of the build (space-separated)."""
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny.cpp"
+_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("products.h", "forward.h"))
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
@@ -73,7 +74,8 @@ def _cflags() -> list[str]:
 
 def _build_name() -> str:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
+    for source in (_SOURCE, *_HEADERS):
+        digest.update(source.read_bytes())
     digest.update(" ".join(_cflags()).encode())
     digest.update(torch.__version__.encode())
     digest.update(cpu_description().encode())

@@ -1,0 +1,235 @@
+// One decoding pass of a Llama-family decoder in a single call, for CPU decoding.
+//
+// transformers' forward spends ~20 ms of a ~40 ms one-token pass of a 135M model outside its
+// products (the Python of 30 blocks, mask building, a cache that grows by concatenation).  Here
+// a pass is one C++ call over the blocks: RMSNorm, the q/k/v, o, gate/up and down products (the
+// few-row kernel of products.h up to kMaxRows rows, ATen's otherwise), rotary embedding as given
+// by the model's own rotary module, keys and values written into preallocated cache buffers,
+// attention of the block's queries over the cache, SiLU gating, residuals, the final norm and the
+// output layer at the rows the caller reads.  The arithmetic follows transformers' Llama modules
+// operation by operation (norms in float32 as LlamaRMSNorm does), so float64 models give the same
+// tokens and float32 models agree to rounding.  Mask-gated adapters (mtp_torch.decoding.gated)
+// add ``scale * B (A x)`` at the rows whose input is the mask token, and only there.
+// Part of mtp-lm (mtp_torch.decoding.native).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "products.h"
+
+namespace mtp {
+
+// Per block: in_norm, q, k, v, o, post_norm, gate, up, down.
+constexpr int kBlockTensors = 9;
+// Adapted products per block, in order: q, k, v, o, gate, up, down.
+constexpr int kAdapted = 7;
+
+struct Shape {
+  int64_t batch, width, hidden, heads, kv_heads, head_dim, intermediate, capacity, past;
+  double eps, scaling;
+};
+
+// y = weight * (x * rsqrt(mean(x^2) + eps)) with the statistics in float32, per row.
+template <typename T>
+void rms_norm(const T* x, const T* weight, T* y, int64_t rows, int64_t n, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * n;
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = static_cast<float>(xr[i]);
+      sum += v * v;
+    }
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i)
+      y[r * n + i] = weight[i] * static_cast<T>(static_cast<float>(xr[i]) * scale);
+  }
+}
+
+// out (rows, od) = x (rows, in) @ weight^T for several weights: the few-row kernel where the plan
+// says so (bit rows - 1 of ``few``), ATen's product (what nn.Linear runs) otherwise.
+template <typename T>
+void product(const torch::Tensor& x, int64_t rows, uint32_t few,
+             const std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
+  if (rows <= kMaxRows && ((few >> (rows - 1)) & 1u)) {
+    std::vector<Segment<T>> segs;
+    for (const auto& p : pairs)
+      segs.push_back({p.first.data_ptr<T>(), p.second.data_ptr<T>(), p.first.size(0),
+                      p.second.size(1)});
+    few_row_product<T>(x.data_ptr<T>(), rows, x.size(1), segs);
+    return;
+  }
+  for (const auto& p : pairs) {
+    auto out = p.second;
+    at::mm_out(out, x, p.first.t());
+  }
+}
+
+// out[m] += scale * B (A x[m]) at the gated rows m (both small products on the few-row kernel).
+template <typename T>
+void adapt(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A,
+           const torch::Tensor& B, double scale, const std::vector<int64_t>& rows) {
+  if (A.numel() == 0 || rows.empty()) return;
+  const int64_t in = x.size(1), od = out.size(1), rank = A.size(0);
+  const int64_t n = static_cast<int64_t>(rows.size());
+  auto picked = torch::empty({n, in}, x.options());
+  for (int64_t i = 0; i < n; ++i)
+    std::copy_n(x.data_ptr<T>() + rows[i] * in, in, picked.data_ptr<T>() + i * in);
+  auto low = torch::empty({n, rank}, x.options()), update = torch::empty({n, od}, x.options());
+  product<T>(picked, n, ~0u, {{A, low}});
+  product<T>(low, n, ~0u, {{B, update}});
+  const T alpha = static_cast<T>(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    T* o = out.data_ptr<T>() + rows[i] * od;
+    const T* up = update.data_ptr<T>() + i * od;
+    for (int64_t j = 0; j < od; ++j) o[j] += alpha * up[j];
+  }
+}
+
+// x (rows, heads * d) <- x * cos + rotate_half(x) * sin, per head, cos/sin (rows, d).
+template <typename T>
+void rotary(T* x, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t d) {
+  const int64_t half = d / 2;
+  std::vector<T> tmp(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos + r * d;
+    const T* s = sin + r * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      T* v = x + (r * heads + h) * d;
+      for (int64_t i = 0; i < d; ++i) {
+        const T rot = i < half ? -v[i + half] : v[i - half];
+        tmp[i] = v[i] * c[i] + rot * s[i];
+      }
+      std::copy(tmp.begin(), tmp.end(), v);
+    }
+  }
+}
+
+// Attention of the block's queries over the cache (slots [0, past + width) of each row):
+// query w of row b sees slot j when the caller's mask allows j and j <= past + w.
+template <typename T>
+void attend(const T* q, const T* kc, const T* vc, const uint8_t* allowed, T* out, const Shape& s) {
+  const int64_t group = s.heads / s.kv_heads, d = s.head_dim, slots = s.past + s.width;
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> score(slots);
+    std::vector<T> acc(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.heads, h = task % s.heads, g = h / group;
+      const T* keys = kc + ((b * s.kv_heads + g) * s.capacity) * d;
+      const T* values = vc + ((b * s.kv_heads + g) * s.capacity) * d;
+      const uint8_t* mask = allowed + b * slots;
+      for (int64_t w = 0; w < s.width; ++w) {
+        const T* qv = q + ((b * s.width + w) * s.heads + h) * d;
+        const int64_t last = s.past + w;
+        T top = -std::numeric_limits<T>::infinity();
+        for (int64_t j = 0; j <= last; ++j) {
+          if (!mask[j]) continue;
+          T dot = 0;
+          const T* kv = keys + j * d;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < d; ++i) dot += qv[i] * kv[i];
+          score[j] = dot * static_cast<T>(s.scaling);
+          top = std::max(top, score[j]);
+        }
+        std::fill(acc.begin(), acc.end(), T(0));
+        T total = 0;
+        if (top != -std::numeric_limits<T>::infinity()) {
+          for (int64_t j = 0; j <= last; ++j) {
+            if (!mask[j]) continue;
+            const T p = std::exp(score[j] - top);
+            total += p;
+            const T* vv = values + j * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; ++i) acc[i] += p * vv[i];
+          }
+        }
+        T* o = out + ((b * s.width + w) * s.heads + h) * d;
+        const T inv = total > 0 ? T(1) / total : T(0);
+        for (int64_t i = 0; i < d; ++i) o[i] = acc[i] * inv;
+      }
+    }
+  });
+}
+
+// Keys/values of the block (rows, kv_heads * d) into the caches at slots past .. past + width.
+template <typename T>
+void store(const T* src, T* cache, const Shape& s) {
+  const int64_t d = s.head_dim;
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t w = 0; w < s.width; ++w)
+      for (int64_t g = 0; g < s.kv_heads; ++g)
+        std::copy_n(src + ((b * s.width + w) * s.kv_heads + g) * d, d,
+                    cache + ((b * s.kv_heads + g) * s.capacity + s.past + w) * d);
+}
+
+template <typename T>
+torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
+                             const torch::Tensor& sin, const torch::Tensor& allowed,
+                             const std::vector<int64_t>& gated,
+                             const std::vector<torch::Tensor>& blocks,
+                             const std::vector<torch::Tensor>& adapters,
+                             const std::vector<double>& scales, torch::Tensor k_cache,
+                             torch::Tensor v_cache, const torch::Tensor& final_norm,
+                             const torch::Tensor& head, const std::vector<int64_t>& read,
+                             const Shape& s, uint32_t few) {
+  const int64_t rows = s.batch * s.width, layers = k_cache.size(0);
+  const int64_t qd = s.heads * s.head_dim, kvd = s.kv_heads * s.head_dim;
+  auto opts = hidden.options();
+  auto h = hidden.reshape({rows, s.hidden}).clone();
+  auto xn = torch::empty({rows, s.hidden}, opts);
+  auto q = torch::empty({rows, qd}, opts), k = torch::empty({rows, kvd}, opts),
+       v = torch::empty({rows, kvd}, opts), att = torch::empty({rows, qd}, opts);
+  auto tmp = torch::empty({rows, s.hidden}, opts);
+  auto g = torch::empty({rows, s.intermediate}, opts), u = torch::empty({rows, s.intermediate}, opts);
+  const T* c = cos.data_ptr<T>();
+  const T* sn = sin.data_ptr<T>();
+  const uint8_t* mask = allowed.data_ptr<uint8_t>();
+  const int64_t block_stride = s.batch * s.kv_heads * s.capacity * s.head_dim;
+  auto adapter = [&](int64_t layer, int which, const torch::Tensor& x, torch::Tensor& out) {
+    if (adapters.empty()) return;
+    const int64_t at_ = (layer * kAdapted + which) * 2;
+    adapt<T>(x, out, adapters[at_], adapters[at_ + 1], scales[layer * kAdapted + which], gated);
+  };
+  for (int64_t l = 0; l < layers; ++l) {
+    const torch::Tensor* w = &blocks[l * kBlockTensors];
+    rms_norm<T>(h.data_ptr<T>(), w[0].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
+    product<T>(xn, rows, few, {{w[1], q}, {w[2], k}, {w[3], v}});
+    adapter(l, 0, xn, q);
+    adapter(l, 1, xn, k);
+    adapter(l, 2, xn, v);
+    rotary<T>(q.data_ptr<T>(), c, sn, rows, s.heads, s.head_dim);
+    rotary<T>(k.data_ptr<T>(), c, sn, rows, s.kv_heads, s.head_dim);
+    T* kc = k_cache.data_ptr<T>() + l * block_stride;
+    T* vc = v_cache.data_ptr<T>() + l * block_stride;
+    store<T>(k.data_ptr<T>(), kc, s);
+    store<T>(v.data_ptr<T>(), vc, s);
+    attend<T>(q.data_ptr<T>(), kc, vc, mask, att.data_ptr<T>(), s);
+    product<T>(att, rows, few, {{w[4], tmp}});
+    adapter(l, 3, att, tmp);
+    h.add_(tmp);
+    rms_norm<T>(h.data_ptr<T>(), w[5].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
+    product<T>(xn, rows, few, {{w[6], g}, {w[7], u}});
+    adapter(l, 4, xn, g);
+    adapter(l, 5, xn, u);
+    at::silu_(g).mul_(u);  // ACT2FN["silu"](gate) * up, with ATen's vectorised exp
+    product<T>(g, rows, few, {{w[8], tmp}});
+    adapter(l, 6, g, tmp);
+    h.add_(tmp);
+  }
+  const int64_t n = static_cast<int64_t>(read.size());
+  auto picked = torch::empty({n, s.hidden}, opts), normed = torch::empty({n, s.hidden}, opts);
+  for (int64_t i = 0; i < n; ++i)
+    std::copy_n(h.data_ptr<T>() + read[i] * s.hidden, s.hidden,
+                picked.data_ptr<T>() + i * s.hidden);
+  rms_norm<T>(picked.data_ptr<T>(), final_norm.data_ptr<T>(), normed.data_ptr<T>(), n, s.hidden,
+              s.eps);
+  auto logits = torch::empty({n, head.size(0)}, opts);
+  product<T>(normed, n, few, {{head, logits}});
+  return logits;
+}
+
+}  // namespace mtp
