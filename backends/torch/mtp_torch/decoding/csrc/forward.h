@@ -69,24 +69,45 @@ void product(const torch::Tensor& x, int64_t rows, uint32_t few,
   }
 }
 
-// out[m] += scale * B (A x[m]) at the gated rows m (both small products on the few-row kernel).
+// One adapted product's update: out[m] += scale * B low[m] at the gated rows m.
 template <typename T>
-void adapt(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A,
-           const torch::Tensor& B, double scale, const std::vector<int64_t>& rows) {
-  if (A.numel() == 0 || rows.empty()) return;
-  const int64_t in = x.size(1), od = out.size(1), rank = A.size(0);
-  const int64_t n = static_cast<int64_t>(rows.size());
-  auto picked = torch::empty({n, in}, x.options());
-  for (int64_t i = 0; i < n; ++i)
-    std::copy_n(x.data_ptr<T>() + rows[i] * in, in, picked.data_ptr<T>() + i * in);
-  auto low = torch::empty({n, rank}, x.options()), update = torch::empty({n, od}, x.options());
-  product<T>(picked, n, ~0u, {{A, low}});
-  product<T>(low, n, ~0u, {{B, update}});
-  const T alpha = static_cast<T>(scale);
-  for (int64_t i = 0; i < n; ++i) {
-    T* o = out.data_ptr<T>() + rows[i] * od;
-    const T* up = update.data_ptr<T>() + i * od;
-    for (int64_t j = 0; j < od; ++j) o[j] += alpha * up[j];
+struct Lift {
+  const torch::Tensor* low;  // (rows, rank): A x, computed with the block's own products
+  torch::Tensor* out;
+  const torch::Tensor* B;  // (out, rank)
+  double scale;
+};
+
+// The updates of the products that share an input (q/k/v, gate/up), in one parallel region:
+// reading the adapters of every block is a few percent of the model, and a region per product
+// cost more than the arithmetic.
+template <typename T>
+void lift(const std::vector<Lift<T>>& lifts, const std::vector<int64_t>& rows) {
+  if (lifts.empty()) return;
+  const int64_t rank = lifts[0].B->size(1);
+  for (const auto& l : lifts) TORCH_CHECK(l.B->size(1) == rank, "a gate has one adapter rank");
+  for (size_t first = 0; first < rows.size(); first += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, rows.size() - first);
+    std::vector<std::vector<T>> in(lifts.size()), up(lifts.size());
+    std::vector<Segment<T>> segs;
+    for (size_t k = 0; k < lifts.size(); ++k) {
+      const int64_t od = lifts[k].out->size(1);
+      in[k].resize(n * rank);
+      up[k].resize(n * od);
+      for (int64_t i = 0; i < n; ++i)
+        std::copy_n(lifts[k].low->template data_ptr<T>() + rows[first + i] * rank, rank,
+                    in[k].data() + i * rank);
+      segs.push_back({lifts[k].B->template data_ptr<T>(), up[k].data(), od, od, in[k].data()});
+    }
+    few_row_product<T>(nullptr, n, rank, segs);
+    for (size_t k = 0; k < lifts.size(); ++k) {
+      const int64_t od = lifts[k].out->size(1);
+      const T alpha = static_cast<T>(lifts[k].scale);
+      for (int64_t i = 0; i < n; ++i) {
+        T* o = lifts[k].out->template data_ptr<T>() + rows[first + i] * od;
+        for (int64_t j = 0; j < od; ++j) o[j] += alpha * up[k][i * od + j];
+      }
+    }
   }
 }
 
@@ -189,18 +210,37 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   const T* sn = sin.data_ptr<T>();
   const uint8_t* mask = allowed.data_ptr<uint8_t>();
   const int64_t block_stride = s.batch * s.kv_heads * s.capacity * s.head_dim;
-  auto adapter = [&](int64_t layer, int which, const torch::Tensor& x, torch::Tensor& out) {
-    if (adapters.empty()) return;
-    const int64_t at_ = (layer * kAdapted + which) * 2;
-    adapt<T>(x, out, adapters[at_], adapters[at_ + 1], scales[layer * kAdapted + which], gated);
+  // Mask-gated adapters: A x rides along with the product it adapts (one parallel region),
+  // B (A x) is added at the mask rows only.
+  const bool gate = !adapters.empty() && !gated.empty();
+  std::vector<torch::Tensor> low(kAdapted);
+  using Pairs = std::vector<std::pair<torch::Tensor, torch::Tensor>>;
+  auto with_low = [&](int64_t layer, std::initializer_list<int> which, Pairs pairs) {
+    if (!gate) return pairs;
+    for (int i : which) {
+      const auto& A = adapters[(layer * kAdapted + i) * 2];
+      if (A.numel() == 0) continue;
+      if (!low[i].defined() || low[i].size(1) != A.size(0))
+        low[i] = torch::empty({rows, A.size(0)}, opts);
+      pairs.push_back({A, low[i]});
+    }
+    return pairs;
+  };
+  auto lifted = [&](int64_t layer, std::initializer_list<std::pair<int, torch::Tensor*>> outs) {
+    if (!gate) return;
+    std::vector<Lift<T>> lifts;
+    for (const auto& item : outs) {
+      const int64_t at_ = layer * kAdapted + item.first;
+      if (adapters[at_ * 2].numel() == 0) continue;
+      lifts.push_back({&low[item.first], item.second, &adapters[at_ * 2 + 1], scales[at_]});
+    }
+    lift<T>(lifts, gated);
   };
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = &blocks[l * kBlockTensors];
     rms_norm<T>(h.data_ptr<T>(), w[0].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
-    product<T>(xn, rows, few, {{w[1], q}, {w[2], k}, {w[3], v}});
-    adapter(l, 0, xn, q);
-    adapter(l, 1, xn, k);
-    adapter(l, 2, xn, v);
+    product<T>(xn, rows, few, with_low(l, {0, 1, 2}, {{w[1], q}, {w[2], k}, {w[3], v}}));
+    lifted(l, {{0, &q}, {1, &k}, {2, &v}});
     rotary<T>(q.data_ptr<T>(), c, sn, rows, s.heads, s.head_dim);
     rotary<T>(k.data_ptr<T>(), c, sn, rows, s.kv_heads, s.head_dim);
     T* kc = k_cache.data_ptr<T>() + l * block_stride;
@@ -208,16 +248,15 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
     store<T>(k.data_ptr<T>(), kc, s);
     store<T>(v.data_ptr<T>(), vc, s);
     attend<T>(q.data_ptr<T>(), kc, vc, mask, att.data_ptr<T>(), s);
-    product<T>(att, rows, few, {{w[4], tmp}});
-    adapter(l, 3, att, tmp);
+    product<T>(att, rows, few, with_low(l, {3}, {{w[4], tmp}}));
+    lifted(l, {{3, &tmp}});
     h.add_(tmp);
     rms_norm<T>(h.data_ptr<T>(), w[5].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
-    product<T>(xn, rows, few, {{w[6], g}, {w[7], u}});
-    adapter(l, 4, xn, g);
-    adapter(l, 5, xn, u);
+    product<T>(xn, rows, few, with_low(l, {4, 5}, {{w[6], g}, {w[7], u}}));
+    lifted(l, {{4, &g}, {5, &u}});
     at::silu_(g).mul_(u);  // ACT2FN["silu"](gate) * up, with ATen's vectorised exp
-    product<T>(g, rows, few, {{w[8], tmp}});
-    adapter(l, 6, g, tmp);
+    product<T>(g, rows, few, with_low(l, {6}, {{w[8], tmp}}));
+    lifted(l, {{6, &tmp}});
     h.add_(tmp);
   }
   const int64_t n = static_cast<int64_t>(read.size());

@@ -25,10 +25,11 @@ constexpr int64_t kGrain = 32;  // output rows per parallel task
 // One weight of a multi-weight product: out[r * stride + o] for o < rows.
 template <typename T>
 struct Segment {
-  const T* weight;  // (rows, in), contiguous
-  T* out;           // row r of the result starts at out + r * stride
+  const T* weight;       // (rows, in), contiguous
+  T* out;                // row r of the result starts at out + r * stride
   int64_t rows;
   int64_t stride;
+  const T* x = nullptr;  // this weight's own (n, in) input; nullptr: the product's
 };
 
 // Any floating type, any CPU: a plain dot product per (output row, activation row).
@@ -174,8 +175,8 @@ void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segmen
     for (size_t s = 0; s < segs.size(); ++s) {
       const int64_t lo = std::max(b, start[s]), hi = std::min(e, start[s + 1]);
       if (lo >= hi) continue;
-      rows_n<T>(segs[s].weight, x, segs[s].out, in, n, lo - start[s], hi - start[s],
-                segs[s].stride);
+      rows_n<T>(segs[s].weight, segs[s].x ? segs[s].x : x, segs[s].out, in, n, lo - start[s],
+                hi - start[s], segs[s].stride);
     }
   });
 }
