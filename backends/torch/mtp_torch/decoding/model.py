@@ -73,6 +73,14 @@ class GenerateOutput:
       accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
       elapsed_s: wall-clock seconds spent decoding.
       num_new_tokens: ``(batch,)`` generated tokens per row (stop token included).
+      forward_passes_per_row: ``(batch,)`` forward passes during which each row was still
+        decoding (its own acceleration factor is ``num_new_tokens / forward_passes_per_row``).
+      stop_reasons: per row, why it ended: ``"stop_token"`` (it emitted an ``eos_token_id``,
+        kept as its last token), ``"stop_criterion"`` (a ``stopping_criteria`` or
+        ``stop_strings`` ended it at its last token), ``"max_new_tokens"`` (it used its whole
+        budget) or ``"max_length"`` (the same, when the budget came from a generation
+        config's ``max_length``).  A stop token at a row's last budget token is
+        ``"stop_token"``.
     """
 
     sequences: torch.Tensor
@@ -81,6 +89,8 @@ class GenerateOutput:
     accepted_histogram: npt.NDArray[np.int64]
     elapsed_s: float
     num_new_tokens: npt.NDArray[np.int64]
+    forward_passes_per_row: npt.NDArray[np.int64]
+    stop_reasons: tuple[str, ...]
 
 
 def _policy_from_config(config: Any) -> ConfAdapt:
@@ -433,7 +443,7 @@ class MTPModel:
         result, elapsed = self._run_engine(
             ids, mask, chosen, plan, streamer=streamer, verify=verify, seed=seed, on_chunk=on_chunk
         )
-        return _output(ids, result, plan.pad_token_id, elapsed)
+        return _output(ids, result, plan, elapsed)
 
     def _check_policy(self, policy: Any, streamer: Any, batch: int) -> AcceptancePolicy:
         """The policy to decode with (``None``: the default); a streamer needs one prompt."""
@@ -561,12 +571,14 @@ class MTPModel:
 
 
 def _output(
-    ids: torch.Tensor, result: DecodeResult, pad_token_id: int, elapsed: float
+    ids: torch.Tensor, result: DecodeResult, plan: GenerationPlan, elapsed: float
 ) -> GenerateOutput:
-    """The engine's per-row tokens laid out like transformers' ``generate`` output."""
+    """The engine's per-row tokens laid out like transformers' ``generate`` output, with each
+    row's passes and stop reason (a used-up budget named after what set it)."""
     lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
     generated = int(lengths.max()) if lengths.size else 0
-    sequences = torch.full((ids.shape[0], ids.shape[1] + generated), pad_token_id, dtype=torch.long)
+    width = ids.shape[1] + generated
+    sequences = torch.full((ids.shape[0], width), plan.pad_token_id, dtype=torch.long)
     sequences[:, : ids.shape[1]] = ids.cpu()
     for row, tokens in enumerate(result.tokens):
         sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
@@ -577,4 +589,9 @@ def _output(
         accepted_histogram=result.accepted_histogram,
         elapsed_s=elapsed,
         num_new_tokens=lengths,
+        forward_passes_per_row=np.asarray(result.forward_passes_per_row, dtype=np.int64),
+        stop_reasons=tuple(
+            plan.budget_limit if reason == "max_new_tokens" else reason
+            for reason in result.stop_reasons
+        ),
     )
