@@ -4,7 +4,8 @@
 transformers meaning: with ``StaticK(1)`` and with ``verify=True`` the tokens equal transformers'
 greedy search given the same arguments, and a row stops at the same token even when one MTP
 step emits several.  The model is a tiny random float64 Llama (no argmax ties) and the
-tokenizer a byte-level BPE trained here on three sentences, so nothing touches the network.
+tokenizer a byte-level BPE trained on three sentences (``tests/synthetic.py``), so nothing
+touches the network.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
-    PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -28,31 +27,12 @@ from transformers import (
 
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel
-from tests.synthetic import tiny_llama
+from tests.synthetic import bpe_tokenizer, tiny_llama
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog.",
-    "two plus three is five!",
-    "hello world, hello there?",
-]
 PAD, EOS = 0, 2
 # (policy, verify) pairs that must reproduce greedy search exactly.
 EXACT = [(StaticK(1), False), (StaticK(1), True), (ConfAdapt(0.5, 4), True), (StaticK(3), True)]
 EXACT_IDS = ["static1", "static1-verify", "confadapt-verify", "static3-verify"]
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style decoding) trained offline on ``CORPUS``."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=80, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
 
 
 @pytest.fixture(scope="module")
