@@ -279,6 +279,11 @@ def decode(
         # 5. Retire finished rows, compact the cache when holes pile up.
         active, cache, visible = _retire(backend, cache, visible, active, max_new_tokens)
 
+    return _result(rows, num_passes, histogram)
+
+
+def _result(rows: list[_Row], num_passes: int, histogram: IntArray) -> DecodeResult:
+    """The finished rows' tokens, passes and stop reasons (a row no stop ended used its budget)."""
     return DecodeResult(
         tokens=[np.asarray(row.generated, dtype=np.int64) for row in rows],
         num_forward_passes=num_passes,
