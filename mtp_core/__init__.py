@@ -13,6 +13,7 @@ from mtp_core._src.backend import Sampling as Sampling
 from mtp_core._src.backend import StepInputs as StepInputs
 from mtp_core._src.backend import StepOutputs as StepOutputs
 from mtp_core._src.engine import DecodeResult as DecodeResult
+from mtp_core._src.engine import StopReason as StopReason
 from mtp_core._src.engine import decode as decode
 from mtp_core._src.engine import plan_step as plan_step
 from mtp_core._src.layout import InferenceLayout as InferenceLayout
@@ -56,6 +57,7 @@ __all__ = [
     "StaticK",
     "StepInputs",
     "StepOutputs",
+    "StopReason",
     "TrainingLayout",
     "TrainingLayoutSpec",
     "agreement",

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
@@ -155,3 +155,24 @@ def make_tokenizer(chat: bool = True) -> PreTrainedTokenizerFast:
     if chat:
         tokenizer.chat_template = TEMPLATE
     return tokenizer
+
+
+BPE_CORPUS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "two plus three is five!",
+    "hello world, hello there?",
+]
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style decoding) trained offline on ``BPE_CORPUS``."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
+    )
+    backend.train_from_iterator(BPE_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )

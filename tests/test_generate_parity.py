@@ -4,7 +4,8 @@
 transformers meaning: with ``StaticK(1)`` and with ``verify=True`` the tokens equal transformers'
 greedy search given the same arguments, and a row stops at the same token even when one MTP
 step emits several.  The model is a tiny random float64 Llama (no argmax ties) and the
-tokenizer a byte-level BPE trained here on three sentences, so nothing touches the network.
+tokenizer a byte-level BPE trained on three sentences (``tests/synthetic.py``), so nothing
+touches the network.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
-    PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -28,31 +27,12 @@ from transformers import (
 
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel
-from tests.synthetic import tiny_llama
+from tests.synthetic import bpe_tokenizer, tiny_llama
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog.",
-    "two plus three is five!",
-    "hello world, hello there?",
-]
 PAD, EOS = 0, 2
 # (policy, verify) pairs that must reproduce greedy search exactly.
 EXACT = [(StaticK(1), False), (StaticK(1), True), (ConfAdapt(0.5, 4), True), (StaticK(3), True)]
 EXACT_IDS = ["static1", "static1-verify", "confadapt-verify", "static3-verify"]
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style decoding) trained offline on ``CORPUS``."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=80, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False
-    )
-    backend.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +216,46 @@ def test_verified_steps_of_several_tokens_stop_where_greedy_stops(mtp: MTPModel)
             assert_same(expected, got.sequences)
     finally:
         handle.remove()
+
+
+class StopRowAt(StoppingCriteria):
+    """Stops the row whose (padded) prompt is ``prompt`` after ``new`` generated tokens."""
+
+    def __init__(self, prompt: torch.Tensor, new: int):
+        self.prompt, self.new = prompt, new
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        width = self.prompt.shape[0]
+        mine = torch.equal(input_ids[0, :width], self.prompt)
+        return torch.tensor([mine and input_ids.shape[1] - width >= self.new])
+
+
+def test_each_row_reports_its_passes_and_why_it_stopped(mtp: MTPModel) -> None:
+    """One batch: a row ends on an EOS, one by a stopping criterion inside a step, one at its
+    budget; the output says which, and how many passes each row took part in."""
+    ids, mask = encode(mtp, "hello world", "two plus", "the lazy dog")
+    free = mtp.generate(ids, StaticK(3), 10, mask)
+    rows = [free.sequences[row, ids.shape[1] :].tolist() for row in range(3)]
+    # An EOS that row 0 alone emits, at its 4th token (in its second step of 3 tokens).
+    eos = rows[0][3]
+    assert eos not in rows[0][:3] and eos not in rows[1] + rows[2]
+    criteria = [StopRowAt(ids[1], 7)]
+    out = mtp.generate(ids, StaticK(3), 10, mask, eos, stopping_criteria=criteria)
+    assert out.stop_reasons == ("stop_token", "stop_criterion", "max_new_tokens")
+    assert out.num_new_tokens.tolist() == [4, 7, 10]
+    for row, length in enumerate((4, 7, 10)):
+        new = out.sequences[row, ids.shape[1] : ids.shape[1] + length].tolist()
+        assert new == rows[row][:length]
+    # Three tokens a pass: 4 tokens take 2 passes, 7 take 3, 10 take 4.
+    assert out.forward_passes_per_row.tolist() == [2, 3, 4]
+    assert out.num_forward_passes == 4
+    assert free.forward_passes_per_row.tolist() == [4, 4, 4]
+    assert free.stop_reasons == ("max_new_tokens",) * 3
+    # A budget set by a generation config's max_length is named so.
+    config = GenerationConfig(max_length=ids.shape[1] + 4)
+    by_length = mtp.generate(ids, StaticK(3), attention_mask=mask, generation_config=config)
+    assert by_length.stop_reasons == ("max_length",) * 3
+    assert by_length.forward_passes_per_row.tolist() == [2, 2, 2]
 
 
 # --- stop strings --------------------------------------------------------------------------------

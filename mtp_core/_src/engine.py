@@ -22,7 +22,7 @@ the batch, and the cache is compacted when holes pile up.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import numpy as np
@@ -31,7 +31,7 @@ import numpy.typing as npt
 from mtp_core._src.backend import GREEDY, Backend, Sampling, StepInputs, StepOutputs
 from mtp_core._src.policies import AcceptancePolicy
 
-__all__ = ["DecodeResult", "StopCriterion", "decode", "plan_step"]
+__all__ = ["DecodeResult", "StopCriterion", "StopReason", "decode", "plan_step"]
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -39,6 +39,8 @@ BoolArray = npt.NDArray[np.bool_]
 ChunkCallback = Callable[[int, IntArray], None]
 # ``criterion(row, generated)``: True ends the row after the last of its ``generated`` tokens.
 StopCriterion = Callable[[int, IntArray], bool]
+# Why a row ended: it emitted a stop token, ``stop_criterion`` ended it, or it used its budget.
+StopReason = Literal["stop_token", "stop_criterion", "max_new_tokens"]
 
 # Compact the cache when some row owns more than this many holes and they are over a quarter of
 # the cache.  Small enough that attention never wastes much, large enough to copy rarely.
@@ -56,6 +58,11 @@ class DecodeResult:
       accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
       finished_by_stop: ``(batch,)`` True where the row ended on a stop token (or where
         ``stop_criterion`` ended it).
+      stop_reasons: per row, why it ended: ``"stop_token"`` (it emitted one of
+        ``stop_token_ids``, kept as its last token), ``"stop_criterion"`` (``stop_criterion``
+        ended it at its last token) or ``"max_new_tokens"`` (it used its whole budget, a zero
+        budget included).  A stop token that is also where the criterion holds, or that is the
+        budget's last token, counts as ``"stop_token"``.
     """
 
     tokens: list[IntArray]
@@ -63,6 +70,7 @@ class DecodeResult:
     forward_passes_per_row: IntArray
     accepted_histogram: IntArray
     finished_by_stop: BoolArray
+    stop_reasons: tuple[StopReason, ...]
 
     @property
     def tokens_per_forward(self) -> float:
@@ -134,7 +142,7 @@ class _Row:
     drafts: list[int] = attrs.field(factory=list)
     generated: list[int] = attrs.field(factory=list)
     passes: int = 0
-    stopped: bool = False
+    stopped: StopReason | None = None  # set when a stop token or the criterion ends the row
 
 
 @attrs.frozen
@@ -271,12 +279,18 @@ def decode(
         # 5. Retire finished rows, compact the cache when holes pile up.
         active, cache, visible = _retire(backend, cache, visible, active, max_new_tokens)
 
+    return _result(rows, num_passes, histogram)
+
+
+def _result(rows: list[_Row], num_passes: int, histogram: IntArray) -> DecodeResult:
+    """The finished rows' tokens, passes and stop reasons (a row no stop ended used its budget)."""
     return DecodeResult(
         tokens=[np.asarray(row.generated, dtype=np.int64) for row in rows],
         num_forward_passes=num_passes,
         forward_passes_per_row=np.asarray([row.passes for row in rows], dtype=np.int64),
         accepted_histogram=histogram,
-        finished_by_stop=np.asarray([row.stopped for row in rows], dtype=np.bool_),
+        finished_by_stop=np.asarray([row.stopped is not None for row in rows], dtype=np.bool_),
+        stop_reasons=tuple(row.stopped or "max_new_tokens" for row in rows),
     )
 
 
@@ -390,9 +404,10 @@ def _emit(row: _Row, chosen: tuple[list[int], int, list[int]], rules: _Rules) ->
     budget = rules.max_new_tokens - len(row.generated)
     emitted, stopped = _truncate(emitted, rules.stop, budget)
     if rules.stop_criterion is not None:
-        emitted, stopped = _cut_at_criterion(
-            rules.stop_criterion, row.index, row.generated, emitted, stopped
-        )
+        keep = _criterion_cut(rules.stop_criterion, row.index, row.generated, emitted)
+        # At the chunk's last token a stop token has already ended the row: its reason stands.
+        if keep is not None and (stopped is None or keep < len(emitted)):
+            emitted, stopped = emitted[:keep], "stop_criterion"
     row.passes += 1
     row.generated.extend(emitted)
     row.next_position += kept_slots
@@ -418,7 +433,7 @@ def _retire(
     still = [
         slot
         for slot, row in enumerate(active)
-        if not row.stopped and len(row.generated) < max_new_tokens
+        if row.stopped is None and len(row.generated) < max_new_tokens
     ]
     holes = new_length - int(visible.sum(axis=1).min()) if still else 0
     if still and holes > max(_COMPACT_MIN_HOLES, new_length // 4):
@@ -441,28 +456,30 @@ def _pad_to(confidences: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.floa
     return padded
 
 
-def _truncate(emitted: list[int], stop: frozenset[int], budget: int) -> tuple[list[int], bool]:
-    """Cut a chunk at the first stop token (kept) and at the row's remaining budget."""
+def _truncate(
+    emitted: list[int], stop: frozenset[int], budget: int
+) -> tuple[list[int], StopReason | None]:
+    """Cut a chunk at the first stop token (kept) and at the row's remaining budget.
+
+    Returns the cut chunk and ``"stop_token"`` if it ends on a stop token, else ``None``.
+    """
     emitted = emitted[:budget]
     for position, token in enumerate(emitted):
         if token in stop:
-            return emitted[: position + 1], True
-    return emitted, False
+            return emitted[: position + 1], "stop_token"
+    return emitted, None
 
 
-def _cut_at_criterion(
-    criterion: StopCriterion,
-    row_index: int,
-    generated: list[int],
-    emitted: list[int],
-    stopped: bool,
-) -> tuple[list[int], bool]:
-    """Cut a chunk after the first token at which ``criterion`` ends the row (token kept)."""
+def _criterion_cut(
+    criterion: StopCriterion, row_index: int, generated: list[int], emitted: list[int]
+) -> int | None:
+    """How many of ``emitted`` to keep: up to the first token at which ``criterion`` ends the
+    row (that token kept), or ``None`` if it holds at none of them."""
     for position in range(len(emitted)):
         so_far = np.asarray([*generated, *emitted[: position + 1]], dtype=np.int64)
         if criterion(row_index, so_far):
-            return emitted[: position + 1], True
-    return emitted, stopped
+            return position + 1
+    return None
 
 
 def _compaction(visible: BoolArray) -> tuple[IntArray, BoolArray]:

@@ -43,10 +43,12 @@ class CardFacts:
       base_model: the model that was converted (a Hub id or a local name), or ``None``.
       architecture: the transformers class, e.g. ``"LlamaForCausalLM"``.
       mask_token_id: id of the ``<mtp_mask>`` token.
-      k_max: the stored default ``k_max``.
-      threshold: the stored default ConfAdapt threshold.
+      k_max: the stored default policy's positions per step (``mtp_k_max``).
+      threshold: the stored default ConfAdapt threshold, ``None`` for another policy.
       training_summary: what training reported (see ``check_training_summary``), or ``None``.
       gated: whether the model carries mask-gated adapters (``mtp_gate.safetensors``).
+      policy: the stored default policy's spec (``mtp_policy``, e.g. ``"static:3"``), or
+        ``None`` (a ConfAdapt of ``threshold`` and ``k_max``).
     """
 
     name: str
@@ -54,9 +56,10 @@ class CardFacts:
     architecture: str
     mask_token_id: int
     k_max: int
-    threshold: float
+    threshold: float | None
     training_summary: Mapping[str, Any] | None = None
     gated: bool = False
+    policy: str | None = None
 
 
 def check_training_summary(summary: Any) -> dict[str, Any] | None:
@@ -143,11 +146,12 @@ def _gate_section(facts: CardFacts) -> str:
 
 
 def _settings_section(facts: CardFacts) -> str:
-    rows = [
-        ("mask token id (`mtp_mask_token_id`)", str(facts.mask_token_id)),
-        ("k_max, proposals per step (`mtp_k_max`)", str(facts.k_max)),
-        ("ConfAdapt threshold (`mtp_threshold`)", _format(facts.threshold)),
-    ]
+    rows = [("mask token id (`mtp_mask_token_id`)", str(facts.mask_token_id))]
+    if facts.policy is not None:
+        rows.append(("default policy (`mtp_policy`)", f"`{facts.policy}`"))
+    rows.append(("k_max, proposals per step (`mtp_k_max`)", str(facts.k_max)))
+    if facts.threshold is not None:
+        rows.append(("ConfAdapt threshold (`mtp_threshold`)", _format(facts.threshold)))
     return (
         "## MTP settings\n\nStored in `config.json`; `MTPModel` uses them as its defaults.\n\n"
         + (_table(("setting", "value"), rows))
@@ -191,8 +195,8 @@ def _usage_section(facts: CardFacts) -> str:
         "from mtp_torch import ConfAdapt, MTPModel\n\n"
         f'mtp = MTPModel.from_pretrained("{name}")\n'
         'ids = mtp.tokenizer("The capital of France is", return_tensors="pt").input_ids\n'
-        f"out = mtp.generate(ids, max_new_tokens=128)  # ConfAdapt({_format(facts.threshold)}, "
-        f"{facts.k_max}) from the config\n"
+        f"out = mtp.generate(ids, max_new_tokens=128)  # {_default_policy(facts)} from the "
+        "config\n"
         f"fast = mtp.generate(ids, policy=ConfAdapt(0.8, {facts.k_max}), max_new_tokens=128)"
         "  # lower threshold: more tokens per pass\n"
         "out = mtp.generate(ids, max_new_tokens=128, verify=True)  # lossless: equals greedy\n"
@@ -201,6 +205,15 @@ def _usage_section(facts: CardFacts) -> str:
         f'or from the command line: `mtp generate --model {name} --prompt "..."`.  Replace '
         f"`{name}` with the path of this directory (or its Hub id).\n"
     )
+
+
+def _default_policy(facts: CardFacts) -> str:
+    """The stored default policy as the code that builds it."""
+    if facts.policy is not None and facts.policy.startswith("static:"):
+        return f"StaticK({facts.policy.split(':')[1]})"
+    if facts.threshold is not None:
+        return f"ConfAdapt({_format(facts.threshold)}, {facts.k_max})"
+    return f"the policy {facts.policy}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -76,6 +76,9 @@ class GenerationPlan:
         ``None`` when there is nothing to check besides ``stop_ids``.
       mask_pad_id: pad id used to infer an attention mask that was not given, or ``None``.
       mask_eos_ids: EOS ids that are never taken for padding when inferring the mask.
+      budget_limit: what set ``max_new_tokens``, the stop reason of a row that uses it all:
+        ``"max_length"`` when it is a generation config's ``max_length`` less the prompt
+        width, else ``"max_new_tokens"``.
     """
 
     max_new_tokens: int
@@ -85,6 +88,7 @@ class GenerationPlan:
     criteria: Any
     mask_pad_id: int | None
     mask_eos_ids: list[int]
+    budget_limit: str = "max_new_tokens"
 
 
 def plan_generation(
@@ -116,7 +120,7 @@ def plan_generation(
     if generation_config is not None:
         _check_generation_config(generation_config)
     field = _Fields(generation_config, model)
-    budget = _budget(max_new_tokens, field, prompt_width)
+    budget, limit = _budget(max_new_tokens, field, prompt_width)
     eos = eos_token_id if eos_token_id is not None else field("eos_token_id")
     stop_ids = stop_token_ids(eos, model)
     pad = _pad_id(pad_token_id if pad_token_id is not None else field("pad_token_id", True))
@@ -135,6 +139,7 @@ def plan_generation(
         criteria=_criteria(stopping_criteria, strings, tokenizer),
         mask_pad_id=pad,
         mask_eos_ids=as_token_ids(field("eos_token_id", model_default=True)),
+        budget_limit=limit,
     )
 
 
@@ -187,8 +192,9 @@ def _pad_id(value: Any) -> int | None:
     return ids[0]
 
 
-def _budget(max_new_tokens: Any, field: _Fields, prompt_width: int) -> int:
-    """Explicit ``max_new_tokens``, else the config's (or its ``max_length`` less the prompt)."""
+def _budget(max_new_tokens: Any, field: _Fields, prompt_width: int) -> tuple[int, str]:
+    """Explicit ``max_new_tokens``, else the config's (or its ``max_length`` less the prompt),
+    and which of the two it is (``"max_new_tokens"`` or ``"max_length"``)."""
     if max_new_tokens is None:
         max_new_tokens = field("max_new_tokens")
     if max_new_tokens is None and field("max_length") is not None:
@@ -198,11 +204,12 @@ def _budget(max_new_tokens: Any, field: _Fields, prompt_width: int) -> int:
                 f"generation_config.max_length={field('max_length')} leaves no room after the "
                 f"{prompt_width}-token prompt; set max_new_tokens instead"
             )
+        return max_new_tokens, "max_length"
     if max_new_tokens is None:
-        return DEFAULT_MAX_NEW_TOKENS
+        return DEFAULT_MAX_NEW_TOKENS, "max_new_tokens"
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise TypeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    return int(max_new_tokens)
+    return int(max_new_tokens), "max_new_tokens"
 
 
 def _sampling(field: _Fields, temperature: Any, top_p: Any, top_k: Any) -> Sampling:

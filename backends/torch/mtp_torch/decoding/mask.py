@@ -21,6 +21,7 @@ __all__ = [
     "K_MAX_CONFIG_KEY",
     "MASK_TOKEN",
     "MASK_TOKEN_CONFIG_KEY",
+    "POLICY_CONFIG_KEY",
     "THRESHOLD_CONFIG_KEY",
     "HFModel",
     "add_mask_token",
@@ -30,7 +31,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MASK_TOKEN = "<mtp_mask>"
-# The MTP settings a converted checkpoint stores in its config.json.
+# The MTP settings a converted checkpoint stores in its config.json: the default policy's spec
+# (``decoding/policies.py`` writes and reads it), its positions per step and, for a ConfAdapt,
+# its threshold (which saves from before ``mtp_policy`` hold alone).
+POLICY_CONFIG_KEY = "mtp_policy"
 K_MAX_CONFIG_KEY = "mtp_k_max"
 THRESHOLD_CONFIG_KEY = "mtp_threshold"
 

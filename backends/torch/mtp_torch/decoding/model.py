@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from mtp_core import AcceptancePolicy, ConfAdapt, DecodeResult, decode
+from mtp_core import AcceptancePolicy, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend
 from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
@@ -42,10 +42,13 @@ from mtp_torch.decoding.kernels import KernelPlan, check_linear_kernel, fixed_pl
 from mtp_torch.decoding.mask import (
     K_MAX_CONFIG_KEY,
     MASK_TOKEN_CONFIG_KEY,
+    POLICY_CONFIG_KEY,
     THRESHOLD_CONFIG_KEY,
     add_mask_token,
     embedding_rows,
 )
+from mtp_torch.decoding.policies import policy_config_settings, policy_to_save
+from mtp_torch.decoding.policies import policy_from_config as _policy_from_config
 from mtp_torch.decoding.saving import (
     check_model_source,
     read_manifest,
@@ -74,6 +77,14 @@ class GenerateOutput:
       accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
       elapsed_s: wall-clock seconds spent decoding.
       num_new_tokens: ``(batch,)`` generated tokens per row (stop token included).
+      forward_passes_per_row: ``(batch,)`` forward passes during which each row was still
+        decoding (its own acceleration factor is ``num_new_tokens / forward_passes_per_row``).
+      stop_reasons: per row, why it ended: ``"stop_token"`` (it emitted an ``eos_token_id``,
+        kept as its last token), ``"stop_criterion"`` (a ``stopping_criteria`` or
+        ``stop_strings`` ended it at its last token), ``"max_new_tokens"`` (it used its whole
+        budget) or ``"max_length"`` (the same, when the budget came from a generation
+        config's ``max_length``).  A stop token at a row's last budget token is
+        ``"stop_token"``.
     """
 
     sequences: torch.Tensor
@@ -82,18 +93,8 @@ class GenerateOutput:
     accepted_histogram: npt.NDArray[np.int64]
     elapsed_s: float
     num_new_tokens: npt.NDArray[np.int64]
-
-
-def _policy_from_config(config: Any) -> ConfAdapt:
-    """ConfAdapt with the ``mtp_threshold`` / ``mtp_k_max`` stored in a config, else defaults."""
-    settings: dict[str, Any] = {}
-    threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
-    k_max = getattr(config, K_MAX_CONFIG_KEY, None)
-    if threshold is not None:
-        settings["threshold"] = float(threshold)
-    if k_max is not None:
-        settings["k_max"] = int(k_max)
-    return ConfAdapt(**settings)
+    forward_passes_per_row: npt.NDArray[np.int64]
+    stop_reasons: tuple[str, ...]
 
 
 class MTPModel:
@@ -116,8 +117,9 @@ class MTPModel:
       model: the wrapped transformers model.
       tokenizer: the tokenizer, or ``None``.
       mask_token_id: the mask token id (also stored as ``model.config.mtp_mask_token_id``).
-      default_policy: ``ConfAdapt`` built from the config keys ``mtp_threshold`` / ``mtp_k_max``
-        when present, else ``ConfAdapt()``.
+      default_policy: the policy the config stores (``mtp_policy``, a spec such as
+        ``"static:3"``; a save from before that key: ``ConfAdapt`` from ``mtp_threshold`` /
+        ``mtp_k_max``), else ``ConfAdapt()``; see ``mtp_torch.decoding.policies``.
       base_model: name of the model that was converted, for the model card (``None``: taken
         from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
       linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable); the plan
@@ -266,7 +268,9 @@ class MTPModel:
         """Write a plain transformers checkpoint plus the MTP settings and a model card, atomically.
 
         The directory holds safetensors weights, the tokenizer (if any), a config carrying
-        ``mtp_mask_token_id``, ``mtp_k_max`` and ``mtp_threshold``, a model card (``README.md``:
+        ``mtp_mask_token_id`` and the default policy (``mtp_policy``, its spec, which
+        ``from_pretrained`` reads back as an equal policy; ``mtp_k_max``; ``mtp_threshold`` for
+        a ConfAdapt), a model card (``README.md``:
         base model, method, MTP settings, training summary, how to load it) and a manifest of
         the files written (``mtp_lm_manifest.json``); stock ``AutoModelForCausalLM`` loads it
         unchanged.  A mask-gated model (``gate``) also writes its adapter, ``mtp_gate.safetensors``,
@@ -283,8 +287,10 @@ class MTPModel:
 
         Args:
           directory: output directory.
-          k_max: default ``k_max`` to store; ``None`` keeps the current default policy's.
-          threshold: default ConfAdapt threshold to store; ``None`` keeps the current one's.
+          k_max: ``k_max`` of a ConfAdapt to store as the default.  Given this or ``threshold``,
+            the stored default is a ConfAdapt, the setting not given taken from the current
+            ``default_policy``; given neither, ``default_policy`` is stored as it is.
+          threshold: threshold of a ConfAdapt to store as the default (see ``k_max``).
           overwrite: write into a directory that holds files of its own.
           training_summary: what training reported, for the card: ``steps``, ``data``,
             ``loss_kind``, ``loss`` (final), ``agreement`` (final per-offset rates, offset 1
@@ -294,17 +300,14 @@ class MTPModel:
           The directory written.
 
         Raises:
-          ValueError: if ``k_max`` or ``threshold`` is out of range.
+          ValueError: if ``k_max`` or ``threshold`` is out of range, or the policy to store has
+            no spec (a policy ``parse_policy`` cannot read: set ``default_policy`` to a
+            ``ConfAdapt`` or ``StaticK``, or pass ``k_max`` / ``threshold``).
           TypeError: if ``training_summary`` is not a mapping.
           FileExistsError: if ``directory`` holds files other than an earlier save's and
             ``overwrite`` is false, or is a file.
         """
-        current = self.default_policy
-        base = current if isinstance(current, ConfAdapt) else ConfAdapt()
-        policy = ConfAdapt(
-            threshold=base.threshold if threshold is None else threshold,
-            k_max=base.k_max if k_max is None else k_max,
-        )
+        stored = policy_config_settings(policy_to_save(self.default_policy, k_max, threshold))
         summary = check_training_summary(
             self.training_summary if training_summary is None else training_summary
         )
@@ -315,16 +318,13 @@ class MTPModel:
             base_model=base_model_name(config, self.base_model),
             architecture=type(self.model).__name__,
             mask_token_id=self.mask_token_id,
-            k_max=int(policy.k_max),
-            threshold=float(policy.threshold),
+            k_max=stored[K_MAX_CONFIG_KEY],
+            threshold=stored[THRESHOLD_CONFIG_KEY],
             training_summary=summary,
             gated=self.gate is not None,
+            policy=stored[POLICY_CONFIG_KEY],
         )
-        settings: dict[str, Any] = {
-            MASK_TOKEN_CONFIG_KEY: self.mask_token_id,
-            K_MAX_CONFIG_KEY: int(policy.k_max),
-            THRESHOLD_CONFIG_KEY: float(policy.threshold),
-        }
+        settings: dict[str, Any] = {MASK_TOKEN_CONFIG_KEY: self.mask_token_id, **stored}
         if self.gate is not None:
             settings[GATE_CONFIG_KEY] = gate_settings(self.gate)
         return write_checkpoint(
@@ -434,7 +434,7 @@ class MTPModel:
         result, elapsed = self._run_engine(
             ids, mask, chosen, plan, streamer=streamer, verify=verify, seed=seed, on_chunk=on_chunk
         )
-        return _output(ids, result, plan.pad_token_id, elapsed)
+        return _output(ids, result, plan, elapsed)
 
     def _check_policy(self, policy: Any, streamer: Any, batch: int) -> AcceptancePolicy:
         """The policy to decode with (``None``: the default); a streamer needs one prompt."""
@@ -576,12 +576,14 @@ class MTPModel:
 
 
 def _output(
-    ids: torch.Tensor, result: DecodeResult, pad_token_id: int, elapsed: float
+    ids: torch.Tensor, result: DecodeResult, plan: GenerationPlan, elapsed: float
 ) -> GenerateOutput:
-    """The engine's per-row tokens laid out like transformers' ``generate`` output."""
+    """The engine's per-row tokens laid out like transformers' ``generate`` output, with each
+    row's passes and stop reason (a used-up budget named after what set it)."""
     lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
     generated = int(lengths.max()) if lengths.size else 0
-    sequences = torch.full((ids.shape[0], ids.shape[1] + generated), pad_token_id, dtype=torch.long)
+    width = ids.shape[1] + generated
+    sequences = torch.full((ids.shape[0], width), plan.pad_token_id, dtype=torch.long)
     sequences[:, : ids.shape[1]] = ids.cpu()
     for row, tokens in enumerate(result.tokens):
         sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
@@ -592,4 +594,9 @@ def _output(
         accepted_histogram=result.accepted_histogram,
         elapsed_s=elapsed,
         num_new_tokens=lengths,
+        forward_passes_per_row=np.asarray(result.forward_passes_per_row, dtype=np.int64),
+        stop_reasons=tuple(
+            plan.budget_limit if reason == "max_new_tokens" else reason
+            for reason in result.stop_reasons
+        ),
     )
