@@ -504,12 +504,9 @@ class MTPModel:
         return result, time.perf_counter() - start
 
     def decoding_backend(self, plan: KernelPlan | None = None) -> TorchBackend:
-        """The backend ``generate`` runs its passes on under ``plan`` (default: ``kernel_plan()``).
-
-        ``FusedBackend`` (one compiled call per pass, ``mtp_torch.decoding.fused``) where the plan
-        runs the native kernel and the model qualifies; ``self.backend`` (transformers' forward)
-        otherwise.
-        """
+        """The backend ``generate`` runs on under ``plan`` (default ``kernel_plan()``): the
+        one-call ``FusedBackend`` where the plan runs the native kernel and the model qualifies
+        (``mtp_torch.decoding.fused``), else ``self.backend`` (transformers' forward)."""
         plan = self.kernel_plan() if plan is None else plan
         if "native" in plan.widths and fused_unavailable_reason(self.model) is None:
             return FusedBackend(self.model, plan)
