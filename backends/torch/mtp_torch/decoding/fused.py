@@ -160,7 +160,7 @@ def _gather(model: Any) -> _Weights:
                 adapters += [empty, empty]
                 scales.append(0.0)
             else:
-                adapters += [wrapper.lora_A, wrapper.lora_B]
+                adapters += [wrapper.lora_A, wrapper.lora_B.t()]  # B transposed: rows to add
                 scales.append(float(wrapper.scale))
         if any(a.dtype != empty.dtype for a in adapters):
             raise ValueError("the adapters' dtype differs from the model's")

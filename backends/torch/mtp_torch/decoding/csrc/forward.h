@@ -74,41 +74,48 @@ template <typename T>
 struct Lift {
   const torch::Tensor* low;  // (rows, rank): A x, computed with the block's own products
   torch::Tensor* out;
-  const torch::Tensor* B;  // (out, rank)
+  const torch::Tensor* Bt;  // (rank, out): B transposed, so the update is a sum of rows
   double scale;
 };
 
-// The updates of the products that share an input (q/k/v, gate/up), in one parallel region:
-// reading the adapters of every block is a few percent of the model, and a region per product
-// cost more than the arithmetic.
+// The updates of the products that share an input (q/k/v, gate/up), in one parallel region
+// over their output columns.  With B transposed each update is ``rank`` scaled rows added up
+// (no per-output reduction), and a region per product cost more than its arithmetic.
 template <typename T>
 void lift(const std::vector<Lift<T>>& lifts, const std::vector<int64_t>& rows) {
-  if (lifts.empty()) return;
-  const int64_t rank = lifts[0].B->size(1);
-  for (const auto& l : lifts) TORCH_CHECK(l.B->size(1) == rank, "a gate has one adapter rank");
-  for (size_t first = 0; first < rows.size(); first += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows.size() - first);
-    std::vector<std::vector<T>> in(lifts.size()), up(lifts.size());
-    std::vector<Segment<T>> segs;
+  if (lifts.empty() || rows.empty()) return;
+  const int64_t rank = lifts[0].Bt->size(0), n = static_cast<int64_t>(rows.size());
+  for (const auto& l : lifts) TORCH_CHECK(l.Bt->size(0) == rank, "a gate has one adapter rank");
+  std::vector<std::vector<T>> in(lifts.size());
+  std::vector<int64_t> start(lifts.size() + 1, 0);
+  for (size_t k = 0; k < lifts.size(); ++k) {
+    in[k].resize(n * rank);
+    for (int64_t i = 0; i < n; ++i)
+      std::copy_n(lifts[k].low->template data_ptr<T>() + rows[i] * rank, rank,
+                  in[k].data() + i * rank);
+    start[k + 1] = start[k] + lifts[k].out->size(1);
+  }
+  at::parallel_for(0, start.back(), 8 * kGrain, [&](int64_t b, int64_t e) {
+    std::vector<T> acc;
     for (size_t k = 0; k < lifts.size(); ++k) {
+      const int64_t lo = std::max(b, start[k]) - start[k], hi = std::min(e, start[k + 1]) - start[k];
+      if (lo >= hi) continue;
       const int64_t od = lifts[k].out->size(1);
-      in[k].resize(n * rank);
-      up[k].resize(n * od);
-      for (int64_t i = 0; i < n; ++i)
-        std::copy_n(lifts[k].low->template data_ptr<T>() + rows[first + i] * rank, rank,
-                    in[k].data() + i * rank);
-      segs.push_back({lifts[k].B->template data_ptr<T>(), up[k].data(), od, od, in[k].data()});
-    }
-    few_row_product<T>(nullptr, n, rank, segs);
-    for (size_t k = 0; k < lifts.size(); ++k) {
-      const int64_t od = lifts[k].out->size(1);
+      const T* bt = lifts[k].Bt->template data_ptr<T>();
       const T alpha = static_cast<T>(lifts[k].scale);
       for (int64_t i = 0; i < n; ++i) {
-        T* o = lifts[k].out->template data_ptr<T>() + rows[first + i] * od;
-        for (int64_t j = 0; j < od; ++j) o[j] += alpha * up[k][i * od + j];
+        acc.assign(hi - lo, T(0));
+        T* a = acc.data();
+        for (int64_t r = 0; r < rank; ++r) {
+          const T c = in[k][i * rank + r];
+          const T* row = bt + r * od + lo;
+          for (int64_t j = 0; j < hi - lo; ++j) a[j] += c * row[j];
+        }
+        T* o = lifts[k].out->template data_ptr<T>() + rows[i] * od + lo;
+        for (int64_t j = 0; j < hi - lo; ++j) o[j] += alpha * a[j];
       }
     }
-  }
+  });
 }
 
 // x (rows, heads * d) <- x * cos + rotate_half(x) * sin, per head, cos/sin (rows, d).

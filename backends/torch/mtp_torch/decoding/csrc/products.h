@@ -73,6 +73,15 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+// [sum(a), sum(b), sum(c), sum(d)]: one transpose-and-add tree instead of four reductions.
+inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
+  const Vec ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const Vec cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const Vec abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
 #else
 constexpr int kLanes = 8;
 constexpr int kAccumulators = 8;  // of 16 vector registers
@@ -86,6 +95,12 @@ inline float vsum(Vec a) {
   s = _mm_hadd_ps(s, s);
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(s);
+}
+inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
+  const Vec ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  const Vec cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  const Vec abcd = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x44), _mm256_shuffle_ps(ab, cd, 0xEE));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 #endif
 
@@ -116,11 +131,20 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
       }
     }
   }
+  constexpr int K = O * N;
+  Vec t[K];
+  float sums[K + 3];
+  for (int a = 0; a < O; ++a)
+    for (int r = 0; r < N; ++r) {
+      t[a * N + r] = acc[a][r][0];
+      for (int u = 1; u < U; ++u) t[a * N + r] = vadd(t[a * N + r], acc[a][r][u]);
+    }
+  int k = 0;
+  for (; k + 4 <= K; k += 4) _mm_storeu_ps(sums + k, vsum4(t[k], t[k + 1], t[k + 2], t[k + 3]));
+  for (; k < K; ++k) sums[k] = vsum(t[k]);
   for (int a = 0; a < O; ++a) {
     for (int r = 0; r < N; ++r) {
-      Vec t = acc[a][r][0];
-      for (int u = 1; u < U; ++u) t = vadd(t, acc[a][r][u]);
-      float s = vsum(t);
+      float s = sums[a * N + r];
       for (int64_t i = body; i < in; ++i) s += rows[a][i] * x[r * in + i];
       out[r * stride + o + a] = s;
     }
