@@ -83,8 +83,11 @@ def _inputs(ids: np.ndarray, past: int, allowed: np.ndarray, read: np.ndarray) -
     return StepInputs(ids, positions.copy(), allowed, read)
 
 
-def test_float32_passes_agree_to_rounding_and_caches_crop_and_gather_alike() -> None:
-    model = tiny_llama(70, hidden_size=48, layers=2, heads=6, kv_heads=2, seed=1).eval()
+@pytest.mark.parametrize(("hidden", "heads"), [(48, 6), (64, 4), (128, 4)])  # head size 8, 16, 32
+def test_float32_passes_agree_to_rounding_and_caches_crop_and_gather_alike(
+    hidden: int, heads: int
+) -> None:
+    model = tiny_llama(70, hidden_size=hidden, layers=2, heads=heads, kv_heads=2, seed=1).eval()
     reference = TorchBackend(model)
     fused = FusedBackend(model, fixed_plan("native"))
     backends: tuple[Any, ...] = (reference, fused)

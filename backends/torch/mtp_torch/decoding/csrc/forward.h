@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention.h"
 #include "products.h"
 
 namespace mtp {
@@ -29,10 +30,6 @@ constexpr int kBlockTensors = 9;
 // Adapted products per block, in order: q, k, v, o, gate, up, down.
 constexpr int kAdapted = 7;
 
-struct Shape {
-  int64_t batch, width, hidden, heads, kv_heads, head_dim, intermediate, capacity, past;
-  double eps, scaling;
-};
 
 // y = weight * (x * rsqrt(mean(x^2) + eps)) with the statistics in float32, per row.
 template <typename T>
@@ -142,6 +139,21 @@ void rotary(T* x, const T* cos, const T* sin, int64_t rows, int64_t heads, int64
 template <typename T>
 void attend(const T* q, const T* kc, const T* vc, const uint8_t* allowed, T* out, const Shape& s) {
   const int64_t group = s.heads / s.kv_heads, d = s.head_dim, slots = s.past + s.width;
+#ifdef MTP_HAVE_SIMD
+  if constexpr (std::is_same<T, float>::value) {
+    if (simd_attention(d)) {
+      at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> score(s.width * slots);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / s.heads, h = task % s.heads, g = h / group;
+          const int64_t offset = ((b * s.kv_heads + g) * s.capacity) * d;
+          attend_head_f32(q, kc + offset, vc + offset, allowed + b * slots, out, s, b, h, score);
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> score(slots);
     std::vector<T> acc(d);

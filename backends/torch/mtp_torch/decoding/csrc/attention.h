@@ -1,0 +1,147 @@
+// Attention of a few queries over a cache, float32 with AVX2/AVX-512 (see forward.h's attend).
+//
+// Per query head: the scores of up to four queries against one key come from one key load and
+// one transpose-and-add reduction (vsum4), the softmax runs a vectorised exp, and the weighted
+// sum of values loads each value row once for up to four queries.  Part of mtp-lm.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "products.h"
+
+namespace mtp {
+
+struct Shape {
+  int64_t batch, width, hidden, heads, kv_heads, head_dim, intermediate, capacity, past;
+  double eps, scaling;
+};
+
+#ifdef MTP_HAVE_SIMD
+#if defined(__AVX512F__)
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfloor(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline Vec vpow2(Vec n) {  // 2^n for integral n in the normal range
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+#else
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfloor(Vec a) { return _mm256_floor_ps(a); }
+inline Vec vpow2(Vec n) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+#endif
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), within a few ulp: Cody-Waite range
+// reduction by ln 2 and a degree-6 polynomial (the Cephes expf coefficients).
+inline Vec vexp(Vec x) {
+  x = vmax(x, vset1(-87.3f));
+  x = vmin(x, vset1(88.0f));
+  const Vec n = vfloor(vfma(x, vset1(1.44269504088896341f), vset1(0.5f)));
+  x = vfma(n, vset1(-0.693359375f), x);
+  x = vfma(n, vset1(2.12194440e-4f), x);
+  Vec y = vset1(1.9875691500e-4f);
+  y = vfma(y, x, vset1(1.3981999507e-3f));
+  y = vfma(y, x, vset1(8.3334519073e-3f));
+  y = vfma(y, x, vset1(4.1665795894e-2f));
+  y = vfma(y, x, vset1(1.6666665459e-1f));
+  y = vfma(y, x, vset1(5.0000001201e-1f));
+  y = vfma(y, vmul(x, x), vadd(x, vset1(1.0f)));
+  return vmul(y, vpow2(n));
+}
+
+constexpr int kQueries = 4;  // queries sharing each key/value load
+
+// One (row, query head): scores, softmax and values for all queries of the block.
+inline void attend_head_f32(const float* q, const float* keys, const float* values,
+                            const uint8_t* mask, float* out, const Shape& s, int64_t b, int64_t h,
+                            std::vector<float>& score) {
+  const int64_t d = s.head_dim, chunks = d / kLanes, slots = s.past + s.width;
+  const float scale = static_cast<float>(s.scaling), lowest = -std::numeric_limits<float>::infinity();
+  auto query = [&](int64_t w) { return q + ((b * s.width + w) * s.heads + h) * d; };
+  for (int64_t w0 = 0; w0 < s.width; w0 += kQueries) {
+    const int64_t nq = std::min<int64_t>(kQueries, s.width - w0);
+    const int64_t last = s.past + w0 + nq - 1;  // the newest slot any of these queries sees
+    for (int64_t j = 0; j <= last; ++j) {
+      const float* kv = keys + j * d;
+      Vec acc[kQueries] = {vzero(), vzero(), vzero(), vzero()};
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Vec kvec = vload(kv + c * kLanes);
+        for (int64_t i = 0; i < nq; ++i) acc[i] = vfma(vload(query(w0 + i) + c * kLanes), kvec, acc[i]);
+      }
+      float four[4];
+      _mm_storeu_ps(four, vsum4(acc[0], acc[1], acc[2], acc[3]));
+      for (int64_t i = 0; i < nq; ++i) score[(w0 + i) * slots + j] = four[i] * scale;
+    }
+  }
+  std::vector<float> inverse(s.width, 0.f);
+  for (int64_t w = 0; w < s.width; ++w) {
+    float* row = score.data() + w * slots;
+    const int64_t last = s.past + w;
+    float top = lowest;
+    for (int64_t j = 0; j <= last; ++j)
+      if (mask[j]) top = std::max(top, row[j]);
+    if (top == lowest) {  // sees nothing (a padding slot): zeros, never read
+      std::fill(row, row + slots, 0.f);
+      continue;
+    }
+    for (int64_t j = 0; j <= last; ++j)
+      if (!mask[j]) row[j] = lowest;
+    std::fill(row + last + 1, row + slots, lowest);
+    const Vec vtop = vset1(top);
+    int64_t j = 0;
+    for (; j + kLanes <= slots; j += kLanes) vstore(row + j, vexp(vadd(vload(row + j), vmul(vtop, vset1(-1.f)))));
+    for (; j < slots; ++j) row[j] = std::exp(row[j] - top);
+    float total = 0.f;
+    for (int64_t i = 0; i < slots; ++i) {
+      if (row[i] < 1e-37f) row[i] = 0.f;  // masked slots: the clamped exp's floor, dropped
+      total += row[i];
+    }
+    inverse[w] = 1.f / total;
+  }
+  for (int64_t w0 = 0; w0 < s.width; w0 += kQueries) {
+    const int64_t nq = std::min<int64_t>(kQueries, s.width - w0);
+    const int64_t last = s.past + w0 + nq - 1;
+    std::vector<Vec> acc(kQueries * chunks, vzero());
+    for (int64_t j = 0; j <= last; ++j) {
+      const float* vv = values + j * d;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Vec v = vload(vv + c * kLanes);
+        for (int64_t i = 0; i < nq; ++i)
+          acc[i * chunks + c] = vfma(vset1(score[(w0 + i) * slots + j]), v, acc[i * chunks + c]);
+      }
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      float* o = out + ((b * s.width + w0 + i) * s.heads + h) * d;
+      const Vec inv = vset1(inverse[w0 + i]);
+      for (int64_t c = 0; c < chunks; ++c) vstore(o + c * kLanes, vmul(acc[i * chunks + c], inv));
+    }
+  }
+}
+#endif
+
+// Whether attend_head_f32 serves this head size.
+inline bool simd_attention(int64_t head_dim) {
+#ifdef MTP_HAVE_SIMD
+  return head_dim % kLanes == 0;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+}  // namespace mtp
