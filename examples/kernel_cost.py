@@ -3,8 +3,10 @@
 MTP can only pay where a pass of several tokens costs about what a pass of one does.  This
 benchmark prints, side by side for every kernel (``stock``, ``skinny``, ``native``, ``auto``):
 
-1. the cost curve t(n)/t(1) of one forward pass of ``n`` new tokens after a warm cache
-   (``measure_cost_curve``, median of ``--repeats``), and t(1) itself;
+1. the cost curve t(n)/t(1) of one forward pass of ``n`` new tokens after a warm cache, timed
+   through the backend ``generate`` runs with that kernel (transformers' forward, or the fused
+   one-call pass of ``mtp_torch.decoding.fused`` for ``native``/``auto`` on Llama models;
+   ``measure_cost_curve``, median of ``--repeats``), and t(1) itself;
 2. decoding the same prompt through ``MTPModel.generate``: seconds per forward pass of
    ``StaticK(4)`` over ``StaticK(1)`` (a StaticK(4) pass feeds 4 pending tokens + 3 masks), and
    ``StaticK(1)``'s tokens per second over transformers' greedy ``generate`` with the same kernel,
@@ -74,19 +76,21 @@ def main() -> None:
     # 1. The cost curve per kernel.
     timing = dict(max_tokens=args.max_tokens, context_length=args.context, repeats=args.repeats)
     curves = {}
+    passes = {}
     for kernel, plan in plans.items():
+        backend = wrappers[kernel].decoding_backend(plan)  # the pass generate runs (fused or not)
+        passes[kernel] = "fused" if type(backend).__name__ == "FusedBackend" else "transformers"
         with use_kernels(plan, model):
-            curves[kernel] = [s * 1e3 for s in measure_cost_curve(model, **timing).measured_seconds]
+            curve = measure_cost_curve(model, backend=backend, **timing)
+        curves[kernel] = [s * 1e3 for s in curve.measured_seconds]
     print(f"\none forward pass after {args.context} cached tokens, {args.threads} threads: "
           "t(1) in ms, then t(n)/t(1)")  # fmt: skip
-    print(
-        "| kernel | t(1) ms | " + " | ".join(f"n={n}" for n in range(2, args.max_tokens + 1)) + " |"
-    )
-    print("|---|---|" + "---|" * (args.max_tokens - 1))
+    widths = " | ".join(f"n={n}" for n in range(2, args.max_tokens + 1))
+    print(f"| kernel | pass | t(1) ms | {widths} |")
+    print("|---|---|---|" + "---|" * (args.max_tokens - 1))
     for kernel, ms in curves.items():
-        print(
-            f"| {kernel} | {ms[0]:.1f} | " + " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:]) + " |"
-        )
+        ratios = " | ".join(f"{t / ms[0]:.2f}" for t in ms[1:])
+        print(f"| {kernel} | {passes[kernel]} | {ms[0]:.1f} | {ratios} |")
 
     # 2. Decoding: StaticK(4) vs StaticK(1) per pass, StaticK(1) vs transformers' generate.
     prompt = torch.randint(10, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
