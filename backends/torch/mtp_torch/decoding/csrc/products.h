@@ -104,8 +104,9 @@ inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
 }
 #endif
 
-// O output rows starting at o, N activation rows, U independent lanes-wide chunks per step.
-template <int N, int O, int U>
+// O output rows starting at o, N activation rows, U independent lanes-wide chunks per step;
+// Prefetch: ask for the next block's rows one block ahead.
+template <int N, int O, int U, bool Prefetch = true>
 inline void block_f32(const float* w, const float* x, float* out, int64_t in, int64_t o,
                       int64_t stride) {
   constexpr int64_t step = int64_t(kLanes) * U;
@@ -119,9 +120,10 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
   for (int64_t i = 0; i < body; i += step) {
     // The next block's rows (contiguous after these), one block ahead of the loads: the stream
     // from memory overlaps the multiply-adds instead of waiting on the hardware prefetcher.
-    for (int a = 0; a < O; ++a)
-      for (int64_t line = 0; line < step; line += 16)  // 16 floats: one 64-byte line
-        _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T0);
+    if (Prefetch)
+      for (int a = 0; a < O; ++a)
+        for (int64_t line = 0; line < step; line += 16)  // 16 floats: one 64-byte line
+          _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       Vec xv[N];
       for (int r = 0; r < N; ++r) xv[r] = vload(x + r * in + i + u * kLanes);
@@ -151,10 +153,17 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
   }
 }
 
-// Output rows [b, e): blocks of O while they last, then single rows.
+// Output rows [b, e).  Up to 3 activation rows, one weight row at a time with many independent
+// accumulators streams at memory speed (measured: blocking and prefetching cost 10-20% there);
+// from 4 rows on, blocks of O rows with the next block prefetched, then single rows.
 template <int N>
 void rows_f32(const float* w, const float* x, float* out, int64_t in, int64_t b, int64_t e,
               int64_t stride) {
+  if constexpr (N <= 3) {
+    constexpr int U = N >= 2 ? 4 : 8;
+    for (int64_t o = b; o < e; ++o) block_f32<N, 1, U, false>(w, x, out, in, o, stride);
+    return;
+  }
   constexpr int O = kAccumulators / N >= 4 ? 4 : (kAccumulators / N >= 2 ? 2 : 1);
   constexpr int U = kAccumulators / (O * N) >= 2 ? 2 : 1;
   int64_t o = b;
