@@ -129,6 +129,7 @@ EXPECTED_OUTPUT = {
     "gpu_convert_default.py": "delta written: True",
     "gpu_check.py": "gpu check passed: True",
     "kernel_cost.py": "greedy tokens with every kernel: True",
+    "mtp_gain.py": "StaticK(1)'s output with every policy: True",
 }
 
 
