@@ -6,7 +6,7 @@ verification (StaticK(k) drafts, the default policy's drafts) and of unverified 
 against `StaticK(1)` of the same `MTPModel` (same kernel, same pass), in interleaved rounds
 (median of the per-round ratios, with their range), and whether the output equals `StaticK(1)`'s.
 
-Run:  python examples/mtp_gain.py            # 2 bundled held-out prompts, a quick look (~30 s)
+Run:  python examples/mtp_gain.py            # 1 bundled held-out prompt, a quick look
       python examples/mtp_gain.py --prompts gsm8k/test.jsonl --skip 100 --num 6 \
           --new-tokens 96 --rounds 3     # what docs/results.md reports (~6 minutes)
 """
@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="a model name or directory")
     parser.add_argument("--prompts", default=None, help="a .jsonl file (default: bundled set)")
     parser.add_argument("--skip", type=int, default=0, help="prompts to skip first")
-    parser.add_argument("--num", type=int, default=2, help="prompts to decode")
-    parser.add_argument("--new-tokens", type=int, default=24, help="tokens per prompt")
+    parser.add_argument("--num", type=int, default=1, help="prompts to decode")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens per prompt")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timed rounds")
     parser.add_argument("--kernel", default="native", help="linear_kernel (native: fused pass)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
