@@ -184,9 +184,8 @@ def test_confident_targets_weight_only_confident_runs() -> None:
             unconfident_weight=0.0,
         )
         with torch.no_grad():
-            losses[name], logits, _, targets, _ = _batch_loss(
-                model, model, None, packed, cfg, mask_id, contextlib.nullcontext()
-            )
+            out = _batch_loss(model, model, None, packed, cfg, mask_id, contextlib.nullcontext())
+        losses[name], logits, targets = out.loss, out.student_logits, out.targets
     assert torch.allclose(losses["plain"], losses["all sure"])
     # With offsets 1 and 2 gated off, only offset 0 remains.
     offset0 = torch.nn.functional.cross_entropy(
