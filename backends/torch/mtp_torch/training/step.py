@@ -51,7 +51,9 @@ __all__ = [
 
 # TrainState and init_train_state live in mtp_torch.training.state; they stay importable here.
 
-# The ConfAdapt threshold of the running acceptance estimate (``StepStats.accepted_at_0_9``).
+# The ConfAdapt threshold of the running acceptance estimate (``StepStats.accepted_at_0_9``):
+# the paper's default threshold (``mtp_core.ConfAdapt``'s default too).  The metric's name says
+# 0.9 and is in every training log, so a change here needs a new name.
 ESTIMATE_THRESHOLD = 0.9
 
 
