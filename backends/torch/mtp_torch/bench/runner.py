@@ -134,18 +134,14 @@ def run_benchmark(
         curve, kernel_curve = kernel_curve, None
 
     # 2. The methods, and the models of each precision they run on.
-    models_by_precision, methods = _models_and_methods(
-        mtp_model, config, chosen, baseline_model, say, plan
-    )
+    bundles, methods = _models_and_methods(mtp_model, config, chosen, baseline_model, say, plan)
 
     # 3. Warm-up on the first prompt (untimed).
     for method in methods:
-        timed_decode(method, models_by_precision[method.precision], prompts[0], settings)
+        timed_decode(method, bundles[method.precision], prompts[0], settings)
 
     # 4. Timed repeats over all prompts, methods interleaved so drift spreads evenly.
-    traces = _time_methods(
-        methods, models_by_precision, prompts, settings, int(config.repeats), say
-    )
+    traces = _time_methods(methods, bundles, prompts, settings, int(config.repeats), say)
 
     # 5. Quality (teacher NLL, accuracy, agreement with greedy), outside the timing.
     scorer = teacher if teacher is not None else hf_model
@@ -317,12 +313,10 @@ def _models_and_methods(
             precision=precision,
         )
 
-    models_by_precision = {
-        "base": ModelsUnderTest("base", mtp_model.model, mtp_model, baseline_model)
-    }
+    bundles = {"base": ModelsUnderTest("base", mtp_model.model, mtp_model, baseline_model)}
     methods = methods_for("base")
     if plan is not None and config.kernel is not None:
-        models_by_precision[config.kernel] = ModelsUnderTest(
+        bundles[config.kernel] = ModelsUnderTest(
             config.kernel, mtp_model.model, mtp_model, baseline_model, kernel=plan
         )
         methods += methods_for(config.kernel)
@@ -335,23 +329,21 @@ def _models_and_methods(
             tokenizer=getattr(mtp_model, "tokenizer", None),
         )
         quantized_baseline = None if baseline_model is None else quantize_int8(baseline_model)
-        models_by_precision["int8"] = ModelsUnderTest(
-            "int8", quantized, quantized_mtp, quantized_baseline
-        )
+        bundles["int8"] = ModelsUnderTest("int8", quantized, quantized_mtp, quantized_baseline)
         methods += methods_for("int8")
-    return models_by_precision, methods
+    return bundles, methods
 
 
 def _time_methods(
     methods: Sequence[BenchMethod],
-    models_by_precision: dict[str, ModelsUnderTest],
+    bundles: dict[str, ModelsUnderTest],
     prompts: Sequence[BenchPrompt],
     settings: RunSettings,
     repeats: int,
     say: Log,
 ) -> dict[str, Trace]:
     """Decode every prompt with every method, ``repeats`` times; outputs from the first repeat."""
-    device = model_device(models_by_precision["base"].hf_model)
+    device = model_device(bundles["base"].hf_model)
     traces = {method.name: Trace() for method in methods}
     for repeat in range(repeats):
         for method in methods:
@@ -359,9 +351,7 @@ def _time_methods(
             reset_peak_memory(device)
             total = 0.0
             for prompt in prompts:
-                decoded = timed_decode(
-                    method, models_by_precision[method.precision], prompt, settings
-                )
+                decoded = timed_decode(method, bundles[method.precision], prompt, settings)
                 total += decoded.seconds
                 if repeat == 0:
                     trace.record(decoded)
