@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
 from mtp_torch.bench.config import (
@@ -194,8 +195,6 @@ def _transformers_generate(
     prompt_lookup: int | None,
 ) -> Generated:
     """Greedy transformers ``generate`` on the reference model (batch 1, no padding)."""
-    from transformers import GenerationConfig
-
     config = GenerationConfig(  # type: ignore[no-untyped-call]
         do_sample=False,
         max_new_tokens=settings.max_new_tokens,

@@ -371,6 +371,7 @@ def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None, sharde
     else:
         norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads]))
     if sharded:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import to_float
 
         return to_float(norm)
@@ -382,6 +383,7 @@ def _mask_row_views(state: TrainState) -> list[torch.Tensor | None]:
     holds that row of a sharded matrix)."""
     row = state.mask_token_id
     if state.sharded:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import local_row
 
         return [local_row(weight, row) for weight in state.mask_rows]
@@ -429,6 +431,7 @@ def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainSt
     # 3. The gradient norm, then clipping; a non-finite norm stops before any update.  (With
     #    FSDP the embeddings' gradients are cut to the mask row here, not by hooks.)
     if state.row_filter:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import keep_row_gradients
 
         keep_row_gradients(state.row_filter, state.mask_token_id)
