@@ -238,6 +238,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Lazy, under catch_warnings: importing torch.ao.quantization warns of its deprecation.
         from torch.ao.quantization import quantize_dynamic
 
         copy = copy_module.deepcopy(model).float().eval()
