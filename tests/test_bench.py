@@ -579,14 +579,14 @@ def test_auto_candidates_stop_at_the_trained_k_max() -> None:
 # --- method classes on the tiny model -----------------------------------------------------------
 
 
-def _tiny_engine(checkpoint: Path) -> tuple[Any, Any, Any]:
-    from mtp_torch.bench.methods import DecodeSettings, Engine
+def _tiny_models(checkpoint: Path) -> tuple[Any, Any, Any]:
+    from mtp_torch.bench.methods import ModelsUnderTest, RunSettings
     from mtp_torch.decoding.model import MTPModel
 
     mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
-    engine = Engine("base", mtp.model, mtp)
+    models = ModelsUnderTest("base", mtp.model, mtp)
     eos = mtp.tokenizer.eos_token_id
-    return mtp, engine, DecodeSettings(6, [eos], mtp.tokenizer.pad_token_id)
+    return mtp, models, RunSettings(6, [eos], mtp.tokenizer.pad_token_id)
 
 
 def test_every_method_class_decodes_the_tiny_model(checkpoint: Path) -> None:
@@ -599,9 +599,9 @@ def test_every_method_class_decodes_the_tiny_model(checkpoint: Path) -> None:
         StaticKDecoding,
     )
 
-    mtp, engine, settings = _tiny_engine(checkpoint)
+    mtp, models, settings = _tiny_models(checkpoint)
     prompt = _one_prompt(mtp.tokenizer, "how many apples does she have left ?")
-    greedy = timed_decode(GreedyGenerate(), engine, prompt, settings)
+    greedy = timed_decode(GreedyGenerate(), models, prompt, settings)
     assert 1 <= len(greedy.generated) <= settings.max_new_tokens
     assert len(greedy.widths) == len(greedy.generated)  # one pass per token (prefill included)
     assert greedy.accepted_histogram == () and greedy.seconds >= 0.0
@@ -613,10 +613,10 @@ def test_every_method_class_decodes_the_tiny_model(checkpoint: Path) -> None:
         AutoKDecoding(0.3, ConfAdapt(0.3, 2), verify=True),
     ]
     for method in lossless:
-        decoded = timed_decode(method, engine, prompt, settings)
+        decoded = timed_decode(method, models, prompt, settings)
         assert decoded.generated == greedy.generated, method.name
     for method in (StaticKDecoding(2), ConfAdaptDecoding(0.3, 4)):
-        decoded = timed_decode(method, engine, prompt, settings)
+        decoded = timed_decode(method, models, prompt, settings)
         assert len(decoded.generated) <= settings.max_new_tokens
         # The MTP rows report an accepted histogram: one entry per decoding step.
         assert sum(decoded.accepted_histogram) == len(decoded.widths)

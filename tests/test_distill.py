@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -128,9 +129,8 @@ def test_packed_layout_logits_equal_plain_causal_forward(
     packed = _pack(window, weights, layout, mask_id, torch.device("cpu"), prefix_loss=False)
     cfg = DistillConfig(k_max=k, seq_len=seq_len, num_regions=num_regions, loss="gt")
     with torch.no_grad():
-        _, packed_logits, _, targets, _ = _batch_loss(
-            model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
-        )
+        out = _batch_loss(model, model, model, packed, cfg, mask_id, contextlib.nullcontext())
+    packed_logits, targets = out.student_logits, out.targets
     assert packed_logits.shape == (2, num_regions, k, VOCAB + 1)
     np.testing.assert_array_equal(targets.numpy(), window[:, layout.target_index])
     for region in range(num_regions):
@@ -244,9 +244,9 @@ def _objective(
                 prefix_loss=False,
             )
             with torch.no_grad():
-                loss, *_ = _batch_loss(
+                loss = _batch_loss(
                     student, student, teacher, packed, cfg, mask_id, contextlib.nullcontext()
-                )
+                ).loss
             values.append(float(loss))
     return float(np.mean(values))
 
@@ -588,9 +588,9 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
             prefix_loss=weight > 0,
         )
         with torch.no_grad():
-            losses[weight], *_ = _batch_loss(
+            losses[weight] = _batch_loss(
                 model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
-            )
+            ).loss
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(windows[:, : layout.spec.num_real])).logits
     targets = torch.from_numpy(windows[:, 1 : layout.spec.num_real + 1])
@@ -635,7 +635,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         out = real(*args, **kwargs)  # type: ignore[arg-type]
         calls["n"] += 1
         if calls["n"] > 4:  # two micro-steps a step: step 3 diverges
-            return (out[0] * float("nan"), *out[1:])
+            return attrs.evolve(out, loss=out.loss * float("nan"))
         return out
 
     monkeypatch.setattr(distill_module, "_batch_loss", poisoned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,9 +185,8 @@ def test_confident_targets_weight_only_confident_runs() -> None:
             unconfident_weight=0.0,
         )
         with torch.no_grad():
-            losses[name], logits, _, targets, _ = _batch_loss(
-                model, model, None, packed, cfg, mask_id, contextlib.nullcontext()
-            )
+            out = _batch_loss(model, model, None, packed, cfg, mask_id, contextlib.nullcontext())
+        losses[name], logits, targets = out.loss, out.student_logits, out.targets
     assert torch.allclose(losses["plain"], losses["all sure"])
     # With offsets 1 and 2 gated off, only offset 0 remains.
     offset0 = torch.nn.functional.cross_entropy(
@@ -206,6 +206,44 @@ def test_the_running_acceptance_estimate_follows_confadapt() -> None:
     assert _confident_run(logits, weights) == pytest.approx((2 + 1) / 2)
     weights[0, 1, 0] = 0.0  # the second region's first target is context: not counted
     assert _confident_run(logits, weights) == pytest.approx(2.0)
+
+
+def test_the_running_acceptance_estimate_equals_the_old_inline_formula() -> None:
+    """The estimate through ``ConfAdapt.accept`` gives the numbers of the rule once coded inline."""
+    from mtp_core import ConfAdapt
+    from mtp_torch.training.step import ESTIMATE_THRESHOLD, _confident_run
+
+    def old_rule(confidences: torch.Tensor) -> torch.Tensor:
+        confident = confidences >= 0.9
+        return torch.cumprod(confident.long(), dim=-1).sum(dim=-1).clamp_min(1)
+
+    def old_estimate(student_logits: torch.Tensor, target_weights: torch.Tensor) -> float:
+        confidences = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1)
+        kept = old_rule(confidences).float()
+        counted = target_weights[..., 0] > 0
+        return float(kept[counted].mean()) if bool(counted.any()) else 1.0
+
+    assert ESTIMATE_THRESHOLD == 0.9
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for trial in range(60):
+        k = 2 + trial % 7
+        # The rule itself, on random confidences around the threshold.
+        confidences = 0.8 + 0.2 * torch.rand(64, k, generator=generator)
+        new = ConfAdapt(ESTIMATE_THRESHOLD, k).accept(confidences.numpy())
+        np.testing.assert_array_equal(new, old_rule(confidences).numpy())
+        seen.update(new.tolist())
+        # The whole estimate, on random logits (sharp and flat) and random trained targets.
+        logits = torch.randn(2, 5, k, 11, generator=generator) * (1 + trial % 5) * 2.0
+        weights = (torch.rand(2, 5, k, generator=generator) > 0.3).float()
+        assert _confident_run(logits, weights) == old_estimate(logits, weights)
+    assert seen == set(range(1, 9))  # every run length occurred: both sides of the threshold
+    # The one input where they differ: a float32 confidence of exactly float32(0.9), just below
+    # 0.9.  The old rule compared in float32 (kept it); the core compares in float64 (does not),
+    # as decoding does, so the estimate now follows decoding there too.
+    boundary = torch.full((1, 2), 0.9, dtype=torch.float32)
+    assert old_rule(boundary).tolist() == [2]
+    assert ConfAdapt(ESTIMATE_THRESHOLD, 2).accept(boundary.numpy()).tolist() == [1]
 
 
 def test_convert_writes_a_delta_that_rebuilds_the_saved_model(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def _loss_and_gradients(cfg: DistillConfig) -> tuple[torch.Tensor, list[torch.Te
     (packed,) = draw_batch(
         state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
     )
-    loss, *_ = _batch_loss(
+    loss = _batch_loss(
         state.forward,
         state.student,
         state.teacher,
@@ -67,7 +67,7 @@ def _loss_and_gradients(cfg: DistillConfig) -> tuple[torch.Tensor, list[torch.Te
         state.mask_token_id,
         state.autocast,
         state.teacher_context,
-    )
+    ).loss
     loss.backward()  # type: ignore[no-untyped-call]
     grads = [p.grad.detach().clone() for p in state.trainable if p.grad is not None]
     assert len(grads) == len(state.trainable)

@@ -8,6 +8,7 @@ online self-distillation (``distill`` with a ``DistillConfig``).
 Method: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", arXiv 2602.06019.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from mtp_core import ConfAdapt as ConfAdapt
@@ -77,8 +78,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

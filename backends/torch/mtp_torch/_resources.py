@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import platformdirs
+
 __all__ = ["CACHE_ENV", "cache_root", "package_data"]
 
 CACHE_ENV = "MTP_LM_CACHE"
@@ -25,6 +27,4 @@ def cache_root() -> Path:
     override = os.environ.get(CACHE_ENV)
     if override:
         return Path(override).expanduser()
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("mtp-lm"))

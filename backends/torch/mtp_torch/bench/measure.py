@@ -24,7 +24,7 @@ from typing import Any, cast
 import attrs
 import torch
 
-from mtp_torch.bench.methods import BenchMethod, DecodeSettings, Engine
+from mtp_torch.bench.methods import BenchMethod, ModelsUnderTest, RunSettings
 from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import TeacherNLL
 from mtp_torch.decoding.kernels import use_kernels
@@ -136,7 +136,7 @@ class Decoded:
 
     Attributes:
       generated: the generated ids (prompt excluded), cut at the first stop token.
-      widths: the width of every forward pass of the engine's model, prefill first.
+      widths: the width of every forward pass of the method's model, prefill first.
       accepted_histogram: ``[n]`` counts steps that kept ``n`` tokens (empty for baselines).
       seconds: wall-clock seconds of the ``generate`` call.
     """
@@ -148,34 +148,34 @@ class Decoded:
 
 
 def timed_decode(
-    method: BenchMethod, engine: Engine, prompt: BenchPrompt, settings: DecodeSettings
+    method: BenchMethod, models: ModelsUnderTest, prompt: BenchPrompt, settings: RunSettings
 ) -> Decoded:
     """Decode one prompt with ``method``, counting the forward passes of the model it runs.
 
     Args:
       method: the method.
-      engine: the models of the method's precision.
+      models: the models of the method's precision.
       prompt: the prompt (batch 1).
       settings: budget, stop and pad tokens.
 
     Returns:
       What the decode produced and how long it took.
     """
-    device = model_device(engine.hf_model)
+    device = model_device(models.hf_model)
     input_ids = torch.tensor([list(prompt.input_ids)], dtype=torch.long, device=device)
     # The transformers baselines may run another model (--baseline): count both, since only
     # one of them runs for any method.
-    baseline = engine.reference_model
+    baseline = models.reference_model
     with contextlib.ExitStack() as stack:
-        if engine.kernel is not None:
-            stack.enter_context(use_kernels(engine.kernel, engine.hf_model, baseline))
-        widths = stack.enter_context(count_forwards(engine.hf_model))
+        if models.kernel is not None:
+            stack.enter_context(use_kernels(models.kernel, models.hf_model, baseline))
+        widths = stack.enter_context(count_forwards(models.hf_model))
         baseline_widths = (
-            stack.enter_context(count_forwards(baseline)) if baseline is not engine.hf_model else []
+            stack.enter_context(count_forwards(baseline)) if baseline is not models.hf_model else []
         )
         synchronize(device)
         start = time.perf_counter()
-        out = method.generate(engine, input_ids, settings)
+        out = method.generate(models, input_ids, settings)
         synchronize(device)
         elapsed = time.perf_counter() - start
     generated = cut_at_stop(out.sequences[0, input_ids.shape[1] :].tolist(), settings.eos_token_ids)
@@ -238,6 +238,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Lazy, under catch_warnings: importing torch.ao.quantization warns of its deprecation.
         from torch.ao.quantization import quantize_dynamic
 
         copy = copy_module.deepcopy(model).float().eval()

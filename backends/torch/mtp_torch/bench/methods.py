@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 from mtp_core import AcceptancePolicy, ConfAdapt, StaticK
 from mtp_torch.bench.config import (
@@ -45,12 +46,12 @@ __all__ = [
     "AutoKDecoding",
     "BenchMethod",
     "ConfAdaptDecoding",
-    "DecodeSettings",
-    "Engine",
     "Generated",
     "GreedyGenerate",
     "MethodInfo",
+    "ModelsUnderTest",
     "PromptLookup",
+    "RunSettings",
     "StaticKDecoding",
     "VerifyStaticDecoding",
     "bench_methods",
@@ -59,7 +60,7 @@ __all__ = [
 
 
 @attrs.frozen
-class DecodeSettings:
+class RunSettings:
     """What every method's ``generate`` shares: the budget and the stop and pad tokens.
 
     Attributes:
@@ -78,7 +79,7 @@ class DecodeSettings:
 
 
 @attrs.define
-class Engine:
+class ModelsUnderTest:
     """The models of one precision that methods run on.
 
     Attributes:
@@ -88,7 +89,7 @@ class Engine:
       mtp_model: the ``MTPModel`` wrapping it.
       baseline_model: whose transformers ``generate`` the baselines run; ``None``: ``hf_model``.
       kernel: ``None`` (PyTorch's own products) or the ``KernelPlan`` every method of this
-        engine runs in (baselines included; ``mtp_torch.decoding.kernels.use_kernels``).
+        bundle runs in (baselines included; ``mtp_torch.decoding.kernels.use_kernels``).
     """
 
     precision: str
@@ -161,7 +162,7 @@ class BenchMethod(Protocol):
         ...
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode one prompt (``input_ids``, shape ``(1, prompt_len)``) greedily."""
         ...
@@ -188,11 +189,12 @@ def _suffix(precision: str) -> str:
 
 
 def _transformers_generate(
-    engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings, prompt_lookup: int | None
+    models: ModelsUnderTest,
+    input_ids: torch.Tensor,
+    settings: RunSettings,
+    prompt_lookup: int | None,
 ) -> Generated:
-    """Greedy transformers ``generate`` on the engine's reference model (batch 1, no padding)."""
-    from transformers import GenerationConfig
-
+    """Greedy transformers ``generate`` on the reference model (batch 1, no padding)."""
     config = GenerationConfig(  # type: ignore[no-untyped-call]
         do_sample=False,
         max_new_tokens=settings.max_new_tokens,
@@ -201,21 +203,21 @@ def _transformers_generate(
         prompt_lookup_num_tokens=prompt_lookup,
     )
     with torch.inference_mode():
-        sequences = engine.reference_model.generate(
+        sequences = models.reference_model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
         )
     return Generated(sequences)
 
 
 def _mtp_generate(
-    engine: Engine,
+    models: ModelsUnderTest,
     input_ids: torch.Tensor,
-    settings: DecodeSettings,
+    settings: RunSettings,
     policy: AcceptancePolicy,
     verify: bool,
 ) -> Generated:
     """``MTPModel.generate`` with ``policy`` (lossless when ``verify``)."""
-    out = engine.mtp_model.generate(
+    out = models.mtp_model.generate(
         input_ids,
         policy=policy,
         max_new_tokens=settings.max_new_tokens,
@@ -242,10 +244,10 @@ class GreedyGenerate:
         return MethodInfo(name=self.name, family="greedy")
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
-        """Decode with the engine's reference model."""
-        return _transformers_generate(engine, input_ids, settings, prompt_lookup=None)
+        """Decode with the reference model."""
+        return _transformers_generate(models, input_ids, settings, prompt_lookup=None)
 
 
 @attrs.frozen
@@ -267,10 +269,10 @@ class PromptLookup:
         )
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode with ``prompt_lookup_num_tokens=num_tokens`` on the reference model."""
-        return _transformers_generate(engine, input_ids, settings, prompt_lookup=self.num_tokens)
+        return _transformers_generate(models, input_ids, settings, prompt_lookup=self.num_tokens)
 
 
 @attrs.frozen
@@ -295,10 +297,10 @@ class StaticKDecoding:
         return MethodInfo(name=self.name, family="static", policy=self.policy, k_max=self.k)
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode with ``MTPModel.generate``."""
-        return _mtp_generate(engine, input_ids, settings, self.policy, verify=False)
+        return _mtp_generate(models, input_ids, settings, self.policy, verify=False)
 
 
 @attrs.frozen
@@ -326,10 +328,10 @@ class VerifyStaticDecoding:
         )
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode with ``MTPModel.generate(..., verify=True)``."""
-        return _mtp_generate(engine, input_ids, settings, self.policy, verify=True)
+        return _mtp_generate(models, input_ids, settings, self.policy, verify=True)
 
 
 def _confadapt_name(verify: bool, threshold: float, k_label: str, precision: str) -> str:
@@ -369,10 +371,10 @@ class ConfAdaptDecoding:
         )
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode with ``MTPModel.generate``."""
-        return _mtp_generate(engine, input_ids, settings, self.policy, self.verify)
+        return _mtp_generate(models, input_ids, settings, self.policy, self.verify)
 
 
 @attrs.frozen
@@ -406,10 +408,10 @@ class AutoKDecoding:
         )
 
     def generate(
-        self, engine: Engine, input_ids: torch.Tensor, settings: DecodeSettings
+        self, models: ModelsUnderTest, input_ids: torch.Tensor, settings: RunSettings
     ) -> Generated:
         """Decode with ``MTPModel.generate``."""
-        return _mtp_generate(engine, input_ids, settings, self.policy, self.verify)
+        return _mtp_generate(models, input_ids, settings, self.policy, self.verify)
 
 
 def _confadapt_methods(

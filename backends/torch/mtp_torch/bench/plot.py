@@ -93,6 +93,7 @@ def plot_report(report: BenchReport | Mapping[str, Any], path: str | os.PathLike
       report: the output of ``run_benchmark``, or its JSON form.
       path: the PNG file to write.
     """
+    # Lazy: matplotlib is slow to import and only the plot needs it.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,6 +11,7 @@ import attrs
 from mtp_torch._resources import package_data
 from mtp_torch.bench.cost import int_tuple
 from mtp_torch.bench.quality import gsm8k_reference
+from mtp_torch.jsonl import read_jsonl
 from mtp_torch.text import encode_prompt
 
 __all__ = ["BenchPrompt", "default_data_path", "load_prompts"]
@@ -77,8 +78,6 @@ def load_prompts(
       ValueError: for a line that is not a JSON object or has none of the three fields, or a
         file with no prompt.
     """
-    from mtp_torch.jsonl import read_jsonl
-
     if num_prompts is not None and int(num_prompts) < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     prompts: list[BenchPrompt] = []

@@ -57,9 +57,9 @@ from mtp_torch.bench.measure import (
 from mtp_torch.bench.methods import (
     BenchMethod,
     ConfAdaptDecoding,
-    DecodeSettings,
-    Engine,
     GreedyGenerate,
+    ModelsUnderTest,
+    RunSettings,
     StaticKDecoding,
     bench_methods,
     policy_label,
@@ -134,14 +134,14 @@ def run_benchmark(
         curve, kernel_curve = kernel_curve, None
 
     # 2. The methods, and the models of each precision they run on.
-    engines, methods = _engines_and_methods(mtp_model, config, chosen, baseline_model, say, plan)
+    bundles, methods = _models_and_methods(mtp_model, config, chosen, baseline_model, say, plan)
 
     # 3. Warm-up on the first prompt (untimed).
     for method in methods:
-        timed_decode(method, engines[method.precision], prompts[0], settings)
+        timed_decode(method, bundles[method.precision], prompts[0], settings)
 
     # 4. Timed repeats over all prompts, methods interleaved so drift spreads evenly.
-    traces = _time_methods(methods, engines, prompts, settings, int(config.repeats), say)
+    traces = _time_methods(methods, bundles, prompts, settings, int(config.repeats), say)
 
     # 5. Quality (teacher NLL, accuracy, agreement with greedy), outside the timing.
     scorer = teacher if teacher is not None else hf_model
@@ -184,14 +184,14 @@ def _kernel_plan(mtp_model: Any, config: BenchConfig, say: Log) -> KernelPlan | 
     return plan
 
 
-def _decode_settings(mtp_model: Any, config: BenchConfig) -> DecodeSettings:
+def _decode_settings(mtp_model: Any, config: BenchConfig) -> RunSettings:
     """The budget, the model's stop ids, and a pad id (tokenizer's, else a stop id, else 0)."""
     tokenizer = getattr(mtp_model, "tokenizer", None)
     eos_ids = stop_token_ids(None, mtp_model.model, tokenizer)
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad_id is None:
         pad_id = eos_ids[0] if eos_ids else 0
-    return DecodeSettings(int(config.max_new_tokens), eos_ids, pad_id)
+    return RunSettings(int(config.max_new_tokens), eos_ids, pad_id)
 
 
 def _cost_curve(
@@ -241,7 +241,7 @@ def _auto_policies(
     prompts: Sequence[BenchPrompt],
     config: BenchConfig,
     curve: CostCurve | None,
-    settings: DecodeSettings,
+    settings: RunSettings,
     say: Log,
     plan: KernelPlan | None = None,
 ) -> tuple[CostCurve | None, dict[float, AcceptancePolicy]]:
@@ -275,14 +275,14 @@ def _auto_policies(
     return curve, chosen
 
 
-def _engines_and_methods(
+def _models_and_methods(
     mtp_model: Any,
     config: BenchConfig,
     chosen: dict[float, AcceptancePolicy],
     baseline_model: torch.nn.Module | None,
     say: Log,
     plan: KernelPlan | None = None,
-) -> tuple[dict[str, Engine], list[BenchMethod]]:
+) -> tuple[dict[str, ModelsUnderTest], list[BenchMethod]]:
     """The models per precision and the methods to run on them (full precision first).
 
     ``StaticK(1)`` always runs (every MTP row is also compared with it, same model and kernel).
@@ -313,10 +313,10 @@ def _engines_and_methods(
             precision=precision,
         )
 
-    engines = {"base": Engine("base", mtp_model.model, mtp_model, baseline_model)}
+    bundles = {"base": ModelsUnderTest("base", mtp_model.model, mtp_model, baseline_model)}
     methods = methods_for("base")
     if plan is not None and config.kernel is not None:
-        engines[config.kernel] = Engine(
+        bundles[config.kernel] = ModelsUnderTest(
             config.kernel, mtp_model.model, mtp_model, baseline_model, kernel=plan
         )
         methods += methods_for(config.kernel)
@@ -329,21 +329,21 @@ def _engines_and_methods(
             tokenizer=getattr(mtp_model, "tokenizer", None),
         )
         quantized_baseline = None if baseline_model is None else quantize_int8(baseline_model)
-        engines["int8"] = Engine("int8", quantized, quantized_mtp, quantized_baseline)
+        bundles["int8"] = ModelsUnderTest("int8", quantized, quantized_mtp, quantized_baseline)
         methods += methods_for("int8")
-    return engines, methods
+    return bundles, methods
 
 
 def _time_methods(
     methods: Sequence[BenchMethod],
-    engines: dict[str, Engine],
+    bundles: dict[str, ModelsUnderTest],
     prompts: Sequence[BenchPrompt],
-    settings: DecodeSettings,
+    settings: RunSettings,
     repeats: int,
     say: Log,
 ) -> dict[str, Trace]:
     """Decode every prompt with every method, ``repeats`` times; outputs from the first repeat."""
-    device = model_device(engines["base"].hf_model)
+    device = model_device(bundles["base"].hf_model)
     traces = {method.name: Trace() for method in methods}
     for repeat in range(repeats):
         for method in methods:
@@ -351,7 +351,7 @@ def _time_methods(
             reset_peak_memory(device)
             total = 0.0
             for prompt in prompts:
-                decoded = timed_decode(method, engines[method.precision], prompt, settings)
+                decoded = timed_decode(method, bundles[method.precision], prompt, settings)
                 total += decoded.seconds
                 if repeat == 0:
                     trace.record(decoded)
@@ -466,7 +466,7 @@ def _k_max_choices(
 
 def _meta(
     device: torch.device,
-    settings: DecodeSettings,
+    settings: RunSettings,
     dtype: str,
     num_prompts: int,
     repeats: int,

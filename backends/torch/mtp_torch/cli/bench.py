@@ -22,8 +22,12 @@ from mtp_torch.bench.output import format_markdown, write_report
 from mtp_torch.bench.plot import plot_report
 from mtp_torch.bench.prompts import default_data_path, load_prompts
 from mtp_torch.bench.runner import run_benchmark
+from mtp_torch.cli.app import main as cli_main
 from mtp_torch.cli.options import check_device, comma_separated
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
+from mtp_torch.decoding.model import MTPModel
+from mtp_torch.decoding.saving import check_model_source
+from mtp_torch.dtypes import parse_dtype
 from mtp_torch.weights.default import CONVERTED_NAMES, DEFAULT_MODEL_NAME, load_named
 
 __all__ = ["add_arguments", "main", "run"]
@@ -208,6 +212,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_teacher(path: str, device: str) -> torch.nn.Module:
+    # Lazy: transformers' Auto classes import their model registry (CLI start-up).
     from transformers import AutoModelForCausalLM
 
     named = load_named(path)
@@ -215,8 +220,6 @@ def _load_teacher(path: str, device: str) -> torch.nn.Module:
         model: torch.nn.Module = named[0].to(device)
         model.eval()
         return model
-    from mtp_torch.decoding.saving import check_model_source
-
     path = check_model_source(path)
     teacher: Any = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
@@ -236,8 +239,6 @@ def run(args: argparse.Namespace) -> int:
     Raises:
       ValueError: on bad options, a missing prompt file, or a model without a tokenizer.
     """
-    from mtp_torch.decoding.model import MTPModel
-    from mtp_torch.dtypes import parse_dtype
 
     def say(message: str) -> None:
         if not args.quiet:
@@ -370,8 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       The exit status: 0 on success, 2 when it fails.
     """
-    from mtp_torch.cli.app import main as cli_main
-
     return cli_main(["bench", *(sys.argv[1:] if argv is None else list(argv))])
 
 

@@ -28,6 +28,7 @@ from mtp_torch.decoding.gated import gate_settings
 from mtp_torch.decoding.saving import check_model_source
 from mtp_torch.decoding.saving import foreign_files as _foreign_files
 from mtp_torch.dtypes import parse_dtype
+from mtp_torch.training.checkpoint import latest_checkpoint, read_checkpoint_state
 from mtp_torch.training.config import DistillConfig, cpu_preset
 from mtp_torch.training.corpus import GENERATE_BATCH_SIZE, read_seed_prompts, write_corpus
 from mtp_torch.training.data import Example, load_examples
@@ -44,6 +45,7 @@ from mtp_torch.weights.default import (
     cache_root,
     load_named,
 )
+from mtp_torch.weights.delta import file_sha256, save_delta
 
 __all__ = [
     "DEFAULT_NUM_EXAMPLES",
@@ -303,6 +305,7 @@ def _load_model(name: str, dtype: str | None) -> tuple[Any, Any, str]:
     named = load_named(name)
     if named is not None:
         return named[0], named[1], _short_name(name)
+    # Lazy: transformers' Auto classes import their model registry (CLI start-up).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = check_model_source(name)
@@ -405,8 +408,6 @@ def _trained_steps(last: list[StepMetrics], checkpoint_dir: Path) -> int:
     """Optimizer steps the saved model has had (a resumed run may take none itself)."""
     if last:
         return int(last[-1].step)
-    from mtp_torch.training.checkpoint import latest_checkpoint, read_checkpoint_state
-
     found = latest_checkpoint(checkpoint_dir)
     return int(read_checkpoint_state(found)["step"]) if found is not None else 0
 
@@ -457,8 +458,6 @@ def _run(args: argparse.Namespace) -> int:
         out, k_max=cfg.k_max, threshold=args.threshold, overwrite=args.overwrite
     )
     if args.delta_out is not None:
-        from mtp_torch.weights.delta import file_sha256, save_delta
-
         assert mtp.delta is not None  # checked before training
         delta_path = save_delta(
             args.delta_out,

@@ -7,6 +7,7 @@ import json
 import sys
 
 import torch
+from transformers import TextStreamer
 
 from mtp_torch.cli.options import check_device, check_sampling, check_text, parse_policy
 from mtp_torch.decoding.kernels import LINEAR_KERNELS
@@ -85,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
     input_ids = torch.tensor([prompt_ids], device=device)
 
     # The text streams through transformers' own TextStreamer (it ends with a newline).
-    from transformers import TextStreamer
-
     streamer = (
         None if args.json else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, TypeVar
 
 import attrs
+import torch
 
 from mtp_torch.decoding.policies import parse_policy as parse_policy
 
@@ -159,8 +160,6 @@ def comma_separated(item: Callable[[str], ItemT], what: str) -> Callable[[str], 
 
 def check_device(device: str) -> None:
     """Raise ``ValueError`` for a ``--device`` PyTorch does not know or this machine lacks."""
-    import torch
-
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError):

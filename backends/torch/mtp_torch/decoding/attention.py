@@ -93,6 +93,7 @@ def _register() -> None:
     with _LOCK:
         if _REGISTERED:
             return
+        # Lazy: transformers' attention registries load on first registration (start-up).
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

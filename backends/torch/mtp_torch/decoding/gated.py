@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = [
@@ -455,8 +457,6 @@ def plain_layers(model: Any) -> Iterator[None]:
 
 def write_gate_file(model: Any, directory: Path) -> None:
     """Write ``GATE_FILE`` (float32 tensors, settings in the metadata) into ``directory``."""
-    from safetensors.torch import save_file
-
     gate = find_mask_gate(model)
     assert gate is not None
     metadata = {"format": _GATE_FORMAT, "settings": json.dumps(gate_settings(gate))}
@@ -471,8 +471,6 @@ def read_gate_file(directory: Path) -> dict[str, torch.Tensor]:
       FileNotFoundError: if the file is missing (the config says the model is gated).
       ValueError: if it is not a readable gate file.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = directory / GATE_FILE
     if not path.is_file():
         raise FileNotFoundError(

@@ -17,6 +17,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 import torch
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 
 from mtp_core import Sampling
 from mtp_torch.text import as_token_ids, stop_token_ids
@@ -163,8 +164,6 @@ class _Fields:
 
 
 def _check_generation_config(generation_config: Any) -> None:
-    from transformers import GenerationConfig
-
     if not isinstance(generation_config, GenerationConfig):
         raise TypeError(
             f"generation_config must be a transformers.GenerationConfig, got "
@@ -226,8 +225,6 @@ def _sampling(field: _Fields, temperature: Any, top_p: Any, top_k: Any) -> Sampl
 
 def _criteria(stopping_criteria: Any, stop_strings: Any, tokenizer: Any) -> Any:
     """One ``StoppingCriteriaList`` of the user's criteria and the stop strings, or ``None``."""
-    from transformers import StoppingCriteriaList, StopStringCriteria
-
     criteria = StoppingCriteriaList()
     if stopping_criteria is not None:
         if callable(stopping_criteria) and not isinstance(stopping_criteria, Sequence):

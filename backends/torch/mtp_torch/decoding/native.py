@@ -83,6 +83,7 @@ def _build_name() -> str:
 
 
 def _build() -> Any:
+    # Lazy: cpp_extension is slow to import and only the native kernel's build needs it.
     from torch.utils.cpp_extension import load
 
     name = _build_name()

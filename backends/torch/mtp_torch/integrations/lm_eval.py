@@ -543,6 +543,7 @@ def _continuation_score(logits: torch.Tensor, continuation: list[int]) -> tuple[
 
 def main() -> None:
     """The harness's ``lm-eval`` command line with the ``"mtp"`` model registered."""
+    # Lazy: the harness's command-line module loads only when its command runs.
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

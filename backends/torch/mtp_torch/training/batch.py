@@ -85,6 +85,7 @@ def flex_block_mask(allowed: torch.Tensor) -> Any:
     Returns:
       A ``torch.nn.attention.flex_attention.BlockMask`` of shape ``(1, 1, S, S)``.
     """
+    # Lazy: FlexAttention is optional (torch >= 2.5); loaded only when chosen.
     from torch.nn.attention.flex_attention import create_block_mask
 
     dense = allowed[0, 0].contiguous()

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 __all__ = [
@@ -391,7 +392,7 @@ def save_sharded_checkpoint(
     Returns:
       The directory of the new checkpoint on rank 0, ``None`` on the other ranks.
     """
-    import torch.distributed as dist
+    # Lazy: sharded (FSDP) checkpoints only; torch.distributed.checkpoint is slow to import.
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.checkpoint.state_dict_saver import save as save_shards
 
@@ -456,6 +457,7 @@ def load_sharded_checkpoint(
       ValueError: for an unknown format, an unsharded checkpoint, or one written by another
         number of processes.
     """
+    # Lazy: sharded (FSDP) checkpoints only; torch.distributed.checkpoint is slow to import.
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load as load_shards
 
@@ -530,6 +532,7 @@ def check_shard_index(directory: str | os.PathLike[str]) -> None:
 def _weights_only_planner() -> Any:
     """The default load planner, reading non-tensor values with ``torch.load(weights_only=True)``
     (the default one unpickles them without restriction)."""
+    # Lazy: sharded (FSDP) checkpoints only; torch.distributed.checkpoint is slow to import.
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 

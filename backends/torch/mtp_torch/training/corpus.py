@@ -23,6 +23,8 @@ from typing import IO, TYPE_CHECKING, Any
 import attrs
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from mtp_torch.jsonl import read_jsonl
 from mtp_torch.text import chat_prompt, render_chat_template
@@ -170,8 +172,6 @@ def _generate_ids(
     teacher's own argmax chain token for token (re-encoding decoded text can split differently).
     ``confidences[i]`` is the teacher's top-1 probability when it wrote response token ``i``.
     """
-    from transformers import LogitsProcessorList
-
     batch = _left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -249,8 +249,6 @@ def write_corpus(
     Raises:
       ValueError: on a bad count, or when no prompt source is available.
     """
-    from tqdm.auto import tqdm
-
     _check_settings(num_examples, batch_size, prompt_temperature)
     cache = Path(path)
     rows = [row for _, row in read_jsonl(cache) if "messages" in row] if cache.is_file() else []

@@ -22,13 +22,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from mtp_torch.decoding.model import MTPModel
 from mtp_torch.training.batch import draw_batch
 from mtp_torch.training.checkpoint import (
     latest_checkpoint,
@@ -55,12 +57,10 @@ from mtp_torch.training.model_options import FLEX_ATTENTION, restore_model
 from mtp_torch.training.parameters import find_blocks as find_blocks
 from mtp_torch.training.step import StepMetrics as StepMetrics
 from mtp_torch.training.step import StepStats, TrainState, init_train_state, train_step
+from mtp_torch.weights.delta import gated_delta
 
 # The model card's loss and agreement are averaged over this many last steps.
 _SUMMARY_STEPS = 50
-
-if TYPE_CHECKING:
-    from mtp_torch.decoding.model import MTPModel
 
 # DistillConfig, StepMetrics, cpu_bf16_is_fast, cpu_preset and find_blocks live in config,
 # step and parameters; they stay importable from here, where they used to be defined.
@@ -184,8 +184,6 @@ class _Reporter:
         step: int,
         on_step: Callable[[StepMetrics], None] | None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         self._log_every = cfg.log_every
         self._on_step = on_step
         self.recent: collections.deque[StepMetrics] = collections.deque(maxlen=_SUMMARY_STEPS)
@@ -326,12 +324,8 @@ def _as_mtp_model(
     student: nn.Module, mask_token_id: int, cfg: DistillConfig, tokenizer: Any
 ) -> MTPModel:
     """The trained student as an ``MTPModel`` in eval mode (LoRA adapters merged, as a delta)."""
-    from mtp_torch.decoding.model import MTPModel
-
     delta = None
     if cfg.lora_gate is not None:
-        from mtp_torch.weights.delta import gated_delta
-
         delta = gated_delta(student, mask_token_id)
     elif cfg.lora_rank > 0:
         student, delta = merge_lora(student, mask_token_id)
@@ -460,6 +454,7 @@ def distill(
     #    summary its model card shows; the teacher is let go first.
     student, mask_token_id = state.student, state.mask_token_id
     if state.sharded:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import gather_full_model
 
         student = gather_full_model(student, lora=cfg.lora_rank > 0 and cfg.lora_gate is None)

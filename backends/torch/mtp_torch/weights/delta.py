@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mtp_torch.decoding.gated import GatedLinear, gate_state_dict, restore_mask_gate
 
 __all__ = [
     "DELTA_FORMAT",
@@ -58,6 +62,7 @@ def lora_delta(peft_model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
     Returns:
       float32 CPU tensors: ``<module>.up``, ``<module>.down`` and the mask rows.
     """
+    # Lazy: peft loads only for LoRA deltas (a slow import).
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
@@ -87,8 +92,6 @@ def gated_delta(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
     Returns:
       CPU tensors for ``save_delta`` (the gate's settings go in its metadata as ``gate``).
     """
-    from mtp_torch.decoding.gated import gate_state_dict
-
     tensors = {f"gate.{key}": value.float() for key, value in gate_state_dict(model).items()}
     tensors.update(_mask_rows(model, mask_token_id))  # reads the model, never unwraps it
     return tensors
@@ -97,8 +100,6 @@ def gated_delta(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
 def _mask_rows(model: Any, mask_token_id: int) -> dict[str, torch.Tensor]:
     inputs = model.get_input_embeddings().weight
     rows = {_MASK_ROW: inputs[mask_token_id].detach().float().cpu().clone()}
-    from mtp_torch.decoding.gated import GatedLinear
-
     output = model.get_output_embeddings()
     if isinstance(output, GatedLinear):
         output = output.base_layer
@@ -127,8 +128,6 @@ def save_delta(
     Returns:
       The written path.
     """
-    from safetensors.torch import save_file
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     stored = {
@@ -160,8 +159,6 @@ def load_delta(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], d
       FileNotFoundError: if the file is missing.
       ValueError: if it is not a safetensors file, or not an mtp-lm delta.
     """
-    from safetensors import SafetensorError, safe_open
-
     source = Path(path)
     if not source.is_file():
         raise FileNotFoundError(f"delta file {source} does not exist")
@@ -206,8 +203,6 @@ def apply_delta(
     """
     gate_tensors = {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
     if gate_tensors:
-        from mtp_torch.decoding.gated import restore_mask_gate
-
         if gate is None:
             raise ValueError("a gated delta needs its gate settings (the file's 'gate' metadata)")
         restore_mask_gate(model, mask_token_id, gate, gate_tensors, source="the delta")
