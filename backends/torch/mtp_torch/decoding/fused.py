@@ -109,7 +109,7 @@ def fused_unavailable_reason(model: Any) -> str | None:
     if any(hasattr(module, "_hf_hook") for module in model.modules()):
         return "the model has accelerate hooks (offloading or device maps)"
     try:
-        _gather(model)
+        _gather(model, materialize=False)  # the structure only: no copies for a yes/no answer
     except ValueError as error:
         return str(error)
     if load_native() is None:
@@ -133,8 +133,13 @@ class _Weights:
     mask_token_id: int | None
 
 
-def _gather(model: Any) -> _Weights:
-    """The tensors of every block, in the order ``fused_forward`` reads them."""
+def _gather(model: Any, materialize: bool = True) -> _Weights:
+    """The tensors of every block, in the order ``fused_forward`` reads them.
+
+    ``materialize=False`` checks the structure and skips the contiguous copies (the adapters'
+    transposed ``B`` factors are one), for callers that only ask whether the pass applies.
+    """
+    ready = (lambda t: t.detach().contiguous()) if materialize else (lambda t: t)
     blocks: list[torch.Tensor] = []
     adapters: list[torch.Tensor] = []
     scales: list[float] = []
@@ -170,11 +175,11 @@ def _gather(model: Any) -> _Weights:
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError("the output layer is not a plain nn.Linear")
     return _Weights(
-        blocks=[tensor.detach().contiguous() for tensor in blocks],
-        adapters=[tensor.detach().contiguous() for tensor in adapters] if gate else [],
+        blocks=[ready(tensor) for tensor in blocks],
+        adapters=[ready(tensor) for tensor in adapters] if gate else [],
         scales=scales if gate else [],
         final_norm=decoder.norm.weight.detach(),
-        head=head.weight.detach().contiguous(),
+        head=ready(head.weight),
         heads=int(config.num_attention_heads),
         kv_heads=int(config.num_key_value_heads),
         head_dim=int(attention.head_dim),

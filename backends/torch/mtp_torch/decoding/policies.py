@@ -168,18 +168,33 @@ def policy_from_config(config: Any) -> AcceptancePolicy:
     if k_max is not None:
         settings["k_max"] = int(k_max)
     legacy = ConfAdapt(**settings)
-    spec = getattr(config, POLICY_CONFIG_KEY, None)
+    policy = _config_spec(
+        config, POLICY_CONFIG_KEY, legacy,
+        f"'confadapt:0.9:16' or 'static:3' in its config.json, or remove the key to use "
+        f"{THRESHOLD_CONFIG_KEY} / {K_MAX_CONFIG_KEY}",
+    )  # fmt: skip
+    return legacy if policy is None else policy
+
+
+def _config_spec(
+    config: Any, key: str, default: AcceptancePolicy | None, remedy: str
+) -> AcceptancePolicy | None:
+    """The policy whose spec ``config`` holds under ``key`` (``None`` when it holds none).
+
+    Raises:
+      ValueError: naming the key and its value, and ``remedy`` (what to write instead).
+    """
+    spec = getattr(config, key, None)
     if spec is None:
-        return legacy
+        return None
     try:
         if not isinstance(spec, str):
             raise ValueError(f"a spec is a string, got {type(spec).__name__}")
-        return parse_policy(spec, legacy)
+        return parse_policy(spec, default)
     except ValueError as error:
         raise ValueError(
-            f"the model config's {POLICY_CONFIG_KEY}={spec!r} is not a policy spec ({error}); "
-            "write one such as 'confadapt:0.9:16' or 'static:3' in its config.json, or remove "
-            f"the key to use {THRESHOLD_CONFIG_KEY} / {K_MAX_CONFIG_KEY}"
+            f"the model config's {key}={spec!r} is not a policy spec ({error}); write one such "
+            f"as {remedy}"
         ) from error
 
 
@@ -197,16 +212,7 @@ def verify_policy_from_config(
     Raises:
       ValueError: if ``mtp_verify_policy`` holds something ``parse_policy`` does not read.
     """
-    spec = getattr(config, VERIFY_POLICY_CONFIG_KEY, None)
-    if spec is None:
-        return None
-    try:
-        if not isinstance(spec, str):
-            raise ValueError(f"a spec is a string, got {type(spec).__name__}")
-        return parse_policy(spec, default)
-    except ValueError as error:
-        raise ValueError(
-            f"the model config's {VERIFY_POLICY_CONFIG_KEY}={spec!r} is not a policy spec "
-            f"({error}); write one such as 'static:2' in its config.json, or remove the key to "
-            "verify with the default policy"
-        ) from error
+    return _config_spec(
+        config, VERIFY_POLICY_CONFIG_KEY, default,
+        "'static:2' in its config.json, or remove the key to verify with the default policy",
+    )  # fmt: skip
