@@ -134,11 +134,11 @@ def test_the_cache_grows_past_its_first_capacity() -> None:
     assert cache.keys.shape[3] >= 10 and bool((cache.keys[..., :3, :] == 7.0).all())
 
 
-def _gated(dtype: torch.dtype) -> tuple[torch.nn.Module, MTPModel]:
+def _gated(dtype: torch.dtype, rank: int = 4) -> tuple[torch.nn.Module, MTPModel]:
     model = tiny_llama(50, hidden_size=32, layers=2, dtype=dtype, seed=4).eval()
     model.generation_config.eos_token_id = None
     stock = MTPModel(model)
-    gate = add_mask_gate(model, stock.mask_token_id, rank=4)
+    gate = add_mask_gate(model, stock.mask_token_id, rank=rank)
     torch.manual_seed(5)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -174,6 +174,25 @@ def test_gated_models_decode_alike_and_real_rows_stay_the_base_models(
     outs = [b.forward(b.new_cache(1), inputs, Sampling(), 0)[0] for b in backends]
     assert np.array_equal(outs[0].confidences[0, :2], outs[1].confidences[0, :2])
     assert not np.array_equal(outs[0].confidences[0, 2:], outs[1].confidences[0, 2:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])  # 6 rows: the few-row kernel; 12: ATen's product
+@pytest.mark.parametrize("rank", [4, 16])  # 16: the update folded into the SIMD lanes
+def test_gated_passes_match_the_gated_module_on_both_product_paths(
+    dtype: torch.dtype, batch: int, rank: int
+) -> None:
+    model, stock = _gated(dtype, rank)
+    mask = stock.mask_token_id
+    ids = np.array([[3, 8, 1, mask, mask, mask], [7, 2, mask, 9, mask, 4]][:batch])
+    read = np.tile(np.arange(6), (batch, 1))
+    inputs = _inputs(ids, 0, np.ones((batch, 6), dtype=bool), read)
+    fused = FusedBackend(model, fixed_plan("native"))
+    got = fused.forward(fused.new_cache(batch), inputs, Sampling(), 0)[0]
+    want = stock.backend.forward(stock.backend.new_cache(batch), inputs, Sampling(), 0)[0]
+    assert np.array_equal(got.tokens, want.tokens)
+    tolerance = 1e-6 if dtype == torch.float64 else 1e-5  # norms: float32 statistics, any order
+    np.testing.assert_allclose(got.confidences, want.confidences, rtol=tolerance, atol=tolerance)
 
 
 def test_models_it_cannot_restate_stay_on_transformers_forward(

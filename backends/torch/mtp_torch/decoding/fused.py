@@ -136,8 +136,8 @@ class _Weights:
 def _gather(model: Any, materialize: bool = True) -> _Weights:
     """The tensors of every block, in the order ``fused_forward`` reads them.
 
-    ``materialize=False`` checks the structure and skips the contiguous copies (the adapters'
-    transposed ``B`` factors are one), for callers that only ask whether the pass applies.
+    ``materialize=False`` checks the structure and skips the contiguous copies, for callers
+    that only ask whether the pass applies.
     """
     ready = (lambda t: t.detach().contiguous()) if materialize else (lambda t: t)
     blocks: list[torch.Tensor] = []
@@ -165,7 +165,7 @@ def _gather(model: Any, materialize: bool = True) -> _Weights:
                 adapters += [empty, empty]
                 scales.append(0.0)
             else:
-                adapters += [wrapper.lora_A, wrapper.lora_B.t()]  # B transposed: rows to add
+                adapters += [wrapper.lora_A, wrapper.lora_B]
                 scales.append(float(wrapper.scale))
         if any(a.dtype != empty.dtype for a in adapters):
             raise ValueError("the adapters' dtype differs from the model's")

@@ -47,72 +47,39 @@ void rms_norm(const T* x, const T* weight, T* y, int64_t rows, int64_t n, double
   }
 }
 
-// out (rows, od) = x (rows, in) @ weight^T for several weights: the few-row kernel where the plan
-// says so (bit rows - 1 of ``few``), ATen's product (what nn.Linear runs) otherwise.
+// out (rows, od) = x (rows, in) @ weight^T for several weights, each with its adapter's update
+// at the gated rows: the few-row kernel where the plan says so (bit rows - 1 of ``few``), ATen's
+// product (what nn.Linear runs) otherwise.
 template <typename T>
 void product(const torch::Tensor& x, int64_t rows, uint32_t few,
-             const std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs) {
+             const std::vector<Segment<T>>& segs, const std::vector<int64_t>& gated) {
+  const int64_t in = x.size(1);
   if (rows <= kMaxRows && ((few >> (rows - 1)) & 1u)) {
-    std::vector<Segment<T>> segs;
-    for (const auto& p : pairs)
-      segs.push_back({p.first.data_ptr<T>(), p.second.data_ptr<T>(), p.first.size(0),
-                      p.second.size(1)});
-    few_row_product<T>(x.data_ptr<T>(), rows, x.size(1), segs);
+    few_row_product<T>(x.data_ptr<T>(), rows, in, segs, gated);
     return;
   }
-  for (const auto& p : pairs) {
-    auto out = p.second;
-    at::mm_out(out, x, p.first.t());
-  }
-}
-
-// One adapted product's update: out[m] += scale * B low[m] at the gated rows m.
-template <typename T>
-struct Lift {
-  const torch::Tensor* low;  // (rows, rank): A x, computed with the block's own products
-  torch::Tensor* out;
-  const torch::Tensor* Bt;  // (rank, out): B transposed, so the update is a sum of rows
-  double scale;
-};
-
-// The updates of the products that share an input (q/k/v, gate/up), in one parallel region
-// over their output columns.  With B transposed each update is ``rank`` scaled rows added up
-// (no per-output reduction), and a region per product cost more than its arithmetic.
-template <typename T>
-void lift(const std::vector<Lift<T>>& lifts, const std::vector<int64_t>& rows) {
-  if (lifts.empty() || rows.empty()) return;
-  const int64_t rank = lifts[0].Bt->size(0), n = static_cast<int64_t>(rows.size());
-  for (const auto& l : lifts) TORCH_CHECK(l.Bt->size(0) == rank, "a gate has one adapter rank");
-  std::vector<std::vector<T>> in(lifts.size());
-  std::vector<int64_t> start(lifts.size() + 1, 0);
-  for (size_t k = 0; k < lifts.size(); ++k) {
-    in[k].resize(n * rank);
-    for (int64_t i = 0; i < n; ++i)
-      std::copy_n(lifts[k].low->template data_ptr<T>() + rows[i] * rank, rank,
-                  in[k].data() + i * rank);
-    start[k + 1] = start[k] + lifts[k].out->size(1);
-  }
-  at::parallel_for(0, start.back(), 8 * kGrain, [&](int64_t b, int64_t e) {
-    std::vector<T> acc;
-    for (size_t k = 0; k < lifts.size(); ++k) {
-      const int64_t lo = std::max(b, start[k]) - start[k], hi = std::min(e, start[k + 1]) - start[k];
-      if (lo >= hi) continue;
-      const int64_t od = lifts[k].out->size(1);
-      const T* bt = lifts[k].Bt->template data_ptr<T>();
-      const T alpha = static_cast<T>(lifts[k].scale);
-      for (int64_t i = 0; i < n; ++i) {
-        acc.assign(hi - lo, T(0));
-        T* a = acc.data();
-        for (int64_t r = 0; r < rank; ++r) {
-          const T c = in[k][i * rank + r];
-          const T* row = bt + r * od + lo;
-          for (int64_t j = 0; j < hi - lo; ++j) a[j] += c * row[j];
-        }
-        T* o = lifts[k].out->template data_ptr<T>() + rows[i] * od + lo;
-        for (int64_t j = 0; j < hi - lo; ++j) o[j] += alpha * a[j];
+  for (const auto& sg : segs) {
+    auto w = torch::from_blob(const_cast<T*>(sg.weight), {sg.rows, in}, x.options());
+    auto out = torch::from_blob(sg.out, {rows, sg.stride}, x.options());
+    at::mm_out(out, x, w.t());
+    if (sg.a == nullptr || gated.empty()) continue;
+    // B's update at the gated rows: scale * A x of each, then a dot product per output row.
+    const T* xs = x.data_ptr<T>();
+    std::vector<T> low(sg.rank);
+    Fold<T> fold;
+    fold.b = sg.b;
+    fold.low = low.data();
+    fold.rank = sg.rank;
+    fold.slot[0] = 0;
+    for (int64_t m : gated) {
+      for (int64_t r = 0; r < sg.rank; ++r) {
+        T dot = 0;
+        for (int64_t i = 0; i < in; ++i) dot += sg.a[r * in + i] * xs[m * in + i];
+        low[r] = static_cast<T>(sg.scale) * dot;
       }
+      fold_rows<T>(fold, sg.out + m * sg.stride, 1, 0, sg.rows, sg.stride);
     }
-  });
+  }
 }
 
 // x (rows, heads * d) <- x * cos + rotate_half(x) * sin, per head, cos/sin (rows, d).
@@ -229,37 +196,25 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   const T* sn = sin.data_ptr<T>();
   const uint8_t* mask = allowed.data_ptr<uint8_t>();
   const int64_t block_stride = s.batch * s.kv_heads * s.capacity * s.head_dim;
-  // Mask-gated adapters: A x rides along with the product it adapts (one parallel region),
-  // B (A x) is added at the mask rows only.
+  // Mask-gated adapters act at the gated (mask-token) rows only, inside the products they adapt.
   const bool gate = !adapters.empty() && !gated.empty();
-  std::vector<torch::Tensor> low(kAdapted);
-  using Pairs = std::vector<std::pair<torch::Tensor, torch::Tensor>>;
-  auto with_low = [&](int64_t layer, std::initializer_list<int> which, Pairs pairs) {
-    if (!gate) return pairs;
-    for (int i : which) {
-      const auto& A = adapters[(layer * kAdapted + i) * 2];
-      if (A.numel() == 0) continue;
-      if (!low[i].defined() || low[i].size(1) != A.size(0))
-        low[i] = torch::empty({rows, A.size(0)}, opts);
-      pairs.push_back({A, low[i]});
+  const std::vector<int64_t> none;
+  const std::vector<int64_t>& at_rows = gate ? gated : none;
+  auto seg = [&](int64_t layer, int which, const torch::Tensor& weight, torch::Tensor& out) {
+    Segment<T> sg{weight.data_ptr<T>(), out.data_ptr<T>(), weight.size(0), out.size(1)};
+    const int64_t at_ = layer * kAdapted + which;
+    if (gate && adapters[at_ * 2].numel() > 0) {
+      sg.a = adapters[at_ * 2].data_ptr<T>();
+      sg.b = adapters[at_ * 2 + 1].data_ptr<T>();
+      sg.rank = adapters[at_ * 2].size(0);
+      sg.scale = scales[at_];
     }
-    return pairs;
-  };
-  auto lifted = [&](int64_t layer, std::initializer_list<std::pair<int, torch::Tensor*>> outs) {
-    if (!gate) return;
-    std::vector<Lift<T>> lifts;
-    for (const auto& item : outs) {
-      const int64_t at_ = layer * kAdapted + item.first;
-      if (adapters[at_ * 2].numel() == 0) continue;
-      lifts.push_back({&low[item.first], item.second, &adapters[at_ * 2 + 1], scales[at_]});
-    }
-    lift<T>(lifts, gated);
+    return sg;
   };
   for (int64_t l = 0; l < layers; ++l) {
     const torch::Tensor* w = &blocks[l * kBlockTensors];
     rms_norm<T>(h.data_ptr<T>(), w[0].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
-    product<T>(xn, rows, few, with_low(l, {0, 1, 2}, {{w[1], q}, {w[2], k}, {w[3], v}}));
-    lifted(l, {{0, &q}, {1, &k}, {2, &v}});
+    product<T>(xn, rows, few, {seg(l, 0, w[1], q), seg(l, 1, w[2], k), seg(l, 2, w[3], v)}, at_rows);
     rotary<T>(q.data_ptr<T>(), c, sn, rows, s.heads, s.head_dim);
     rotary<T>(k.data_ptr<T>(), c, sn, rows, s.kv_heads, s.head_dim);
     T* kc = k_cache.data_ptr<T>() + l * block_stride;
@@ -267,15 +222,12 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
     store<T>(k.data_ptr<T>(), kc, s);
     store<T>(v.data_ptr<T>(), vc, s);
     attend<T>(q.data_ptr<T>(), kc, vc, mask, att.data_ptr<T>(), s);
-    product<T>(att, rows, few, with_low(l, {3}, {{w[4], tmp}}));
-    lifted(l, {{3, &tmp}});
+    product<T>(att, rows, few, {seg(l, 3, w[4], tmp)}, at_rows);
     h.add_(tmp);
     rms_norm<T>(h.data_ptr<T>(), w[5].data_ptr<T>(), xn.data_ptr<T>(), rows, s.hidden, s.eps);
-    product<T>(xn, rows, few, with_low(l, {4, 5}, {{w[6], g}, {w[7], u}}));
-    lifted(l, {{4, &g}, {5, &u}});
+    product<T>(xn, rows, few, {seg(l, 4, w[6], g), seg(l, 5, w[7], u)}, at_rows);
     at::silu_(g).mul_(u);  // ACT2FN["silu"](gate) * up, with ATen's vectorised exp
-    product<T>(g, rows, few, with_low(l, {6}, {{w[8], tmp}}));
-    lifted(l, {{6, &tmp}});
+    product<T>(g, rows, few, {seg(l, 6, w[8], tmp)}, at_rows);
     h.add_(tmp);
   }
   const int64_t n = static_cast<int64_t>(read.size());
@@ -286,7 +238,7 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   rms_norm<T>(picked.data_ptr<T>(), final_norm.data_ptr<T>(), normed.data_ptr<T>(), n, s.hidden,
               s.eps);
   auto logits = torch::empty({n, head.size(0)}, opts);
-  product<T>(normed, n, few, {{head, logits}});
+  product<T>(normed, n, few, {Segment<T>{head.data_ptr<T>(), logits.data_ptr<T>(), head.size(0), logits.size(1)}}, none);
   return logits;
 }
 

@@ -3,13 +3,17 @@
 // A decoding pass multiplies 1-8 activation rows by every weight of the model.  At that width
 // the pass is bound by reading the weights from memory, so each weight row is read once and
 // multiplied with all rows of the pass while it sits in registers/L1: a pass of n tokens then
-// streams the weights once, like a pass of one.  The float32 path blocks O output rows at a time
-// (O weight vectors and the N activation vectors of one 16-float chunk give O * N fused
-// multiply-adds for O + N loads), which keeps the loads, not the arithmetic, below the rate the
-// weights arrive at.  Part of mtp-lm (mtp_torch.decoding.native).
+// streams the weights once, like a pass of one.  The float32 path blocks O = 3 output rows at a
+// time (O weight vectors and the N activation vectors of one chunk give O * N fused multiply-adds
+// for O + N loads) and asks for the next block's rows one block ahead *into L2*: with 8 rows the
+// multiply-adds alone take ~13 ms of a ~15 ms weight stream on 2 cores, and only a stream that
+// runs ahead of them overlaps the two (measured on Zen 4, n = 8: 28 ms without the L2 prefetch
+// or with it into L1, where it evicts the activations; 18 ms with it).  Part of mtp-lm
+// (mtp_torch.decoding.native).
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -22,15 +26,45 @@ namespace mtp {
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kGrain = 32;  // output rows per parallel task
 
-// One weight of a multi-weight product: out[r * stride + o] for o < rows.
+// One weight of a multi-weight product: out[r * stride + o] for o < rows.  With a mask-gated
+// adapter (a, b), the gated rows m also get ``scale * B (A x[m])`` (forward.h).
 template <typename T>
 struct Segment {
   const T* weight;       // (rows, in), contiguous
   T* out;                // row r of the result starts at out + r * stride
   int64_t rows;
   int64_t stride;
-  const T* x = nullptr;  // this weight's own (n, in) input; nullptr: the product's
+  const T* a = nullptr;  // adapter A: (rank, in); nullptr: none
+  const T* b = nullptr;  // adapter B: (rows, rank)
+  int64_t rank = 0;
+  double scale = 0.0;
 };
+
+// A segment's adapter update at the gated rows, for the output rows a task computes: row r of
+// the product (r < n) gets sum_j b[o, j] * low[slot[r], j] when slot[r] >= 0, where ``low``
+// already holds ``scale * A x`` of the gated rows.
+template <typename T>
+struct Fold {
+  const T* b = nullptr;
+  const T* low = nullptr;
+  int8_t slot[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+  int64_t rank = 0;
+};
+
+// The generic update (any type, any rank): a dot product per (output row, gated row).
+template <typename T>
+void fold_rows(const Fold<T>& f, T* out, int64_t n, int64_t b, int64_t e, int64_t stride) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (f.slot[r] < 0) continue;
+    const T* low = f.low + f.slot[r] * f.rank;
+    for (int64_t o = b; o < e; ++o) {
+      const T* row = f.b + o * f.rank;
+      T dot = 0;
+      for (int64_t j = 0; j < f.rank; ++j) dot += row[j] * low[j];
+      out[r * stride + o] += dot;
+    }
+  }
+}
 
 // Any floating type, any CPU: a plain dot product per (output row, activation row).
 template <typename T, int N>
@@ -66,7 +100,7 @@ void rows_generic_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64
 #define MTP_HAVE_SIMD 1
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
-constexpr int kAccumulators = 16;  // of 32 vector registers
+constexpr int kRegisters = 32;
 using Vec = __m512;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
@@ -84,7 +118,7 @@ inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
 }
 #else
 constexpr int kLanes = 8;
-constexpr int kAccumulators = 8;  // of 16 vector registers
+constexpr int kRegisters = 16;
 using Vec = __m256;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
@@ -104,11 +138,14 @@ inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
 }
 #endif
 
-// O output rows starting at o, N activation rows, U independent lanes-wide chunks per step;
-// Prefetch: ask for the next block's rows one block ahead.
+// O output rows starting at o, N activation rows, U independent lanes-wide chunks per step.
+// Prefetch: ask for the next block's rows, one block ahead, into L2 (not L1: the activation rows
+// live there, and a prefetch into L1 evicted them: measured 1.5x slower at 4-8 rows).
+// fold: the adapter update (rank a multiple of kLanes), added to the lanes of the gated rows'
+// sums before they are reduced: one multiply-add per (output row, gated row), B read with W.
 template <int N, int O, int U, bool Prefetch = true>
 inline void block_f32(const float* w, const float* x, float* out, int64_t in, int64_t o,
-                      int64_t stride) {
+                      int64_t stride, const Fold<float>* fold = nullptr) {
   constexpr int64_t step = int64_t(kLanes) * U;
   const int64_t body = in - in % step;
   Vec acc[O][N][U];
@@ -118,12 +155,10 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
   const float* rows[O];
   for (int a = 0; a < O; ++a) rows[a] = w + (o + a) * in;
   for (int64_t i = 0; i < body; i += step) {
-    // The next block's rows (contiguous after these), one block ahead of the loads: the stream
-    // from memory overlaps the multiply-adds instead of waiting on the hardware prefetcher.
     if (Prefetch)
       for (int a = 0; a < O; ++a)
         for (int64_t line = 0; line < step; line += 16)  // 16 floats: one 64-byte line
-          _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T1);
     for (int u = 0; u < U; ++u) {
       Vec xv[N];
       for (int r = 0; r < N; ++r) xv[r] = vload(x + r * in + i + u * kLanes);
@@ -141,6 +176,16 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
       t[a * N + r] = acc[a][r][0];
       for (int u = 1; u < U; ++u) t[a * N + r] = vadd(t[a * N + r], acc[a][r][u]);
     }
+  if (fold != nullptr)
+    for (int r = 0; r < N; ++r) {
+      if (fold->slot[r] < 0) continue;
+      const float* low = fold->low + fold->slot[r] * fold->rank;
+      for (int a = 0; a < O; ++a) {
+        const float* brow = fold->b + (o + a) * fold->rank;
+        for (int64_t c = 0; c < fold->rank; c += kLanes)
+          t[a * N + r] = vfma(vload(brow + c), vload(low + c), t[a * N + r]);
+      }
+    }
   int k = 0;
   for (; k + 4 <= K; k += 4) _mm_storeu_ps(sums + k, vsum4(t[k], t[k + 1], t[k + 2], t[k + 3]));
   for (; k < K; ++k) sums[k] = vsum(t[k]);
@@ -153,63 +198,100 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
   }
 }
 
-// Output rows [b, e).  Up to 3 activation rows, one weight row at a time with many independent
-// accumulators streams at memory speed (measured: blocking and prefetching cost 10-20% there);
-// from 4 rows on, blocks of O rows with the next block prefetched, then single rows.
+// Weight rows per block for N activation rows.  Three, so that O * N accumulators, O weight
+// vectors and an activation vector fit the 32 AVX-512 registers up to 8 rows.  With the 16 AVX2
+// registers, 5-6 rows take two (3 * 6 accumulators spill); at 7-8 rows three still beat two or
+// one despite the spills (measured with the AVX2 build, n = 7-8: 21-22 ms against 27 for one).
+template <int N>
+constexpr int block_rows() {
+  if (kRegisters >= 32) return 3;
+  return (N == 5 || N == 6) ? 2 : 3;
+}
+
+// Output rows [b, e): blocks of O rows, then single rows.
 template <int N>
 void rows_f32(const float* w, const float* x, float* out, int64_t in, int64_t b, int64_t e,
-              int64_t stride) {
-  if constexpr (N <= 3) {
-    constexpr int U = N >= 2 ? 4 : 8;
-    for (int64_t o = b; o < e; ++o) block_f32<N, 1, U, false>(w, x, out, in, o, stride);
-    return;
-  }
-  constexpr int O = kAccumulators / N >= 4 ? 4 : (kAccumulators / N >= 2 ? 2 : 1);
-  constexpr int U = kAccumulators / (O * N) >= 2 ? 2 : 1;
+              int64_t stride, const Fold<float>* fold) {
+  constexpr int O = block_rows<N>();
   int64_t o = b;
-  for (; o + O <= e; o += O) block_f32<N, O, U>(w, x, out, in, o, stride);
-  for (; o < e; ++o) block_f32<N, 1, U>(w, x, out, in, o, stride);
+  for (; o + O <= e; o += O) block_f32<N, O, 1>(w, x, out, in, o, stride, fold);
+  for (; o < e; ++o) block_f32<N, 1, 1>(w, x, out, in, o, stride, fold);
 }
 
 inline void rows_f32_n(const float* w, const float* x, float* out, int64_t in, int64_t n,
-                       int64_t b, int64_t e, int64_t stride) {
+                       int64_t b, int64_t e, int64_t stride, const Fold<float>* fold) {
   switch (n) {
-    case 1: rows_f32<1>(w, x, out, in, b, e, stride); break;
-    case 2: rows_f32<2>(w, x, out, in, b, e, stride); break;
-    case 3: rows_f32<3>(w, x, out, in, b, e, stride); break;
-    case 4: rows_f32<4>(w, x, out, in, b, e, stride); break;
-    case 5: rows_f32<5>(w, x, out, in, b, e, stride); break;
-    case 6: rows_f32<6>(w, x, out, in, b, e, stride); break;
-    case 7: rows_f32<7>(w, x, out, in, b, e, stride); break;
-    default: rows_f32<8>(w, x, out, in, b, e, stride); break;
+    case 1: rows_f32<1>(w, x, out, in, b, e, stride, fold); break;
+    case 2: rows_f32<2>(w, x, out, in, b, e, stride, fold); break;
+    case 3: rows_f32<3>(w, x, out, in, b, e, stride, fold); break;
+    case 4: rows_f32<4>(w, x, out, in, b, e, stride, fold); break;
+    case 5: rows_f32<5>(w, x, out, in, b, e, stride, fold); break;
+    case 6: rows_f32<6>(w, x, out, in, b, e, stride, fold); break;
+    case 7: rows_f32<7>(w, x, out, in, b, e, stride, fold); break;
+    default: rows_f32<8>(w, x, out, in, b, e, stride, fold); break;
   }
 }
 #endif
 
+// Output rows [b, e) of n rows' product, with the adapter update where ``fold`` is given.
 template <typename T>
 inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_t b, int64_t e,
-                   int64_t stride) {
+                   int64_t stride, const Fold<T>* fold = nullptr) {
 #ifdef MTP_HAVE_SIMD
   if constexpr (std::is_same<T, float>::value) {
-    rows_f32_n(w, x, out, in, n, b, e, stride);
+    const bool lanes = fold == nullptr || fold->rank % kLanes == 0;
+    rows_f32_n(w, x, out, in, n, b, e, stride, lanes ? fold : nullptr);
+    if (!lanes) fold_rows<T>(*fold, out, n, b, e, stride);
     return;
   }
 #endif
   rows_generic_n<T>(w, x, out, in, n, b, e, stride);
+  if (fold != nullptr) fold_rows<T>(*fold, out, n, b, e, stride);
 }
 
 // The product of n <= kMaxRows rows x (n, in) with several weights sharing ``in`` (q, k and v;
-// gate and up), in one parallel region over all their output rows.
+// gate and up), in one parallel region over all their output rows.  Adapters act at the
+// ``gated`` rows only: ``scale * A x`` of those rows first (rank outputs per adapter, a small
+// region of its own), then B's update is folded into the product (see block_f32), so the
+// weights and B are read once, by one region.
 template <typename T>
-void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segment<T>>& segs) {
+void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segment<T>>& segs,
+                     const std::vector<int64_t>& gated = {}) {
   std::vector<int64_t> start(segs.size() + 1, 0);
   for (size_t s = 0; s < segs.size(); ++s) start[s + 1] = start[s] + segs[s].rows;
+  const int64_t ng = static_cast<int64_t>(gated.size());
+  std::vector<Fold<T>> folds(segs.size());
+  std::vector<T> picked, low;
+  std::vector<Segment<T>> lows;
+  std::vector<int64_t> offset(segs.size(), -1);
+  for (size_t s = 0; s < segs.size() && ng > 0; ++s) {
+    if (segs[s].a == nullptr) continue;
+    offset[s] = static_cast<int64_t>(low.size());
+    low.resize(low.size() + ng * segs[s].rank);
+  }
+  if (!low.empty()) {
+    picked.resize(ng * in);  // the gated rows, contiguous
+    for (int64_t m = 0; m < ng; ++m) std::copy_n(x + gated[m] * in, in, picked.data() + m * in);
+    for (size_t s = 0; s < segs.size(); ++s)
+      if (offset[s] >= 0)
+        lows.push_back({segs[s].a, low.data() + offset[s], segs[s].rank, segs[s].rank});
+    few_row_product<T>(picked.data(), ng, in, lows);
+    for (size_t s = 0; s < segs.size(); ++s) {
+      if (offset[s] < 0) continue;
+      T* l = low.data() + offset[s];
+      for (int64_t i = 0; i < ng * segs[s].rank; ++i) l[i] *= static_cast<T>(segs[s].scale);
+      folds[s].b = segs[s].b;
+      folds[s].low = l;
+      folds[s].rank = segs[s].rank;
+      for (int64_t m = 0; m < ng; ++m) folds[s].slot[gated[m]] = static_cast<int8_t>(m);
+    }
+  }
   at::parallel_for(0, start.back(), kGrain, [&](int64_t b, int64_t e) {
     for (size_t s = 0; s < segs.size(); ++s) {
       const int64_t lo = std::max(b, start[s]), hi = std::min(e, start[s + 1]);
       if (lo >= hi) continue;
-      rows_n<T>(segs[s].weight, segs[s].x ? segs[s].x : x, segs[s].out, in, n, lo - start[s],
-                hi - start[s], segs[s].stride);
+      rows_n<T>(segs[s].weight, x, segs[s].out, in, n, lo - start[s], hi - start[s],
+                segs[s].stride, folds[s].b ? &folds[s] : nullptr);
     }
   });
 }

@@ -40,7 +40,7 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight)
 // One pass of a Llama-family decoder (see forward.h).  hidden: (batch, width, hidden) input
 // embeddings; cos/sin: (batch, width, head_dim) from the model's rotary module; allowed:
 // (batch, past + width) uint8, 1 where a slot may be attended; gated: flat row indices of
-// mask-token rows; blocks: 9 tensors per block; adapters: 14 per block (A and B transposed, for
+// mask-token rows; blocks: 9 tensors per block; adapters: 14 per block (A and B, for
 // q, k, v, o, gate, up, down; empty tensors where a product has none) or none; scales: 7 per block;
 // k_cache/v_cache: (layers, batch, kv_heads, capacity, head_dim), written at past .. past +
 // width; read: flat row indices whose logits are returned; few: bit n - 1 set when a product of
