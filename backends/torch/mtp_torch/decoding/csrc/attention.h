@@ -65,6 +65,7 @@ inline Vec vexp(Vec x) {
 }
 
 constexpr int kQueries = 4;  // queries sharing each key/value load
+constexpr int kValueChunks = kRegisters >= 32 ? 4 : 2;  // head chunks summed per pass over values
 
 // One (row, query head): scores, softmax and values for all queries of the block.
 inline void attend_head_f32(const float* q, const float* keys, const float* values,
@@ -113,22 +114,30 @@ inline void attend_head_f32(const float* q, const float* keys, const float* valu
     }
     inverse[w] = 1.f / total;
   }
+  // The weighted sum of values, kValueChunks lanes-wide chunks of the head at a time, so the
+  // kQueries x kValueChunks sums stay in registers while each value row is loaded once.
   for (int64_t w0 = 0; w0 < s.width; w0 += kQueries) {
     const int64_t nq = std::min<int64_t>(kQueries, s.width - w0);
     const int64_t last = s.past + w0 + nq - 1;
-    std::vector<Vec> acc(kQueries * chunks, vzero());
-    for (int64_t j = 0; j <= last; ++j) {
-      const float* vv = values + j * d;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Vec v = vload(vv + c * kLanes);
-        for (int64_t i = 0; i < nq; ++i)
-          acc[i * chunks + c] = vfma(vset1(score[(w0 + i) * slots + j]), v, acc[i * chunks + c]);
+    for (int64_t c0 = 0; c0 < chunks; c0 += kValueChunks) {
+      const int64_t nc = std::min<int64_t>(kValueChunks, chunks - c0);
+      Vec acc[kQueries][kValueChunks];
+      for (int i = 0; i < kQueries; ++i)
+        for (int c = 0; c < kValueChunks; ++c) acc[i][c] = vzero();
+      for (int64_t j = 0; j <= last; ++j) {
+        const float* vv = values + j * d + c0 * kLanes;
+        Vec p[kQueries];
+        for (int64_t i = 0; i < nq; ++i) p[i] = vset1(score[(w0 + i) * slots + j]);
+        for (int64_t c = 0; c < nc; ++c) {
+          const Vec v = vload(vv + c * kLanes);
+          for (int64_t i = 0; i < nq; ++i) acc[i][c] = vfma(p[i], v, acc[i][c]);
+        }
       }
-    }
-    for (int64_t i = 0; i < nq; ++i) {
-      float* o = out + ((b * s.width + w0 + i) * s.heads + h) * d;
-      const Vec inv = vset1(inverse[w0 + i]);
-      for (int64_t c = 0; c < chunks; ++c) vstore(o + c * kLanes, vmul(acc[i * chunks + c], inv));
+      for (int64_t i = 0; i < nq; ++i) {
+        float* o = out + ((b * s.width + w0 + i) * s.heads + h) * d + c0 * kLanes;
+        const Vec inv = vset1(inverse[w0 + i]);
+        for (int64_t c = 0; c < nc; ++c) vstore(o + c * kLanes, vmul(acc[i][c], inv));
+      }
     }
   }
 }
