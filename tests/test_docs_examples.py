@@ -130,6 +130,7 @@ EXPECTED_OUTPUT = {
     "gpu_check.py": "gpu check passed: True",
     "kernel_cost.py": "greedy tokens with every kernel: True",
     "mtp_gain.py": "StaticK(1)'s output with every policy: True",
+    "pass_widths.py": "pass widths timed: True",
 }
 
 
