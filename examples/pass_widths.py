@@ -85,7 +85,7 @@ def main() -> None:
     one = float(np.median(times[0]))
     print(f"one-token pass: {one * 1e3:.1f} ms (median of {args.iterations})")
     print("| pending | masks | width | t / t(1) |\n|---|---|---|---|")
-    for (pending, masks), samples in zip(SHAPES, times):
+    for (pending, masks), samples in zip(SHAPES, times, strict=True):
         ratio = float(np.median(samples)) / one
         print(f"| {pending} | {masks} | {pending + masks} | {ratio:.2f} |")
     print("pass widths timed: True")

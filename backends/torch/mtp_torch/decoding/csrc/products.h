@@ -251,47 +251,41 @@ inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_
 
 // The product of n <= kMaxRows rows x (n, in) with several weights sharing ``in`` (q, k and v;
 // gate and up), in one parallel region over all their output rows.  Adapters act at the
-// ``gated`` rows only: ``scale * A x`` of those rows first (rank outputs per adapter, a small
-// region of its own), then B's update is folded into the product (see block_f32), so the
-// weights and B are read once, by one region.
+// ``gated`` rows only: each task first computes ``scale * A x`` of those rows for the segments
+// it covers (rank outputs each; a region of its own cost more than a task redoing a segment
+// another task shares), then folds B's update into its products (see block_f32), so the
+// weights, A and B are read in the one region.
 template <typename T>
 void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segment<T>>& segs,
                      const std::vector<int64_t>& gated = {}) {
   std::vector<int64_t> start(segs.size() + 1, 0);
   for (size_t s = 0; s < segs.size(); ++s) start[s + 1] = start[s] + segs[s].rows;
   const int64_t ng = static_cast<int64_t>(gated.size());
-  std::vector<Fold<T>> folds(segs.size());
-  std::vector<T> picked, low;
-  std::vector<Segment<T>> lows;
-  std::vector<int64_t> offset(segs.size(), -1);
-  for (size_t s = 0; s < segs.size() && ng > 0; ++s) {
-    if (segs[s].a == nullptr) continue;
-    offset[s] = static_cast<int64_t>(low.size());
-    low.resize(low.size() + ng * segs[s].rank);
-  }
-  if (!low.empty()) {
+  bool adapted = false;
+  for (const auto& sg : segs) adapted = adapted || sg.a != nullptr;
+  std::vector<T> picked;
+  if (adapted && ng > 0) {
     picked.resize(ng * in);  // the gated rows, contiguous
     for (int64_t m = 0; m < ng; ++m) std::copy_n(x + gated[m] * in, in, picked.data() + m * in);
-    for (size_t s = 0; s < segs.size(); ++s)
-      if (offset[s] >= 0)
-        lows.push_back({segs[s].a, low.data() + offset[s], segs[s].rank, segs[s].rank});
-    few_row_product<T>(picked.data(), ng, in, lows);
-    for (size_t s = 0; s < segs.size(); ++s) {
-      if (offset[s] < 0) continue;
-      T* l = low.data() + offset[s];
-      for (int64_t i = 0; i < ng * segs[s].rank; ++i) l[i] *= static_cast<T>(segs[s].scale);
-      folds[s].b = segs[s].b;
-      folds[s].low = l;
-      folds[s].rank = segs[s].rank;
-      for (int64_t m = 0; m < ng; ++m) folds[s].slot[gated[m]] = static_cast<int8_t>(m);
-    }
   }
   at::parallel_for(0, start.back(), kGrain, [&](int64_t b, int64_t e) {
+    std::vector<T> low;
     for (size_t s = 0; s < segs.size(); ++s) {
       const int64_t lo = std::max(b, start[s]), hi = std::min(e, start[s + 1]);
       if (lo >= hi) continue;
-      rows_n<T>(segs[s].weight, x, segs[s].out, in, n, lo - start[s], hi - start[s],
-                segs[s].stride, folds[s].b ? &folds[s] : nullptr);
+      const Segment<T>& sg = segs[s];
+      Fold<T> fold;
+      if (sg.a != nullptr && !picked.empty()) {
+        low.resize(ng * sg.rank);
+        rows_n<T>(sg.a, picked.data(), low.data(), in, ng, 0, sg.rank, sg.rank);
+        for (T& value : low) value *= static_cast<T>(sg.scale);
+        fold.b = sg.b;
+        fold.low = low.data();
+        fold.rank = sg.rank;
+        for (int64_t m = 0; m < ng; ++m) fold.slot[gated[m]] = static_cast<int8_t>(m);
+      }
+      rows_n<T>(sg.weight, x, sg.out, in, n, lo - start[s], hi - start[s], sg.stride,
+                fold.b ? &fold : nullptr);
     }
   });
 }
