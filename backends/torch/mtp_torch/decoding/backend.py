@@ -19,7 +19,14 @@ import numpy.typing as npt
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
-from mtp_core import Sampling, StepInputs, StepOutputs, draw_tokens, filtered_probabilities
+from mtp_core import (
+    Sampling,
+    StepInputs,
+    StepOutputs,
+    draw_tokens,
+    filtered_probabilities,
+    greedy_tokens,
+)
 
 __all__ = ["TorchBackend", "context_window"]
 
@@ -239,7 +246,8 @@ class TorchBackend:
     def _read_out(
         self, read_logits: torch.Tensor, sampling: Sampling, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-1 probability and chosen token per read position.
+        """Top-1 probability and chosen token per read position: ``mtp_core.read_out``'s rules
+        (``FusedBackend`` reads out through this method too).
 
         Args:
           read_logits: logits ``(batch, n, vocab)`` at the read positions.
@@ -252,11 +260,12 @@ class TorchBackend:
         # transformers' greedy search takes the argmax of float32 logits; do the same so that
         # StaticK(1) reproduces generate() token for token in every dtype.
         scores = read_logits.to(torch.float32)
-        top_tokens = scores.argmax(dim=-1)
-        # Confidence: the top-1 softmax probability, in float64 for float64 models.  One fused
-        # softmax plus one argmax keeps the vocabulary-sized passes (and thread launches) few.
+        top_tokens: torch.Tensor = greedy_tokens(scores)
+        # Confidence: mtp_core.top1_confidence, in float64 for float64 models, as the
+        # probability at the argmax: one fused softmax plus one argmax keeps the
+        # vocabulary-sized passes (and thread launches) few.
         exact = read_logits if read_logits.dtype == torch.float64 else scores
-        exact_top = top_tokens if exact is scores else exact.argmax(dim=-1)
+        exact_top = top_tokens if exact is scores else greedy_tokens(exact)
         probabilities = torch.softmax(exact, dim=-1)
         confidences = probabilities.gather(-1, exact_top[..., None])[..., 0]
         if sampling.greedy:
