@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import transformers
 
 from mtp_core import AcceptancePolicy
 from mtp_torch.bench.config import BenchConfig
@@ -474,8 +475,6 @@ def _meta(
     extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The report's provenance: machine, versions, date, command, the run, the caller's fields."""
-    import transformers
-
     return {
         "machine": machine_info(),
         "device": str(device),

@@ -47,6 +47,7 @@ from mtp_torch.decoding.mask import (
     add_mask_token,
     embedding_rows,
 )
+from mtp_torch.decoding.named import load_named
 from mtp_torch.decoding.output import GenerateOutput as GenerateOutput
 from mtp_torch.decoding.output import generate_output
 from mtp_torch.decoding.policies import (
@@ -186,9 +187,8 @@ class MTPModel:
             file is missing.
           ValueError: for corrupt weights or a gate adapter that is corrupt or does not fit.
         """
+        # Lazy: transformers' Auto classes import their model registry (start-up of import mtp_torch).
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from mtp_torch.decoding.named import load_named
 
         source = str(path_or_name)
         wanted = parse_dtype(dtype)
