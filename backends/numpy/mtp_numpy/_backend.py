@@ -79,6 +79,9 @@ class NumpyBackend:
       config: the raw ``config.json`` dict (kept for ``mtp_mask_token_id`` and friends); built
         from ``weights.config`` when omitted.
 
+    Raises:
+      TypeError: when ``weights`` are not ``LlamaWeights`` (a model of another library).
+
     Example:
       >>> backend = NumpyBackend.from_pretrained("path/to/checkpoint")  # doctest: +SKIP
       >>> mtp_core.decode(backend, [[1, 2, 3]], ConfAdapt(0.9, 4),
@@ -86,6 +89,11 @@ class NumpyBackend:
     """
 
     def __init__(self, weights: LlamaWeights, config: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(weights, LlamaWeights):
+            raise TypeError(
+                f"NumpyBackend takes LlamaWeights, got {type(weights).__name__}; build one from "
+                "a checkpoint directory with NumpyBackend.from_pretrained(path)"
+            )
         self.weights = weights
         self.config: dict[str, Any] = (
             dict(config) if config is not None else _config_dict(weights.config)

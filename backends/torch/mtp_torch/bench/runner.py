@@ -328,6 +328,7 @@ def _models_and_methods(
             quantized,
             mask_token_id=mtp_model.mask_token_id,
             tokenizer=getattr(mtp_model, "tokenizer", None),
+            backend=getattr(mtp_model, "backend_name", None),
         )
         quantized_baseline = None if baseline_model is None else quantize_int8(baseline_model)
         bundles["int8"] = ModelsUnderTest("int8", quantized, quantized_mtp, quantized_baseline)

@@ -20,15 +20,18 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
 from mtp_core import (
+    Backend,
     Sampling,
     StepInputs,
     StepOutputs,
+    available_backends,
     draw_tokens,
     filtered_probabilities,
     greedy_tokens,
+    load_backend,
 )
 
-__all__ = ["TorchBackend", "context_window"]
+__all__ = ["TorchBackend", "check_backend_name", "context_window", "registered_backend"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -336,3 +339,42 @@ def _gather_slots(states: torch.Tensor, slots: IntArray | None) -> torch.Tensor:
     index = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(states.device)
     index = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
     return torch.gather(states, 2, index)
+
+
+def check_backend_name(name: str | None) -> str | None:
+    """``name`` when a backend is registered under it (``None`` stays ``None``).
+
+    Raises:
+      ValueError: naming the registered backends, for a name none is registered under.
+    """
+    if name is None:
+        return None
+    registered = available_backends()
+    if not isinstance(name, str) or name not in registered:
+        raise ValueError(
+            f"no decoding backend is registered as {name!r}; registered: {registered}. Register "
+            "yours with mtp_core.register_backend(name, 'module:factory') or under the "
+            "'mtp_core.backends' entry points of its package"
+        )
+    return name
+
+
+def registered_backend(name: str, model: Any) -> Backend[Any]:
+    """The backend registered as ``name``, built for ``model``: the registered object (a class
+    or a factory, ``mtp_core.load_backend``) called with the transformers model.
+
+    Raises:
+      ValueError: when no backend is registered as ``name``.
+      TypeError: when the registered object cannot be called with a model (the numpy
+        reference, for one, is built from a checkpoint: ``NumpyBackend.from_pretrained``).
+    """
+    factory: Any = load_backend(check_backend_name(name) or name)
+    try:
+        backend: Backend[Any] = factory(model)
+    except TypeError as error:
+        raise TypeError(
+            f"the backend registered as {name!r} cannot be built from a transformers model "
+            f"({error}); MTPModel calls the registered object with the model, so register a "
+            "class or factory that takes one"
+        ) from error
+    return backend
