@@ -36,6 +36,9 @@ from mtp_core._src.policies import AcceptancePolicy as AcceptancePolicy
 from mtp_core._src.policies import ConfAdapt as ConfAdapt
 from mtp_core._src.policies import StaticK as StaticK
 from mtp_core._src.policies import check_confidences as check_confidences
+from mtp_core._src.readout import greedy_tokens as greedy_tokens
+from mtp_core._src.readout import read_out as read_out
+from mtp_core._src.readout import top1_confidence as top1_confidence
 from mtp_core._src.registry import available_backends as available_backends
 from mtp_core._src.registry import load_backend as load_backend
 from mtp_core._src.registry import register_backend as register_backend
@@ -69,14 +72,17 @@ __all__ = [
     "draw_tokens",
     "entropy",
     "filtered_probabilities",
+    "greedy_tokens",
     "ground_truth_loss",
     "hard_teacher_loss",
     "inference_layout",
     "load_backend",
     "log_softmax",
     "plan_step",
+    "read_out",
     "register_backend",
     "soft_teacher_loss",
     "student_forcing_pairs",
+    "top1_confidence",
     "training_layout",
 ]

@@ -1,8 +1,10 @@
 """The shape of the packages, kept by tests.
 
 For every package (mtp_core, mtp_numpy, mtp_torch): no import cycle between its modules (lazy
-imports counted), no function over 90 lines, no module over 600 lines.  For mtp_torch: its
-layers import only layers below them (``LAYERS``), and ``import mtp_torch`` stays light.
+imports counted), no function over 90 lines, no module over 600 lines, and no import of a
+package after it (the core imports neither backend; mtp_numpy and mtp_torch import only the
+core).  For mtp_torch: its layers import only layers below them (``LAYERS``), and
+``import mtp_torch`` stays light.
 """
 
 from __future__ import annotations
@@ -126,6 +128,31 @@ def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
             if dest[0] >= source[0]:
                 found.append(f"{name} imports {target}")
     return found
+
+
+# The packages' own order: a package imports only those before it (the core none).
+PACKAGE_ORDER = ("mtp_core", "mtp_numpy", "mtp_torch")
+
+
+def _packages_imported(package: Path) -> set[str]:
+    """The packages of ``PACKAGE_ORDER`` that ``package``'s modules import (lazily or not)."""
+    found: set[str] = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                found.add(node.module.split(".")[0])
+    return found & set(PACKAGE_ORDER)
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.name)
+def test_packages_import_only_packages_before_them(package: Path) -> None:
+    allowed = set(PACKAGE_ORDER[: PACKAGE_ORDER.index(package.name) + 1])
+    # mtp_torch executes plans itself; it has no use for the numpy reference.
+    if package.name == "mtp_torch":
+        allowed.discard("mtp_numpy")
+    assert _packages_imported(package) <= allowed, sorted(_packages_imported(package) - allowed)
 
 
 def test_layers_import_only_layers_below() -> None:

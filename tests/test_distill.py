@@ -598,6 +598,92 @@ def test_prefix_loss_adds_the_real_slots_loss() -> None:
     torch.testing.assert_close(losses[1.0] - losses[0.0], plain)
 
 
+@pytest.mark.parametrize(
+    ("loss", "kind", "weight", "anchor", "teacher"),
+    [
+        ("hard", None, 2.0, "soft", True),  # today's default: a KL anchor beside a teacher loss
+        ("gt", None, 2.0, "gt", False),  # ... and a cross-entropy anchor beside "gt"
+        ("gt", "soft", 2.0, "soft", True),  # an explicit teacher kind brings the teacher back
+        ("gt", "hard", 0.0, "hard", False),  # no anchor weight, no teacher for it
+        ("soft", "gt", 1.0, "gt", True),
+    ],
+)
+def test_the_anchor_kind_follows_the_loss_unless_set(
+    loss: str, kind: str | None, weight: float, anchor: str, teacher: bool
+) -> None:
+    cfg = quiet(loss=loss, prefix_loss_kind=kind, prefix_loss_weight=weight)
+    assert (cfg.anchor_kind, cfg.needs_teacher) == (anchor, teacher)
+    assert cfg.loss_reads_teacher == (loss != "gt")
+    with pytest.raises(ValueError, match="prefix_loss_kind"):
+        quiet(prefix_loss_kind="kl")
+
+
+@pytest.mark.parametrize("kind", ["gt", "soft", "hard"])
+def test_each_anchor_kind_adds_its_loss_at_the_real_slots(kind: str) -> None:
+    """With the student as its own teacher (whose mask token gets no probability): the KL
+    anchor to that teacher, the cross-entropy against its argmax, or against the corpus."""
+    model = tiny_llama(VOCAB, hidden_size=16, dtype=torch.float64)
+    add_mask_token(model)
+    mask_id = int(model.config.mtp_mask_token_id)
+    layout = training_layout(TrainingLayoutSpec(32, 3, 4, 1))
+    windows = np.random.default_rng(0).integers(0, VOCAB, size=(2, layout.spec.window_len))
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = quiet(loss="gt", prefix_loss_weight=weight, prefix_loss_kind=kind)
+        packed = _pack(
+            windows, np.ones(windows.shape, dtype=np.float32), layout, mask_id,
+            torch.device("cpu"), prefix_loss=weight > 0,
+        )  # fmt: skip
+        with torch.no_grad():
+            losses[weight] = _batch_loss(
+                model, model, model, packed, cfg, mask_id, contextlib.nullcontext()
+            ).loss
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(windows[:, : layout.spec.num_real])).logits
+    flat = logits.reshape(-1, VOCAB + 1)
+    targets = {
+        "gt": torch.from_numpy(windows[:, 1 : layout.spec.num_real + 1]).reshape(-1),
+        "hard": flat[:, :VOCAB].argmax(-1),
+    }
+    if kind == "soft":
+        teacher = torch.log_softmax(flat[:, :VOCAB], dim=-1)
+        student = torch.log_softmax(flat, dim=-1)[:, :VOCAB]
+        expected = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    else:
+        expected = torch.nn.functional.cross_entropy(flat, targets[kind])
+    torch.testing.assert_close(losses[1.0] - losses[0.0], expected)
+
+
+@given(
+    k=st.integers(min_value=2, max_value=5),
+    num_regions=st.integers(min_value=1, max_value=4),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_student_forcing_writes_where_the_cores_pairs_say(k: int, num_regions: int, seed: int) -> None:
+    """The teacher's input: each region's masks hold the student's tokens of columns 0 .. k-2
+    (``mtp_core.student_forcing_pairs``), the mask token never among them."""
+    from mtp_torch.training.step import _forced_teacher_input
+
+    seq_len = num_regions * (2 * k) + 4
+    layout = training_layout(TrainingLayoutSpec(seq_len, k, num_regions, 0))
+    rng = np.random.default_rng(seed)
+    windows = rng.integers(0, VOCAB, size=(2, layout.spec.window_len))
+    mask_id = VOCAB
+    packed = _pack(
+        windows, np.ones(windows.shape, dtype=np.float32), layout, mask_id, torch.device("cpu"),
+        prefix_loss=False,
+    )  # fmt: skip
+    logits = torch.from_numpy(rng.standard_normal((2, num_regions, k, VOCAB + 1)))
+    logits[..., mask_id] += 100.0  # the student's favourite is the mask token: never written
+    forced = _forced_teacher_input(packed, logits, mask_id)
+    draft = logits[..., :VOCAB].argmax(-1)
+    expected = packed.input_ids.clone()
+    for region in range(num_regions):
+        for j in range(1, k):
+            expected[:, int(layout.predict_index[region, j])] = draft[:, region, j - 1]
+    assert torch.equal(forced, expected)
+
+
 def test_a_model_trained_earlier_in_the_process_can_be_distilled() -> None:
     """Distilling a model that was trained earlier in the process works (resizing a parameter autograd had met must not break the next backward)."""
     teacher = tiny_llama(

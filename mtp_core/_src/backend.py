@@ -96,11 +96,13 @@ class StepInputs:
 
 @attrs.frozen(eq=False)
 class StepOutputs:
-    """What a backend returns for the read positions of one step.
+    """What a backend returns for the read positions of one step: the read-out of the model's
+    logits there, by the rules of ``mtp_core.read_out`` (greedy ties, NaN, precision).
 
     Attributes:
       tokens: ``(batch, n)`` int64 chosen tokens (argmax, or sampled under ``Sampling``).
-      confidences: ``(batch, n)`` float64 top-1 softmax probability at each read position.
+      confidences: ``(batch, n)`` float64 top-1 probability of the untempered softmax at each
+        read position.
     """
 
     tokens: IntArray
@@ -135,7 +137,8 @@ class Backend(Protocol[CacheT]):
           seed: seed for this step's random draws (ignored when greedy).
 
         Returns:
-          The read-outs and the cache, now holding ``past + width`` slots.
+          The read-outs (``mtp_core.read_out`` of the logits at ``inputs.read_index``) and the
+          cache, now holding ``past + width`` slots.
         """
         ...
 

@@ -6,6 +6,11 @@ adds one from its own ``pyproject.toml``::
     [project.entry-points."mtp_core.backends"]
     mybackend = "my_package:MyBackend"
 
+A name stands for a backend class or factory.  ``mtp_torch.MTPModel(model, backend="mybackend")``
+(and ``mtp generate --backend``, ``mtp bench --backend``) calls it with the transformers model
+and decodes on what it returns; the numpy reference (``numpy``) is built from a checkpoint
+instead and driven through ``mtp_core.decode``.
+
 Nothing is imported until ``load_backend`` is called with that name, so importing ``mtp_core``
 never imports a framework the user did not ask for.  ``register_backend`` adds a name at run time
 (tests, notebooks) without packaging.

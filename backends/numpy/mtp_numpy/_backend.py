@@ -18,8 +18,7 @@ from mtp_core import (
     StepInputs,
     StepOutputs,
     decode,
-    draw_tokens,
-    filtered_probabilities,
+    read_out,
 )
 from mtp_numpy._llama import (
     DecoderConfig,
@@ -41,19 +40,22 @@ ChunkCallback = Callable[[int, IntArray], None]
 _GREEDY = Sampling()
 
 
-def _softmax(logits: FloatArray) -> FloatArray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    weights = np.exp(shifted)
-    probs: FloatArray = weights / weights.sum(axis=-1, keepdims=True)
-    return probs
+def _read_out(
+    logits: FloatArray, sampling: Sampling, rng: np.random.Generator
+) -> tuple[IntArray, FloatArray]:
+    """``mtp_core.read_out`` of float64 logits, the uniforms drawn from ``rng`` when sampling."""
+    uniforms = None if sampling.greedy else rng.random(logits.shape[:-1])
+    tokens, confidences = read_out(logits, sampling, uniforms)
+    return np.asarray(tokens, dtype=np.int64), confidences
 
 
 def sample_tokens(logits: npt.ArrayLike, sampling: Sampling, rng: np.random.Generator) -> IntArray:
     """Choose one token per position: argmax, or a draw under temperature/top-k/top-p.
 
-    Filters apply in the order temperature, top-k, top-p (as in transformers).  Top-k keeps
-    every token tied with the k-th largest logit; top-p keeps the smallest most-likely set
-    whose mass reaches ``top_p`` (the most likely token always survives).
+    The tokens of ``mtp_core.read_out`` on the logits in float64: the first of equal largest
+    logits; filters in the order temperature, top-k, top-p (as in transformers), top-k keeping
+    every token tied with the k-th largest logit and top-p the smallest most-likely set whose
+    mass reaches ``top_p`` (the most likely token always survives).
 
     Args:
       logits: ``(..., vocab)`` logits.
@@ -63,13 +65,7 @@ def sample_tokens(logits: npt.ArrayLike, sampling: Sampling, rng: np.random.Gene
     Returns:
       ``(...)`` int64 token ids.
     """
-    scores = np.asarray(logits, dtype=np.float64)
-    if sampling.greedy:
-        greedy: IntArray = np.argmax(scores, axis=-1).astype(np.int64)
-        return greedy
-    probs = filtered_probabilities(scores, sampling)
-    sampled: IntArray = draw_tokens(probs, rng.random(probs.shape[:-1])).astype(np.int64)
-    return sampled
+    return _read_out(np.asarray(logits, dtype=np.float64), sampling, rng)[0]
 
 
 class NumpyBackend:
@@ -83,6 +79,9 @@ class NumpyBackend:
       config: the raw ``config.json`` dict (kept for ``mtp_mask_token_id`` and friends); built
         from ``weights.config`` when omitted.
 
+    Raises:
+      TypeError: when ``weights`` are not ``LlamaWeights`` (a model of another library).
+
     Example:
       >>> backend = NumpyBackend.from_pretrained("path/to/checkpoint")  # doctest: +SKIP
       >>> mtp_core.decode(backend, [[1, 2, 3]], ConfAdapt(0.9, 4),
@@ -90,6 +89,11 @@ class NumpyBackend:
     """
 
     def __init__(self, weights: LlamaWeights, config: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(weights, LlamaWeights):
+            raise TypeError(
+                f"NumpyBackend takes LlamaWeights, got {type(weights).__name__}; build one from "
+                "a checkpoint directory with NumpyBackend.from_pretrained(path)"
+            )
         self.weights = weights
         self.config: dict[str, Any] = (
             dict(config) if config is not None else _config_dict(weights.config)
@@ -156,7 +160,8 @@ class NumpyBackend:
 
         Returns:
           ``StepOutputs`` with ``(batch, n)`` tokens and top-1 softmax probabilities
-          (untempered, float64), and the cache holding ``past + width`` slots.
+          (untempered, float64), the ``mtp_core.read_out`` of the float64 logits, and the cache
+          holding ``past + width`` slots.
         """
         read_index = np.asarray(inputs.read_index, dtype=np.int64)
         hidden, cache = forward_hidden(
@@ -167,9 +172,10 @@ class NumpyBackend:
         if read_index.size and not (0 <= read_index.min() and read_index.max() < hidden.shape[1]):
             raise ValueError(f"read_index values must lie in [0, {hidden.shape[1]})")
         rows = np.take_along_axis(hidden, read_index[..., None], axis=1)
+        # The read-out compares the model's logits in float64 (for a float32 model the same
+        # values); see mtp_core.read_out.
         logits = output_logits(self.weights, rows).astype(np.float64)
-        confidences = _softmax(logits).max(axis=-1)
-        tokens = sample_tokens(logits, sampling, np.random.default_rng(seed))
+        tokens, confidences = _read_out(logits, sampling, np.random.default_rng(seed))
         return StepOutputs(tokens=tokens, confidences=confidences), cache
 
     def crop(self, cache: KVCache, length: int) -> KVCache:

@@ -24,18 +24,18 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import attrs
 import numpy as np
 import numpy.typing as npt
+import torch
+from transformers import DynamicCache
 
-from mtp_core import ConfAdapt, StaticK
+from mtp_core import ConfAdapt, Sampling, StaticK, StepInputs
 from mtp_torch.jsonl import float_tuple as float_tuple
 from mtp_torch.jsonl import int_tuple as int_tuple
-
-if TYPE_CHECKING:
-    import torch
+from mtp_torch.text import encode_prompt
 
 __all__ = [
     "COST_CONTEXT_LENGTH",
@@ -335,9 +335,6 @@ def choose_k_max(
 
 def _model_pass(model: Any, context: Any, blocks: Any) -> Any:
     """Prefill ``context`` through ``model``; return ``one_pass(n)`` timing a block of ``n``."""
-    import torch
-    from transformers import DynamicCache
-
     parameters = inspect.signature(model.forward).parameters
     cache_argument = "cache" if "cache" in parameters else "past_key_values"
     cache = DynamicCache()
@@ -364,8 +361,6 @@ def _model_pass(model: Any, context: Any, blocks: Any) -> Any:
 
 def _backend_pass(backend: Any, context: Any, blocks: Any) -> Any:
     """Prefill ``context`` through ``backend``; return ``one_pass(n)`` timing a block of ``n``."""
-    from mtp_core import Sampling, StepInputs
-
     length = int(context.shape[1])
     state = {"cache": backend.new_cache(1)}
 
@@ -393,8 +388,6 @@ def _backend_pass(backend: Any, context: Any, blocks: Any) -> Any:
 
 
 def _synchronize(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -430,8 +423,6 @@ def measure_cost_curve(
       The ``CostCurve``; its ``seconds`` are the per-width medians (also in
       ``measured_seconds``; ``monotone_envelope`` smooths them where a caller wants that).
     """
-    import torch
-
     if int(max_tokens) < 1 or int(context_length) < 1 or int(repeats) < 1 or int(warmup) < 0:
         raise ValueError(
             "max_tokens, context_length and repeats must be >= 1 and warmup >= 0, got "
@@ -514,8 +505,6 @@ def _probe_prompt_ids(mtp_model: Any, probe_prompts: Sequence[Any] | None) -> li
                     "string probe prompts need a tokenizer: load the model with one "
                     "(MTPModel.from_pretrained) or pass token id lists as probe_prompts"
                 )
-            from mtp_torch.text import encode_prompt
-
             result.append(encode_prompt(tokenizer, prompt, chat=True))
         else:
             raw = prompt.tolist() if hasattr(prompt, "tolist") else prompt
@@ -559,8 +548,6 @@ def auto_policy(
     Returns:
       ``ConfAdapt(threshold, k_max)`` with the chosen ``k_max``, or ``StaticK(1)``.
     """
-    import torch
-
     if len(candidates) == 0 or any(int(k) < 1 for k in candidates):
         raise ValueError(f"candidates must be k_max values >= 1, got {tuple(candidates)}")
     probe_policy = ConfAdapt(threshold=threshold, k_max=max(int(k) for k in candidates))

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import transformers
 
 from mtp_core import AcceptancePolicy
 from mtp_torch.bench.config import BenchConfig
@@ -327,6 +328,7 @@ def _models_and_methods(
             quantized,
             mask_token_id=mtp_model.mask_token_id,
             tokenizer=getattr(mtp_model, "tokenizer", None),
+            backend=getattr(mtp_model, "backend_name", None),
         )
         quantized_baseline = None if baseline_model is None else quantize_int8(baseline_model)
         bundles["int8"] = ModelsUnderTest("int8", quantized, quantized_mtp, quantized_baseline)
@@ -474,8 +476,6 @@ def _meta(
     extra: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The report's provenance: machine, versions, date, command, the run, the caller's fields."""
-    import transformers
-
     return {
         "machine": machine_info(),
         "device": str(device),

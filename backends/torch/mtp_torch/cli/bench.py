@@ -203,6 +203,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. 'default-base', the model a conversion started from (default: 'default-base' "
         "for --model default, else the checkpoint itself)",
     )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="run the MTP rows on a registered decoding backend (a plug-in's "
+        "'mtp_core.backends' entry point); default: the built-in one",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument(
         "--dtype",
@@ -279,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
         cost_repeats=args.cost_repeats,
     )
     say(f"loading {args.model} ({dtype_name}, {device}) ...")
-    mtp = MTPModel.from_pretrained(args.model, dtype=parse_dtype(dtype_name), device=device)
+    mtp = MTPModel.from_pretrained(
+        args.model, dtype=parse_dtype(dtype_name), device=device, backend=args.backend
+    )
     if mtp.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; save one with the model to bench it")
     num_prompts = args.num_prompts

@@ -166,8 +166,14 @@ TRAINING_OPTIONS = (
     ),
     ConfigOption(
         "prefix_loss_weight",
-        "weight of the KL anchor to the teacher at the real tokens (default {default}; 0 "
-        "disables it)",
+        "weight of the anchor, a next-token loss at the real tokens added to --loss whatever "
+        "it is (default {default}; 0 disables it)",
+    ),
+    ConfigOption(
+        "prefix_loss_kind",
+        "the anchor's kind: soft (KL to the teacher), hard (its argmax) or gt (the corpus; no "
+        "teacher pass) (default: {default})",
+        none_text="gt with --loss gt, else soft",
     ),
     ConfigOption(
         "dtype",

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "this machine and cached), 'native', 'skinny', or 'stock' (PyTorch's own products: "
         "transformers' exact numerics; the others agree to rounding)",
     )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="decode on a registered backend (a plug-in's 'mtp_core.backends' entry point; "
+        "see mtp_core.available_backends()); default: the built-in one",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     # The CPU kernels are for the CPU; elsewhere PyTorch's own products run.
     kernel = args.kernel if str(device).startswith("cpu") else "stock"
     mtp = MTPModel.from_pretrained(
-        args.model, dtype=parse_dtype(args.dtype), device=device, linear_kernel=kernel
+        args.model,
+        dtype=parse_dtype(args.dtype),
+        device=device,
+        linear_kernel=kernel,
+        backend=args.backend,
     )
     policy = parse_policy(args.policy, mtp.default_policy) if args.policy is not None else None
     tokenizer = mtp.tokenizer

@@ -19,9 +19,19 @@ import numpy.typing as npt
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, get_layer_types_and_kwargs
 
-from mtp_core import Sampling, StepInputs, StepOutputs, draw_tokens, filtered_probabilities
+from mtp_core import (
+    Backend,
+    Sampling,
+    StepInputs,
+    StepOutputs,
+    available_backends,
+    draw_tokens,
+    filtered_probabilities,
+    greedy_tokens,
+    load_backend,
+)
 
-__all__ = ["TorchBackend", "context_window"]
+__all__ = ["TorchBackend", "check_backend_name", "context_window", "registered_backend"]
 
 IntArray = npt.NDArray[np.int64]
 
@@ -239,7 +249,8 @@ class TorchBackend:
     def _read_out(
         self, read_logits: torch.Tensor, sampling: Sampling, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-1 probability and chosen token per read position.
+        """Top-1 probability and chosen token per read position: ``mtp_core.read_out``'s rules
+        (``FusedBackend`` reads out through this method too).
 
         Args:
           read_logits: logits ``(batch, n, vocab)`` at the read positions.
@@ -252,11 +263,12 @@ class TorchBackend:
         # transformers' greedy search takes the argmax of float32 logits; do the same so that
         # StaticK(1) reproduces generate() token for token in every dtype.
         scores = read_logits.to(torch.float32)
-        top_tokens = scores.argmax(dim=-1)
-        # Confidence: the top-1 softmax probability, in float64 for float64 models.  One fused
-        # softmax plus one argmax keeps the vocabulary-sized passes (and thread launches) few.
+        top_tokens: torch.Tensor = greedy_tokens(scores)
+        # Confidence: mtp_core.top1_confidence, in float64 for float64 models, as the
+        # probability at the argmax: one fused softmax plus one argmax keeps the
+        # vocabulary-sized passes (and thread launches) few.
         exact = read_logits if read_logits.dtype == torch.float64 else scores
-        exact_top = top_tokens if exact is scores else exact.argmax(dim=-1)
+        exact_top = top_tokens if exact is scores else greedy_tokens(exact)
         probabilities = torch.softmax(exact, dim=-1)
         confidences = probabilities.gather(-1, exact_top[..., None])[..., 0]
         if sampling.greedy:
@@ -327,3 +339,42 @@ def _gather_slots(states: torch.Tensor, slots: IntArray | None) -> torch.Tensor:
     index = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(states.device)
     index = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
     return torch.gather(states, 2, index)
+
+
+def check_backend_name(name: str | None) -> str | None:
+    """``name`` when a backend is registered under it (``None`` stays ``None``).
+
+    Raises:
+      ValueError: naming the registered backends, for a name none is registered under.
+    """
+    if name is None:
+        return None
+    registered = available_backends()
+    if not isinstance(name, str) or name not in registered:
+        raise ValueError(
+            f"no decoding backend is registered as {name!r}; registered: {registered}. Register "
+            "yours with mtp_core.register_backend(name, 'module:factory') or under the "
+            "'mtp_core.backends' entry points of its package"
+        )
+    return name
+
+
+def registered_backend(name: str, model: Any) -> Backend[Any]:
+    """The backend registered as ``name``, built for ``model``: the registered object (a class
+    or a factory, ``mtp_core.load_backend``) called with the transformers model.
+
+    Raises:
+      ValueError: when no backend is registered as ``name``.
+      TypeError: when the registered object cannot be called with a model (the numpy
+        reference, for one, is built from a checkpoint: ``NumpyBackend.from_pretrained``).
+    """
+    factory: Any = load_backend(check_backend_name(name) or name)
+    try:
+        backend: Backend[Any] = factory(model)
+    except TypeError as error:
+        raise TypeError(
+            f"the backend registered as {name!r} cannot be built from a transformers model "
+            f"({error}); MTPModel calls the registered object with the model, so register a "
+            "class or factory that takes one"
+        ) from error
+    return backend

@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from mtp_core import AcceptancePolicy, DecodeResult, decode
-from mtp_torch.decoding.backend import TorchBackend
+from mtp_core import AcceptancePolicy, Backend, DecodeResult, decode
+from mtp_torch.decoding.backend import TorchBackend, check_backend_name, registered_backend
 from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
 from mtp_torch.decoding.fused import FusedBackend, fused_unavailable_reason
@@ -47,6 +47,7 @@ from mtp_torch.decoding.mask import (
     add_mask_token,
     embedding_rows,
 )
+from mtp_torch.decoding.named import load_named
 from mtp_torch.decoding.output import GenerateOutput as GenerateOutput
 from mtp_torch.decoding.output import generate_output
 from mtp_torch.decoding.policies import (
@@ -86,6 +87,10 @@ class MTPModel:
         plain product; they agree with stock to rounding and are applied per call (another
         thread decoding the same model keeps its own kernel).  See
         ``mtp_torch.decoding.kernels``.
+      backend: the name of a registered decoding backend (``mtp_core.register_backend`` or
+        the ``mtp_core.backends`` entry points) that ``generate`` runs on: the registered
+        object is called with the transformers model and returns an ``mtp_core.Backend``.
+        ``None`` (the default): the built-in choice, ``decoding_backend``.
 
     Attributes:
       model: the wrapped transformers model.
@@ -100,12 +105,14 @@ class MTPModel:
         from ``config._name_or_path``; ``from_pretrained`` restores the one a save recorded).
       linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable); the plan
         it resolves to is ``kernel_plan()``.
+      backend_name: the registered backend ``generate`` runs on, or ``None`` (settable).
       training_summary: what training reported (steps, data, loss, per-offset agreement ...),
         shown in the model card; ``None`` when unknown.  See ``save_pretrained``.
 
     Raises:
       ValueError: for a mask id outside the embedding matrix, a model the backend cannot
-        serve (see ``TorchBackend``), or an unknown ``linear_kernel``.
+        serve (see ``TorchBackend``), an unknown ``linear_kernel`` or an unregistered
+        ``backend``.
     """
 
     def __init__(
@@ -115,8 +122,10 @@ class MTPModel:
         tokenizer: Any = None,
         *,
         linear_kernel: str = "stock",
+        backend: str | None = None,
     ):
         self.linear_kernel = check_linear_kernel(linear_kernel)
+        self.backend_name = check_backend_name(backend)
         self._auto_plans: dict[int, KernelPlan] = {}
         self.model = hf_model
         self.tokenizer = tokenizer
@@ -164,6 +173,7 @@ class MTPModel:
         device: str | torch.device | None = None,
         *,
         linear_kernel: str = "stock",
+        backend: str | None = None,
     ) -> MTPModel:
         """Load a converted MTP checkpoint, a plain checkpoint, or the embedded default model.
 
@@ -177,6 +187,7 @@ class MTPModel:
             back from ``mtp_gate.safetensors``.
           device: where to put the model (``None``: CPU).
           linear_kernel: ``"stock"``, ``"skinny"``, ``"native"`` or ``"auto"`` (see the class).
+          backend: a registered decoding backend's name, or ``None`` (see the class).
 
         Returns:
           The ``MTPModel``, its model in eval mode.
@@ -186,9 +197,8 @@ class MTPModel:
             file is missing.
           ValueError: for corrupt weights or a gate adapter that is corrupt or does not fit.
         """
+        # Lazy: transformers' Auto classes import their model registry (start-up of import mtp_torch).
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from mtp_torch.decoding.named import load_named
 
         source = str(path_or_name)
         wanted = parse_dtype(dtype)
@@ -197,7 +207,9 @@ class MTPModel:
             named_model, named_tokenizer = named
             if device is not None:
                 named_model.to(device)
-            return cls(named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel)
+            return cls(
+                named_model, tokenizer=named_tokenizer, linear_kernel=linear_kernel, backend=backend
+            )
         recover_checkpoint(source)  # a save killed midway: its earlier save back, copies swept
         source = check_model_source(source)
         try:
@@ -224,7 +236,7 @@ class MTPModel:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-        mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel)
+        mtp = cls(model, tokenizer=tokenizer, linear_kernel=linear_kernel, backend=backend)
         load_saved_gate(model, mtp.mask_token_id, Path(source).expanduser())
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
@@ -486,10 +498,14 @@ class MTPModel:
                 streamer.end()
         return result, time.perf_counter() - start
 
-    def decoding_backend(self, plan: KernelPlan | None = None) -> TorchBackend:
+    def decoding_backend(self, plan: KernelPlan | None = None) -> Backend[Any]:
         """The backend ``generate`` runs on under ``plan`` (default ``kernel_plan()``): the
-        one-call ``FusedBackend`` where the plan runs the native kernel and the model qualifies
-        (``mtp_torch.decoding.fused``), else ``self.backend`` (transformers' forward)."""
+        registered backend ``backend_name`` names, built for this model, when it is set; else
+        the one-call ``FusedBackend`` where the plan runs the native kernel and the model
+        qualifies (``mtp_torch.decoding.fused``), else ``self.backend`` (transformers'
+        forward)."""
+        if self.backend_name is not None:
+            return registered_backend(self.backend_name, self.model)
         plan = self.kernel_plan() if plan is None else plan
         if "native" in plan.widths and fused_unavailable_reason(self.model) is None:
             return FusedBackend(self.model, plan)

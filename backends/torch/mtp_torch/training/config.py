@@ -123,11 +123,16 @@ class DistillConfig:
       grad_accum: micro-steps per optimizer step.
       seq_len: ``S``, packed slots per sequence (paper: 160).
       num_regions: ``M``, regions per sequence; ``None``: ``max(1, S // (2 k_max))`` (paper).
-      prefix_loss_weight: weight of an extra next-token loss at every real (prefix) slot: the
-        KL divergence to the teacher's logits there (which see exactly the student's tokens; 0
-        until the student drifts), or the cross-entropy against the ground truth for ``"gt"``
-        (cf. the paper's "Prefix Loss" ablation; 0 disables it).  It anchors the student's
-        ordinary next-token predictions.
+      prefix_loss_weight: weight of the *anchor*, an extra next-token loss at every real
+        (prefix) slot, of kind ``anchor_kind`` (cf. the paper's "Prefix Loss" ablation; 0
+        disables it).  It anchors the student's ordinary next-token predictions, and it is
+        added to ``loss`` whatever ``loss`` is.
+      prefix_loss_kind: the anchor's kind: ``"soft"`` (the KL divergence to the teacher's
+        logits there, which see exactly the student's tokens: 0 until the student drifts),
+        ``"hard"`` (cross-entropy against the teacher's argmax) or ``"gt"`` (cross-entropy
+        against the ground truth; no teacher pass).  ``None`` (the default): the kind that
+        follows ``loss``, ``"gt"`` for ``loss="gt"`` and ``"soft"`` for the others
+        (``anchor_kind``).  A teacher kind with ``loss="gt"`` runs the teacher for the anchor.
       entropy_weight: weight of a student entropy penalty (0 disables it).
       train_layers: train only the top ``N`` transformer blocks, the final norm and the mask
         token's embedding rows; ``0`` trains the mask token's rows alone (the real tokens'
@@ -210,6 +215,7 @@ class DistillConfig:
     seq_len: int = attrs.field(default=160, validator=_positive_int)
     num_regions: int | None = attrs.field(default=None, validator=_optional_positive_int)
     prefix_loss_weight: float = attrs.field(default=0.0, validator=_non_negative_float)
+    prefix_loss_kind: LossKind | None = attrs.field(default=None)
     entropy_weight: float = attrs.field(default=0.0, validator=_non_negative_float)
     train_layers: int | None = attrs.field(default=None, validator=_optional_non_negative_int)
     train_mask_embedding: bool = attrs.field(default=True)
@@ -234,9 +240,24 @@ class DistillConfig:
     progress: bool = attrs.field(default=True)
 
     @property
-    def needs_teacher(self) -> bool:
-        """Whether training builds and runs a teacher: every loss but ground truth (``"gt"``)."""
+    def loss_reads_teacher(self) -> bool:
+        """Whether ``loss`` reads the teacher's logits: every loss but ground truth (``"gt"``)."""
         return self.loss != "gt"
+
+    @property
+    def anchor_kind(self) -> LossKind:
+        """The anchor's kind (see ``prefix_loss_kind``): the one set, else ``"gt"`` for
+        ``loss="gt"`` and ``"soft"`` for the losses that read the teacher."""
+        if self.prefix_loss_kind is not None:
+            return self.prefix_loss_kind
+        return "soft" if self.loss_reads_teacher else "gt"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training builds and runs a teacher: for every loss but ground truth
+        (``"gt"``), and for an anchor (``prefix_loss_weight > 0``) of a teacher kind."""
+        anchor_reads_teacher = self.prefix_loss_weight > 0 and self.anchor_kind != "gt"
+        return self.loss_reads_teacher or anchor_reads_teacher
 
     @device.validator
     def _check_device(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -261,6 +282,13 @@ class DistillConfig:
     def _check_loss(self, attribute: attrs.Attribute[str], value: str) -> None:
         if value not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {value!r}")
+
+    @prefix_loss_kind.validator
+    def _check_prefix_loss_kind(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and value not in LOSS_KINDS:
+            raise ValueError(
+                f"prefix_loss_kind must be None (follow loss) or one of {LOSS_KINDS}, got {value!r}"
+            )
 
     @minutes.validator
     def _check_minutes(self, attribute: attrs.Attribute[Any], value: Any) -> None:

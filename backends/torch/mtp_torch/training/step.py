@@ -13,11 +13,13 @@ Self-Distillation", arXiv 2602.06019, sections on the training layout and object
    mask as a FlexAttention block mask) and position ids; read its logits at the ``(M, k)``
    prediction slots.
 4. Student forcing: write the student's argmax tokens into the mask slots of the teacher's input
-   (mask ``j`` of a region gets the student's token ``j``).
+   where ``mtp_core.student_forcing_pairs`` says (mask ``j`` of a region gets the token the
+   student read at column ``j - 1`` of it).
 5. Teacher forward (frozen copy of the initial model, no gradient) on that input with the same
    layout; read its logits at the same slots, so it scores the student's block by the chain rule.
-6. Loss (hard teacher by default), backward, gradient accumulation, clipping, AdamW with linear
-   warm-up then a constant learning rate.
+6. Loss (hard teacher by default), plus the anchor at the real slots when
+   ``prefix_loss_weight > 0`` (of kind ``DistillConfig.anchor_kind``), backward, gradient
+   accumulation, clipping, AdamW with linear warm-up then a constant learning rate.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtp_core import ConfAdapt, agreement, distillation_loss
+from mtp_core import ConfAdapt, LossKind, agreement, distillation_loss, student_forcing_pairs
 from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
@@ -169,33 +171,42 @@ def _loss_weights(
 def _forced_teacher_input(
     packed: PackedBatch, student_logits: torch.Tensor, mask_token_id: int
 ) -> torch.Tensor:
-    """Step 4, student forcing: mask ``j`` of each region <- the student's token ``j``."""
+    """Step 4, student forcing: the student's argmax tokens (never the mask token) written into
+    the teacher's input where the core's ``student_forcing_pairs`` says (mask ``j`` of each
+    region <- the token the student read at column ``j - 1`` of that region)."""
     proposal = student_logits.detach().clone()
     proposal[..., mask_token_id] = -math.inf
     draft = proposal.argmax(dim=-1)  # (B, M, k)
+    dst_slots, src_reads = student_forcing_pairs(packed.layout)
     forced = packed.input_ids.clone()
-    mask_slots = as_index(packed.layout.predict_index[:, 1:].reshape(-1), forced.device)
-    forced[:, mask_slots] = draft[:, :, :-1].reshape(draft.shape[0], -1)
+    dst = as_index(dst_slots.reshape(-1), forced.device)
+    src = as_index(src_reads.reshape(-1), forced.device)
+    forced[:, dst] = draft.reshape(draft.shape[0], -1)[:, src]
     return forced
 
 
 def _prefix_loss(
-    kept: torch.Tensor, teacher_kept: torch.Tensor | None, packed: PackedBatch, mask_token_id: int
+    kept: torch.Tensor,
+    teacher_kept: torch.Tensor | None,
+    packed: PackedBatch,
+    mask_token_id: int,
+    kind: LossKind,
 ) -> torch.Tensor:
-    """Next-token loss at every real slot: KL to the teacher there (real slots never see a
-    mask, so these are its plain next-token logits; 0 while the student equals it), or
-    cross-entropy against the ground truth for ``loss="gt"`` (no teacher)."""
+    """The anchor: a next-token loss of ``kind`` at every real slot (``DistillConfig.anchor_kind``):
+    against the teacher's logits there (real slots never see a mask, so these are its plain
+    next-token logits; ``"soft"`` is 0 while the student equals it), or the ground truth."""
     assert packed.prefix_at is not None
     layout = packed.layout
     next_index = as_index(layout.source_index[layout.real_slots] + 1, kept.device)
     prefix_teacher = None
-    if teacher_kept is not None:
+    if kind != "gt":
+        assert teacher_kept is not None, "a teacher anchor needs the teacher's pass"
         prefix_teacher = _teacher_at(teacher_kept, packed.prefix_at, kept, mask_token_id)
         prefix_teacher = prefix_teacher[:, :, None]
     return distillation_loss(
         kept[:, packed.prefix_at][:, :, None],
         prefix_teacher,
-        kind="gt" if prefix_teacher is None else "soft",
+        kind=kind,
         targets=packed.windows[:, next_index][:, :, None],
         weights=packed.weights[:, next_index][:, :, None],
     )
@@ -262,7 +273,10 @@ def _batch_loss(
         forced = _forced_teacher_input(packed, student_logits, mask_token_id)
         with torch.no_grad(), autocast, teacher_context():
             teacher_kept = forward_logits(teacher, teacher, packed, forced)
-        teacher_logits = _teacher_at(teacher_kept, packed.predict_at, student_logits, mask_token_id)
+        if cfg.loss_reads_teacher:
+            teacher_logits = _teacher_at(
+                teacher_kept, packed.predict_at, student_logits, mask_token_id
+            )
     # 6. The loss.
     loss = distillation_loss(
         student_logits,
@@ -274,7 +288,7 @@ def _batch_loss(
     )
     if cfg.prefix_loss_weight > 0 and packed.prefix_at is not None:
         loss = loss + cfg.prefix_loss_weight * _prefix_loss(
-            kept, teacher_kept, packed, mask_token_id
+            kept, teacher_kept, packed, mask_token_id, cfg.anchor_kind
         )
     return BatchLoss(loss, student_logits, teacher_logits, targets, target_weights)
 
