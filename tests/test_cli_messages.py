@@ -1,4 +1,4 @@
-"""Careless command lines get one clear line, exit 2, no traceback (issue 20 item 9)."""
+"""Careless command lines get one clear line, exit 2, no traceback."""
 
 from __future__ import annotations
 

@@ -404,7 +404,7 @@ def test_resume_with_other_settings_is_rejected(tmp_path: Path) -> None:
 
 
 def test_resume_on_other_data_is_rejected(tmp_path: Path) -> None:
-    """Same length, other tokens: the data's fingerprint differs (issue 20 item 3)."""
+    """Same length, other tokens: the data's fingerprint differs."""
     corpus = random_corpus()
     distill(tiny_gpt2(), corpus, _resume_config(tmp_path, 2))
     other = random_corpus(seed=1)

@@ -1,4 +1,4 @@
-"""Model names and configs are checked before anything is built or fetched (issue 20 items 7, 8)."""
+"""Model names and configs are checked before anything is built or fetched."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two ``mtp convert`` runs never share one ``--out``: the second fails naming the first (issue 20)."""
+"""Two ``mtp convert`` runs never share one ``--out``: the second fails naming the first."""
 
 from __future__ import annotations
 

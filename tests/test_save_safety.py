@@ -1,4 +1,4 @@
-"""Saves survive tampered manifests, kills at every step, symlinks and concurrent threads (issue 20).
+"""Saves survive tampered manifests, kills at every step, symlinks and concurrent threads.
 
 The kill tests run ``write_checkpoint`` in a child process that SIGKILLs itself just before its
 N-th filesystem step (rename, replace, unlink, rmdir, fsync), for every N, then check that the
