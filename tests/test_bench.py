@@ -889,3 +889,33 @@ def test_the_table_says_how_many_tokens_the_teacher_could_not_score() -> None:
         "vocabulary"
     ) in table(7)
     assert "Teacher NLL leaves out" not in table(0)
+
+
+def test_kernel_rows_decode_on_the_pass_their_kernel_picks(
+    checkpoint: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``kernel="native"`` the MTP rows decode on the fused pass (what a user's
+    ``MTPModel(..., linear_kernel="native")`` runs), not on transformers' forward with patched
+    products; the caller's stock wrapper is left as it was."""
+    from mtp_torch.decoding.model import MTPModel
+
+    picked: list[tuple[str, str]] = []
+    original = MTPModel.decoding_backend
+
+    def recording(self: Any, plan: Any = None) -> Any:
+        backend = original(self, plan)
+        picked.append((self.linear_kernel, type(backend).__name__))
+        return backend
+
+    monkeypatch.setattr(MTPModel, "decoding_backend", recording)
+    mtp = MTPModel.from_pretrained(checkpoint, dtype=torch.float32)
+    prompts = load_prompts(data_file, mtp.tokenizer, num_prompts=1)
+    config = BenchConfig(
+        max_new_tokens=4, k_max=(2,), thresholds=(0.5,), static=(), verify_thresholds=(),
+        kernel="native", prompt_lookup_tokens=None, cost_max_tokens=2, cost_repeats=1,
+    )  # fmt: skip
+    report = run_benchmark(mtp, prompts, config)
+    assert {"static_1_native", "confadapt_0.5_k2_native"} <= {row.name for row in report.methods}
+    assert ("native", "FusedBackend") in picked  # the kernel rows' generate
+    assert ("native", "TorchBackend") not in picked
+    assert mtp.linear_kernel == "stock"

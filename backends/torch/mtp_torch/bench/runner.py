@@ -318,7 +318,11 @@ def _models_and_methods(
     methods = methods_for("base")
     if plan is not None and config.kernel is not None:
         bundles[config.kernel] = ModelsUnderTest(
-            config.kernel, mtp_model.model, mtp_model, baseline_model, kernel=plan
+            config.kernel,
+            mtp_model.model,
+            _sibling(mtp_model, linear_kernel=config.kernel),
+            baseline_model,
+            kernel=plan,
         )
         methods += methods_for(config.kernel)
     if config.quantize == "int8":
@@ -334,6 +338,23 @@ def _models_and_methods(
         bundles["int8"] = ModelsUnderTest("int8", quantized, quantized_mtp, quantized_baseline)
         methods += methods_for("int8")
     return bundles, methods
+
+
+def _sibling(mtp_model: Any, linear_kernel: str) -> Any:
+    """An ``MTPModel`` on the same weights that decodes with ``linear_kernel``: its ``generate``
+    then picks the backend that kernel runs (the fused pass for the compiled kernel on a Llama),
+    as a user's ``MTPModel.from_pretrained(..., linear_kernel=...)`` would.  Patching the
+    products around the original (stock) wrapper would keep transformers' forward."""
+    sibling = type(mtp_model)(
+        mtp_model.model,
+        mask_token_id=mtp_model.mask_token_id,
+        tokenizer=getattr(mtp_model, "tokenizer", None),
+        linear_kernel=linear_kernel,
+        backend=getattr(mtp_model, "backend_name", None),
+    )
+    sibling.default_policy = mtp_model.default_policy
+    sibling.verify_policy = mtp_model.verify_policy
+    return sibling
 
 
 def _time_methods(
