@@ -27,6 +27,7 @@ import torch
 from mtp_torch.bench.methods import BenchMethod, ModelsUnderTest, RunSettings
 from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import TeacherNLL
+from mtp_torch.decoding.fused import observe_passes
 from mtp_torch.decoding.kernels import use_kernels
 from mtp_torch.text import cut_at_stop
 
@@ -170,6 +171,7 @@ def timed_decode(
         if models.kernel is not None:
             stack.enter_context(use_kernels(models.kernel, models.hf_model, baseline))
         widths = stack.enter_context(count_forwards(models.hf_model))
+        fused_widths = stack.enter_context(observe_passes())  # passes that bypass forward()
         baseline_widths = (
             stack.enter_context(count_forwards(baseline)) if baseline is not models.hf_model else []
         )
@@ -179,7 +181,8 @@ def timed_decode(
         synchronize(device)
         elapsed = time.perf_counter() - start
     generated = cut_at_stop(out.sequences[0, input_ids.shape[1] :].tolist(), settings.eos_token_ids)
-    return Decoded(generated, [*widths, *baseline_widths], out.accepted_histogram, elapsed)
+    all_widths = [*widths, *fused_widths, *baseline_widths]
+    return Decoded(generated, all_widths, out.accepted_histogram, elapsed)
 
 
 @attrs.define

@@ -25,6 +25,9 @@ off (the per-module kernels then run inside transformers' forward).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import attrs
@@ -38,7 +41,34 @@ from mtp_torch.decoding.gated import GatedLinear, find_mask_gate
 from mtp_torch.decoding.native import load_native
 from mtp_torch.decoding.plan import MAX_PLAN_ROWS, KernelPlan
 
-__all__ = ["FUSED_ENV", "FusedBackend", "FusedCache", "fused_unavailable_reason", "native_widths"]
+__all__ = [
+    "FUSED_ENV",
+    "FusedBackend",
+    "FusedCache",
+    "fused_unavailable_reason",
+    "native_widths",
+    "observe_passes",
+]
+
+_OBSERVERS: ContextVar[tuple[list[int], ...]] = ContextVar("mtp_fused_observers", default=())
+
+
+@contextmanager
+def observe_passes() -> Iterator[list[int]]:
+    """Record the width of every fused pass run inside the block (in this context).
+
+    The fused pass never calls the model's ``forward``, so a forward hook on the model (what
+    the benchmark counts passes with for transformers' forward) sees none of its passes.
+
+    Yields:
+      The list the widths are appended to, one per pass (a prefill included).
+    """
+    widths: list[int] = []
+    token = _OBSERVERS.set((*_OBSERVERS.get(), widths))
+    try:
+        yield widths
+    finally:
+        _OBSERVERS.reset(token)
 
 FUSED_ENV = "MTP_LM_FUSED"
 """Environment variable: ``0`` keeps decoding in transformers' forward even with native kernels."""
@@ -252,6 +282,8 @@ class FusedBackend(TorchBackend):
         ids = torch.from_numpy(np.ascontiguousarray(inputs.token_ids, dtype=np.int64))
         positions = torch.from_numpy(np.ascontiguousarray(inputs.position_ids, dtype=np.int64))
         batch, width = ids.shape
+        for observer in _OBSERVERS.get():
+            observer.append(int(width))
         if batch != cache.keys.shape[1]:
             raise ValueError(f"the cache holds {cache.keys.shape[1]} rows, the step {batch}")
         past = cache.length
