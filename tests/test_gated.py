@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -227,6 +228,40 @@ def test_a_gated_delta_rebuilds_the_gated_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gate settings"):
         apply_delta(copy.deepcopy(base), tensors, mtp.mask_token_id)
     assert set(gated_delta(mtp.model, mtp.mask_token_id)) == set(tensors)
+
+
+def test_a_conversion_continues_from_a_gated_delta(tmp_path: Path) -> None:
+    base, mtp = _trained_gated_model()
+    gate = mtp.gate
+    assert gate is not None and mtp.delta is not None
+    from mtp_torch.decoding.gated import gate_settings
+
+    path = save_delta(
+        tmp_path / "d.safetensors",
+        mtp.delta,
+        mask_token_id=mtp.mask_token_id,
+        metadata={"gate": json.dumps(gate_settings(gate))},
+        dtype=torch.float32,
+    )
+    documents = make_language(32).documents(40, 30, seed=1)
+    fresh = tiny_llama(32, layers=2, tie=True)  # seeded: the weights ``mtp`` started from
+    cfg = DistillConfig(
+        k_max=3, steps=1, seq_len=24, batch_size=4, lr=1e-12, warmup_steps=0, lora_rank=4,
+        lora_gate="mask", loss="hard", progress=False, device="cpu", init_delta=str(path),
+    )  # fmt: skip
+    continued = distill(copy.deepcopy(fresh), documents, cfg)
+    ids = torch.tensor([[1, 2, 3, mtp.mask_token_id, mtp.mask_token_id]])
+    with torch.no_grad():
+        started, trained = continued.model(ids).logits, mtp.model(ids).logits
+    torch.testing.assert_close(started, trained, rtol=1e-5, atol=1e-5)
+    # From zero adapters (no delta) the mask rows are not the trained model's.
+    zero = distill(copy.deepcopy(fresh), documents, attrs.evolve(cfg, init_delta=None))
+    with torch.no_grad():
+        assert not torch.allclose(zero.model(ids).logits[0, 3:], trained[0, 3:], atol=1e-3)
+    with pytest.raises(ValueError, match="rank"):
+        distill(copy.deepcopy(fresh), documents, attrs.evolve(cfg, lora_rank=8))
+    with pytest.raises(ValueError, match="lora_gate"):
+        DistillConfig(lora_rank=4, init_delta=str(path))
 
 
 def test_gate_settings_are_checked() -> None:

@@ -43,6 +43,7 @@ from mtp_torch.weights.default import (
     CONVERTED_NAMES,
     DEFAULT_MODEL_NAME,
     cache_root,
+    default_delta_path,
     load_named,
 )
 from mtp_torch.weights.delta import file_sha256, save_delta
@@ -82,6 +83,15 @@ def default_seed_prompts() -> Path:
             )
         return Path(from_env)
     return package_data("gsm8k_train_sample.jsonl")
+
+
+def _init_delta(value: str) -> str:
+    """``--init-delta``: ``default`` is the shipped default's delta; a path must exist."""
+    if value == "default":
+        return str(default_delta_path())
+    if not Path(value).is_file():
+        raise ValueError(f"--init-delta {value}: no such file (a gated delta, or 'default')")
+    return value
 
 
 def _train_layers(text: str) -> int | None:
@@ -138,6 +148,15 @@ TRAINING_OPTIONS = (
         "bitwise the base model's (not merged; the gated preset: gt loss, rank 32, all "
         "blocks; default: {default})",
         none_text="none, merged LoRA",
+    ),
+    ConfigOption(
+        "init_delta",
+        "start the gated adapters from this gated delta file, or 'default' for the shipped "
+        "default's, instead of zero (continues a conversion whose checkpoints are gone; "
+        "needs --lora-gate mask; default: {default})",
+        none_text="zero adapters",
+        type=str,
+        parse=_init_delta,
     ),
     ConfigOption(
         "lora_alpha",

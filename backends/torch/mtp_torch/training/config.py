@@ -43,6 +43,8 @@ RESUMABLE_FIELDS = frozenset(
         "log_path",
         "log_every",
         "device",
+        # Where the adapters started; a resumed run starts from its checkpoint instead.
+        "init_delta",
         "progress",
         # How the same computation is carried out (recomputed activations, attention kernel).
         "gradient_checkpointing",
@@ -165,6 +167,12 @@ class DistillConfig:
         model's.  The teacher is the model itself (no copy, no adapters to disable), the
         adapters are not merged (the result keeps its gate), and ``prefix_loss_weight`` must
         be 0 (real tokens cannot move).  ``None``: plain LoRA, merged when training ends.
+      init_delta: a gated delta file (``save_delta`` of a ``lora_gate="mask"`` run, e.g. the
+        shipped default's ``default_delta_path()``) whose adapters and mask vector the student
+        starts from instead of LoRA's zero update: a conversion continues from where an earlier
+        one stopped when only its delta is left (its optimizer state starts afresh; warm-up
+        applies again).  Needs ``lora_gate="mask"`` with the delta's rank and adapted layers.
+        Ignored when ``resume`` finds a checkpoint (the checkpoint holds later weights).
       seed: seeds the block sizes, offsets, data order, mask init and dropout.
       out_dir: checkpoint directory, or ``None`` for no checkpoints.
       checkpoint_every: save every this many steps (a final checkpoint is always written when
@@ -225,6 +233,7 @@ class DistillConfig:
     lora_rank: int = attrs.field(default=0, validator=_non_negative_int)
     lora_alpha: float | None = attrs.field(default=None)
     lora_gate: LoraGate | None = attrs.field(default=None)
+    init_delta: str | None = attrs.field(default=None)
     seed: int = attrs.field(default=0, validator=_non_negative_int)
     out_dir: str | None = attrs.field(default=None)
     checkpoint_every: int | None = attrs.field(default=None, validator=_optional_positive_int)
@@ -336,6 +345,14 @@ class DistillConfig:
             raise ValueError(
                 "gradient_checkpointing is not supported with lora_gate='mask' (the recomputed "
                 "blocks would not see which rows are mask rows); turn it off"
+            )
+
+    @init_delta.validator
+    def _check_init_delta(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None and self.lora_gate is None:
+            raise ValueError(
+                "init_delta starts mask-gated adapters from a delta: set lora_gate='mask' (and "
+                "the delta's lora_rank)"
             )
 
     @dtype.validator

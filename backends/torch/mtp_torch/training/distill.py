@@ -57,7 +57,7 @@ from mtp_torch.training.model_options import FLEX_ATTENTION, restore_model
 from mtp_torch.training.parameters import find_blocks as find_blocks
 from mtp_torch.training.step import StepMetrics as StepMetrics
 from mtp_torch.training.step import StepStats, TrainState, init_train_state, train_step
-from mtp_torch.weights.delta import gated_delta
+from mtp_torch.weights.delta import gated_delta, load_gated_delta_into
 
 # The model card's loss and agreement are averaged over this many last steps.
 _SUMMARY_STEPS = 50
@@ -127,6 +127,16 @@ def _token_stream(
             "longer sequences, or a smaller seq_len"
         )
     return stream
+
+
+def _start_from_delta(state: TrainState) -> None:
+    """Fill the student's gate from ``cfg.init_delta`` (before any checkpoint is resumed)."""
+    cfg = state.config
+    if cfg.init_delta is None:
+        return
+    if state.sharded:
+        raise ValueError("init_delta is not supported with fsdp: start unsharded")
+    load_gated_delta_into(state.student, cfg.init_delta, state.mask_token_id)
 
 
 def _resume(state: TrainState, stream: TokenStream, rank: int, world_size: int) -> TrainState:
@@ -438,8 +448,9 @@ def distill(
     _check_causal_lm(model)
     stream = _token_stream(model, sequences, cfg)
     state = init_train_state(model, tokenizer, cfg, device, world_size=world_size)
-    # 2. Resume from the latest checkpoint (weights, optimizer, RNGs, data position); then DDP
-    #    (unless sharded).
+    # 2. Start the adapters from a delta, or resume from the latest checkpoint (weights,
+    #    optimizer, RNGs, data position); then DDP (unless sharded).
+    _start_from_delta(state)
     state = _resume(state, stream, rank, world_size)
     if not state.sharded:
         state = attrs.evolve(state, forward=wrap_ddp(state.student, device, world_size))

@@ -24,6 +24,7 @@ File layout (``safetensors``; nothing is unpickled):
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,7 +35,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mtp_torch.decoding.gated import GatedLinear, gate_state_dict, restore_mask_gate
+from mtp_torch.decoding.gated import (
+    GatedLinear,
+    find_mask_gate,
+    gate_settings,
+    gate_state_dict,
+    load_gate_state,
+    restore_mask_gate,
+)
 
 __all__ = [
     "DELTA_FORMAT",
@@ -42,6 +50,7 @@ __all__ = [
     "file_sha256",
     "gated_delta",
     "load_delta",
+    "load_gated_delta_into",
     "lora_delta",
     "save_delta",
 ]
@@ -234,6 +243,52 @@ def apply_delta(
             output.weight[mask_token_id] = tensors[_MASK_OUT_ROW].to(
                 output.weight.device, output.weight.dtype
             )
+
+
+def load_gated_delta_into(model: Any, path: str | os.PathLike[str], mask_token_id: int) -> None:
+    """Copy a gated delta's adapters, mask vector and mask rows into ``model``'s own gate.
+
+    Unlike ``apply_delta``, which installs a gate, this fills the gate ``model`` already has
+    (a conversion's student, ``DistillConfig.init_delta``), so training continues from it.
+
+    Args:
+      model: a transformers model carrying a ``MaskGate`` (``add_mask_gate``).
+      path: a delta written by ``save_delta`` from ``gated_delta``.
+      mask_token_id: the mask token's id in ``model``.
+
+    Raises:
+      FileNotFoundError: if the file is missing.
+      ValueError: for a file that is not a gated delta, or one made for another mask token,
+        rank, scale or set of adapted layers (the message says which).
+    """
+    tensors, metadata = load_delta(path)
+    gate = find_mask_gate(model)
+    if gate is None:
+        raise ValueError("the model has no mask gate to start from a delta")
+    if "gate" not in metadata:
+        raise ValueError(
+            f"{path} is a merged (ungated) delta; only a delta of a lora_gate='mask' conversion "
+            "can start gated adapters"
+        )
+    if int(metadata.get("mask_token_id", -1)) != int(mask_token_id):
+        raise ValueError(
+            f"{path} was made for mask token id {metadata.get('mask_token_id')}, this model's is "
+            f"{mask_token_id}; it was made for another tokenizer"
+        )
+    saved, wanted = json.loads(metadata["gate"]), gate_settings(gate)
+    differing = sorted(key for key in ("rank", "alpha", "layers") if saved.get(key) != wanted[key])
+    if differing:
+        shown = {key: saved.get(key) for key in differing if key != "layers"}
+        raise ValueError(
+            f"{path} has other gate settings for {differing} ({shown or 'other layers'}); "
+            "convert with the delta's --lora-rank and --lora-alpha on every block"
+        )
+    gate_tensors = {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
+    load_gate_state(model, gate_tensors, source=str(path))
+    with torch.no_grad():
+        inputs = model.get_input_embeddings().weight
+        if _MASK_ROW in tensors:
+            inputs[mask_token_id] = tensors[_MASK_ROW].to(inputs.device, inputs.dtype)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
