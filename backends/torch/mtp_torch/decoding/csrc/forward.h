@@ -109,12 +109,17 @@ void attend(const T* q, const T* kc, const T* vc, const uint8_t* allowed, T* out
 #ifdef MTP_HAVE_SIMD
   if constexpr (std::is_same<T, float>::value) {
     if (simd_attention(d)) {
-      at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> score(s.width * slots);
+      // One task per (row, head, group of up to kQueries queries): a 7-token block of 9 heads
+      // is 18 tasks, which 2 threads share evenly (9 whole heads split 5:4).
+      const int64_t groups = (s.width + kQueries - 1) / kQueries;
+      at::parallel_for(0, s.batch * s.heads * groups, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> score(kQueries * slots);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / s.heads, h = task % s.heads, g = h / group;
+          const int64_t head = task / groups, w0 = (task % groups) * kQueries;
+          const int64_t b = head / s.heads, h = head % s.heads, g = h / group;
           const int64_t offset = ((b * s.kv_heads + g) * s.capacity) * d;
-          attend_head_f32(q, kc + offset, vc + offset, allowed + b * slots, out, s, b, h, score);
+          attend_head_f32(q, kc + offset, vc + offset, allowed + b * slots, out, s, b, h, w0,
+                          score);
         }
       });
       return;
