@@ -5,6 +5,9 @@ about, on prompts you choose: tokens per forward pass and wall-clock speed of lo
 verification (StaticK(k) drafts, the default policy's drafts) and of unverified ConfAdapt, each
 against `StaticK(1)` of the same `MTPModel` (same kernel, same pass), in interleaved rounds
 (median of the per-round ratios, with their range), and whether the output equals `StaticK(1)`'s.
+It also prints what a pass costs: seconds per forward pass of unverified `StaticK(4)` (4 pending
+tokens and 3 masks a pass) against `StaticK(1)`'s, and `StaticK(1)` against transformers' greedy
+`generate` on the same weights, timed in the same rounds.
 
 Run:  python examples/mtp_gain.py            # 1 bundled held-out prompt, a quick look
       python examples/mtp_gain.py --prompts gsm8k/test.jsonl --skip 100 --num 6 \
@@ -45,27 +48,58 @@ def main() -> None:
     methods += [(f"verify_static_{k}", StaticK(k), True) for k in (2, 3, 4)]
     methods += [("verify_default", mtp.default_policy, True)]
     methods += [(f"confadapt_0.9_k{k}", ConfAdapt(0.9, k), False) for k in (2, 4)]
+    methods += [("static_4", StaticK(4), False), ("generate", None, False)]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    after_prompt: dict[str, list[float]] = {name: [] for name, _, _ in methods}
     counts: dict[str, list[int]] = {name: [0, 0] for name, _, _ in methods}
     outputs: dict[str, list[list[int]]] = {name: [] for name, _, _ in methods}
     eos = mtp.tokenizer.eos_token_id
     warm = torch.tensor([list(prompts[0].input_ids)])
+
+    def decode(
+        ids: torch.Tensor, policy: object, verify: bool, new_tokens: int
+    ) -> tuple[int, int, list[int], float]:
+        """(new tokens, forward passes, sequence, seconds of the prompt's pass);
+        ``policy=None``: transformers' generate (whose prompt's pass is not timed apart)."""
+        if policy is None:
+            with torch.no_grad():
+                out = mtp.model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
+                                         eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+            return (
+                int(out.shape[1] - ids.shape[1]),
+                int(out.shape[1] - ids.shape[1]),
+                out[0].tolist(),
+                0.0,
+            )
+        result = mtp.generate(ids, policy=policy, verify=verify, max_new_tokens=new_tokens,
+                              eos_token_id=eos)  # fmt: skip
+        return (
+            int(result.num_new_tokens.sum()),
+            result.num_forward_passes,
+            result.sequences[0].tolist(),
+            result.first_pass_s,
+        )
+
     for _, policy, verify in methods:  # untimed: first calls build the pass and its buffers
-        mtp.generate(warm, policy=policy, verify=verify, max_new_tokens=4, eos_token_id=eos)
+        decode(warm, policy, verify, 4)
     for round_ in range(args.rounds):
         for name, policy, verify in methods:
-            total = 0.0
+            total = prompt_passes = 0.0
             for prompt in prompts:
                 ids = torch.tensor([list(prompt.input_ids)])
                 start = time.perf_counter()
-                out = mtp.generate(ids, policy=policy, verify=verify,
-                                   max_new_tokens=args.new_tokens, eos_token_id=eos)  # fmt: skip
+                new, passes, sequence, first = decode(ids, policy, verify, args.new_tokens)
                 total += time.perf_counter() - start
+                prompt_passes += first
                 if round_ == 0:
-                    counts[name][0] += int(out.num_new_tokens.sum())
-                    counts[name][1] += out.num_forward_passes
-                    outputs[name].append(out.sequences[0].tolist())
+                    counts[name][0] += new
+                    counts[name][1] += passes
+                    outputs[name].append(sequence)
             seconds[name].append(total)
+            after_prompt[name].append(total - prompt_passes)
+    print(
+        f"{len(prompts)} prompts x {args.new_tokens} new tokens, {args.rounds} interleaved rounds\n"
+    )
     print("| policy | tok/fwd | seconds (median) | vs static_1 [range] | output = static_1 |")
     print("|---|---|---|---|---|")
     for name, _, _ in methods:
@@ -73,6 +107,27 @@ def main() -> None:
         print(f"| {name} | {counts[name][0] / counts[name][1]:.3f} | "
               f"{statistics.median(seconds[name]):.2f} | {statistics.median(ratios):.2f} "
               f"[{min(ratios):.2f}-{max(ratios):.2f}] | {outputs[name] == outputs['static_1']} |")  # fmt: skip
+    # Per pass after the prompt's: a prompt's pass costs many one-token passes, and StaticK(4)
+    # spreads it over a quarter of StaticK(1)'s passes, so whole-call seconds per pass mix the
+    # prompt's length into the ratio.  Both are shown.
+    for label, table, prompt_pass in (
+        ("after the prompt's pass", after_prompt, 1),
+        ("whole calls", seconds, 0),
+    ):
+        per_pass = {
+            name: [t / (counts[name][1] - prompt_pass * len(prompts)) for t in table[name]]
+            for name in ("static_1", "static_4")
+        }
+        cost = [
+            four / one for one, four in zip(per_pass["static_1"], per_pass["static_4"], strict=True)
+        ]
+        print(f"StaticK(4) seconds per pass / StaticK(1)'s, {label}: {statistics.median(cost):.2f} "
+              f"[{min(cost):.2f}-{max(cost):.2f}] ({statistics.median(per_pass['static_4']) * 1e3:.1f} "
+              f"against {statistics.median(per_pass['static_1']) * 1e3:.1f} ms)")  # fmt: skip
+    versus = [g / one for one, g in zip(seconds["static_1"], seconds["generate"], strict=True)]
+    print(f"StaticK(1) speed / transformers' greedy generate's (same weights, same tokens: "
+          f"{outputs['generate'] == outputs['static_1']}): {statistics.median(versus):.2f} "
+          f"[{min(versus):.2f}-{max(versus):.2f}]")  # fmt: skip
     lossless = all(outputs[name] == outputs["static_1"] for name, _, verify in methods if verify)
     print(f"\nverify=True gives StaticK(1)'s output with every policy: {lossless}")
 

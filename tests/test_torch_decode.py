@@ -416,6 +416,10 @@ def test_statistics_and_callback() -> None:
     assert out.tokens_per_forward == pytest.approx(30 / out.num_forward_passes, rel=0.5)
     assert out.tokens_per_forward >= 1.0
     assert out.elapsed_s > 0
+    # The prompt's pass is timed apart (the first of several passes), with or without on_chunk.
+    assert 0 < out.first_pass_s < out.elapsed_s
+    plain = mtp.generate(ids, policy=ConfAdapt(0.5, 6), max_new_tokens=30, attention_mask=mask)
+    assert 0 < plain.first_pass_s < plain.elapsed_s
 
 
 def test_default_policy_and_training_mode_restored() -> None:

@@ -422,10 +422,10 @@ class MTPModel:
         )
         mask = self._attention_mask(ids, attention_mask, plan)
         chosen = self._check_policy(policy, streamer, ids.shape[0], verify)
-        result, elapsed = self._run_engine(
+        result, elapsed, first = self._run_engine(
             ids, mask, chosen, plan, streamer=streamer, verify=verify, seed=seed, on_chunk=on_chunk
         )
-        return generate_output(ids, result, plan, elapsed)
+        return generate_output(ids, result, plan, elapsed, first)
 
     def _check_policy(
         self, policy: Any, streamer: Any, batch: int, verify: bool
@@ -456,8 +456,9 @@ class MTPModel:
         streamer: Any,
         on_chunk: ChunkCallback | None,
         **options: Any,
-    ) -> tuple[DecodeResult, float]:
-        """``mtp_core.decode`` of the real tokens of ``ids`` in eval mode, and its seconds.
+    ) -> tuple[DecodeResult, float, float]:
+        """``mtp_core.decode`` of the real tokens of ``ids`` in eval mode, its seconds, and the
+        seconds until the first step's tokens (the prompt's pass).
 
         A ``streamer`` gets the prompt first, then each step's tokens, then ``end()`` (also on
         error, so that a ``TextIteratorStreamer``'s reader never waits forever).
@@ -471,6 +472,15 @@ class MTPModel:
         kernel_plan = self.kernel_plan()
         backend = self.decoding_backend(kernel_plan)
         kernel = use_kernels(kernel_plan, self.model)
+        chunks = streaming_callback(streamer, on_chunk)
+        first: list[float] = []
+
+        def timed(row: int, tokens: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if chunks is not None:
+                chunks(row, tokens)
+
         start = time.perf_counter()
         try:
             with kernel:
@@ -487,7 +497,7 @@ class MTPModel:
                     pad_token_id=self.mask_token_id,
                     max_length=self.backend.max_length,
                     vocab_size=embedding_rows(self.model),
-                    on_chunk=streaming_callback(streamer, on_chunk),
+                    on_chunk=timed,
                     stop_criterion=row_stop_criterion(plan.criteria, ids),
                     **options,
                 )
@@ -496,7 +506,8 @@ class MTPModel:
                 self.model.train()
             if streamer is not None:
                 streamer.end()
-        return result, time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        return result, elapsed, (first[0] - start) if first else elapsed
 
     def decoding_backend(self, plan: KernelPlan | None = None) -> Backend[Any]:
         """The backend ``generate`` runs on under ``plan`` (default ``kernel_plan()``): the

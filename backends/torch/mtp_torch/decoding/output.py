@@ -26,6 +26,11 @@ class GenerateOutput:
         acceleration factor).
       accepted_histogram: ``accepted_histogram[n]`` counts row-steps that emitted ``n`` tokens.
       elapsed_s: wall-clock seconds spent decoding.
+      first_pass_s: of ``elapsed_s``, the seconds until the first step's tokens: the prompt's
+        pass (time to first token).  Per decoding pass after it, a run took
+        ``(elapsed_s - first_pass_s) / (num_forward_passes - 1)``: the figure to compare
+        policies by, since the prompt's pass costs as much as many one-token passes and a
+        policy that takes fewer passes spreads it over fewer.
       num_new_tokens: ``(batch,)`` generated tokens per row (stop token included).
       forward_passes_per_row: ``(batch,)`` forward passes during which each row was still
         decoding (its own acceleration factor is ``num_new_tokens / forward_passes_per_row``).
@@ -45,10 +50,15 @@ class GenerateOutput:
     num_new_tokens: npt.NDArray[np.int64]
     forward_passes_per_row: npt.NDArray[np.int64]
     stop_reasons: tuple[str, ...]
+    first_pass_s: float = 0.0
 
 
 def generate_output(
-    ids: torch.Tensor, result: DecodeResult, plan: GenerationPlan, elapsed: float
+    ids: torch.Tensor,
+    result: DecodeResult,
+    plan: GenerationPlan,
+    elapsed: float,
+    first_pass: float = 0.0,
 ) -> GenerateOutput:
     """The engine's per-row tokens laid out like transformers' ``generate`` output, with each
     row's passes and stop reason (a used-up budget named after what set it)."""
@@ -65,6 +75,7 @@ def generate_output(
         tokens_per_forward=float(result.tokens_per_forward),
         accepted_histogram=result.accepted_histogram,
         elapsed_s=elapsed,
+        first_pass_s=first_pass,
         num_new_tokens=lengths,
         forward_passes_per_row=np.asarray(result.forward_passes_per_row, dtype=np.int64),
         stop_reasons=tuple(
