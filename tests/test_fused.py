@@ -215,3 +215,31 @@ def test_models_it_cannot_restate_stay_on_transformers_forward(
     # A stock plan never runs the fused pass: exact transformers numerics stay the default.
     monkeypatch.delenv("MTP_LM_FUSED")
     assert type(MTPModel(model).decoding_backend()) is TorchBackend
+
+
+def test_the_backend_is_reused_until_the_weights_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama(50, hidden_size=32, layers=2, seed=5).double().eval()
+    stock, fused = _pair(model, 49)
+    first = fused.decoding_backend()
+    assert fused.decoding_backend() is first  # same weights, same plan: built once
+    prompts = torch.tensor([[3, 8, 1, 9, 4, 4]])
+    # A new tensor in place of a weight (or a gate added) builds a new pass that reads it.
+    torch.manual_seed(9)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    assert fused.decoding_backend() is not first
+    expected = stock.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences
+    assert torch.equal(fused.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences,
+                       expected)  # fmt: skip
+    add_mask_gate(model, 49, rank=4, alpha=4.0)
+    assert find_mask_gate(model) is not None
+    gated = fused.decoding_backend()
+    assert isinstance(gated, FusedBackend) and gated._weights.adapters
+    # In-place updates reach the reused pass (it shares the parameters' storage).
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    assert fused.decoding_backend() is gated
+    again = MTPModel(model, mask_token_id=49)
+    assert torch.equal(fused.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences,
+                       again.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences)  # fmt: skip
+    monkeypatch.setenv("MTP_LM_FUSED", "0")
+    assert not isinstance(fused.decoding_backend(), FusedBackend)

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel
 from mtp_torch.decoding import attention, calibrate, kernels
+from mtp_torch.decoding.fused import FUSED_ENV, FusedBackend
 from mtp_torch.decoding.kernels import (
     MAX_PLAN_ROWS,
     SKINNY_MAX_ROWS,
@@ -248,12 +249,18 @@ def test_mtp_models_with_different_kernels_decode_side_by_side() -> None:
 # Decoding and attention
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-pass", "transformers-forward"])
 @pytest.mark.parametrize("kernel", ["skinny", "native", "auto"])
 @pytest.mark.parametrize("policy", [StaticK(1), ConfAdapt(0.3, 4), StaticK(3)], ids=str)
 def test_kernel_decoding_gives_the_stock_tokens(
-    kernel: str, policy: StaticK | ConfAdapt, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kernel: str,
+    policy: StaticK | ConfAdapt,
+    fused: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MTP_LM_CACHE", str(tmp_path))
+    monkeypatch.setenv(FUSED_ENV, "1" if fused else "0")
     model = tiny_llama(48, dtype=torch.float64, layers=2, seed=3).eval()
     model.generation_config.eos_token_id = None
     prompts = torch.tensor([[5, 9, 11, 2, 7], [1, 1, 30, 4, 8]])
@@ -266,7 +273,12 @@ def test_kernel_decoding_gives_the_stock_tokens(
         max_new_tokens=12,
         on_chunk=lambda row, ids: seen.append(kernels.active_plan(model.lm_head) is not None),
     )
-    assert seen and all(seen) == (not mtp.kernel_plan().is_stock)
+    # The plan swaps the Linear layers while transformers' forward decodes; the fused pass
+    # (native widths on a Llama model) runs its own products and leaves them alone.
+    on_fused = isinstance(mtp.decoding_backend(), FusedBackend)
+    assert on_fused == (fused and "native" in mtp.kernel_plan().widths)
+    assert seen and all(seen) == (not mtp.kernel_plan().is_stock and not on_fused)
+    assert not any(seen) or not on_fused
     assert type(model.lm_head) is torch.nn.Linear
     assert torch.equal(out.sequences, stock.sequences)
     assert out.num_forward_passes == stock.num_forward_passes

@@ -7,6 +7,7 @@ acceptance, sampling, and a lossless mode (``verify=True``) whose output equals 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from mtp_core import AcceptancePolicy, Backend, DecodeResult, decode
 from mtp_torch.decoding.backend import TorchBackend, check_backend_name, registered_backend
 from mtp_torch.decoding.calibrate import auto_plan
 from mtp_torch.decoding.card import CardFacts, base_model_name, check_training_summary, model_card
-from mtp_torch.decoding.fused import FusedBackend, fused_unavailable_reason
+from mtp_torch.decoding.fused import FusedBackend, built_from, fused_unavailable_reason
 from mtp_torch.decoding.gated import (
     GATE_CONFIG_KEY,
     MaskGate,
@@ -127,6 +128,7 @@ class MTPModel:
         self.linear_kernel = check_linear_kernel(linear_kernel)
         self.backend_name = check_backend_name(backend)
         self._auto_plans: dict[int, KernelPlan] = {}
+        self._fused: tuple[tuple[Any, ...], FusedBackend] | None = None  # (built_from, backend)
         self.model = hf_model
         self.tokenizer = tokenizer
         self.backend = TorchBackend(hf_model)
@@ -466,12 +468,15 @@ class MTPModel:
         ids_host, mask_host = ids.cpu(), mask.cpu()
         prompts = [ids_host[row][mask_host[row]].tolist() for row in range(ids_host.shape[0])]
         was_training = bool(self.model.training)
-        self.model.eval()
+        if any(module.training for module in self.model.modules()):
+            self.model.eval()  # a walk that sets every module's flag: only when one needs it
         if streamer is not None:
             streamer.put(ids_host)
         kernel_plan = self.kernel_plan()
         backend = self.decoding_backend(kernel_plan)
-        kernel = use_kernels(kernel_plan, self.model)
+        # The fused pass runs its own products; the Linear swap is for transformers' forward.
+        fused = isinstance(backend, FusedBackend)
+        kernel = contextlib.nullcontext() if fused else use_kernels(kernel_plan, self.model)
         chunks = streaming_callback(streamer, on_chunk)
         first: list[float] = []
 
@@ -518,9 +523,16 @@ class MTPModel:
         if self.backend_name is not None:
             return registered_backend(self.backend_name, self.model)
         plan = self.kernel_plan() if plan is None else plan
-        if "native" in plan.widths and fused_unavailable_reason(self.model) is None:
-            return FusedBackend(self.model, plan)
-        return self.backend
+        if "native" not in plan.widths:
+            return self.backend
+        key = (plan, built_from(self.model))
+        if self._fused is not None and self._fused[0] == key:
+            return self._fused[1]  # the same weights and plan: the backend built before
+        if fused_unavailable_reason(self.model) is not None:
+            return self.backend
+        backend = FusedBackend(self.model, plan)
+        self._fused = (key, backend)
+        return backend
 
     def kernel_plan(self) -> KernelPlan:
         """The per-width plan ``linear_kernel`` stands for (``"auto"``: measured once, cached).

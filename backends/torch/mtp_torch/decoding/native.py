@@ -44,7 +44,9 @@ CFLAGS_ENV = "MTP_LM_NATIVE_CFLAGS"
 """Environment variable: extra compiler flags of the build (space-separated)."""
 
 _SOURCE = Path(__file__).with_name("csrc") / "skinny.cpp"
-_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("products.h", "attention.h", "forward.h"))
+_HEADERS = tuple(
+    Path(__file__).with_name("csrc") / name for name in ("products.h", "attention.h", "forward.h")
+)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
