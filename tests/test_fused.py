@@ -234,12 +234,54 @@ def test_the_backend_is_reused_until_the_weights_change(monkeypatch: pytest.Monk
     assert find_mask_gate(model) is not None
     gated = fused.decoding_backend()
     assert isinstance(gated, FusedBackend) and gated._weights.adapters
-    # In-place updates reach the reused pass (it shares the parameters' storage).
+    # An in-place update (an optimizer step, a load) builds it again too.
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
-    assert fused.decoding_backend() is gated
+    assert fused.decoding_backend() is not gated
     again = MTPModel(model, mask_token_id=49)
     assert torch.equal(fused.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences,
                        again.generate(prompts, policy=StaticK(1), max_new_tokens=8).sequences)  # fmt: skip
     monkeypatch.setenv("MTP_LM_FUSED", "0")
     assert not isinstance(fused.decoding_backend(), FusedBackend)
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # 6 rows: the few-row kernel; 12: ATen's product
+@pytest.mark.parametrize("rank", [4, 16])  # 16: the update folded into the SIMD lanes
+def test_float16_adapters_and_any_thread_count_give_the_same_bits(batch: int, rank: int) -> None:
+    model, stock = _gated(torch.float32, rank)
+    mask = stock.mask_token_id
+    gate = find_mask_gate(model)
+    assert gate is not None
+    with torch.no_grad():  # adapters as a delta shipped in float16 holds them
+        for module in model.modules():
+            for name in ("lora_A", "lora_B"):
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    getattr(module, name).copy_(getattr(module, name).half().float())
+    ids = np.array([[3, 8, 1, mask, mask, mask], [7, 2, mask, 9, mask, 4]][:batch])
+    read = np.tile(np.arange(6), (batch, 1))
+    inputs = _inputs(ids, 0, np.ones((batch, 6), dtype=bool), read)
+    outs = []
+    threads = torch.get_num_threads()
+    # One thread computes each A x whole; several split A's rows between them: the same bits.
+    for half, count in ((False, 2), (True, 2), (None, 2), (False, 1), (True, 1)):
+        backend = FusedBackend(model, fixed_plan("native"), half_adapters=half)
+        stored = {a.dtype for a in backend._weights.adapters if a.numel()}
+        assert stored == {torch.float16 if half is not False else torch.float32}
+        cache = backend.new_cache(batch)
+        torch.set_num_threads(count)
+        try:
+            out = backend.forward(cache, inputs, Sampling(), 0)[0]
+        finally:
+            torch.set_num_threads(threads)
+        outs.append((out.tokens, out.confidences, cache.keys[:, :, :, : cache.length].clone()))
+    for tokens, confidences, keys in outs[1:]:
+        assert np.array_equal(tokens, outs[0][0])
+        assert np.array_equal(confidences, outs[0][1])
+        assert torch.equal(keys, outs[0][2])
+    # Values float16 cannot hold keep float32 storage (and float16 is refused).
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("lora_B")).add_(1e-4)
+    auto = FusedBackend(model, fixed_plan("native"))
+    assert {a.dtype for a in auto._weights.adapters if a.numel()} == {torch.float32}
+    with pytest.raises(ValueError, match="float16"):
+        FusedBackend(model, fixed_plan("native"), half_adapters=True)

@@ -150,12 +150,12 @@ def fused_unavailable_reason(model: Any) -> str | None:
 
 def built_from(model: Any) -> tuple[Any, ...]:
     """What a ``FusedBackend`` built for ``model`` depends on: each parameter's name, storage,
-    dtype, device and shape, whether any module has accelerate hooks, and the environment
-    switch.  Equal values mean a backend built before still computes ``model``'s pass (its
-    tensors share the parameters' storage, so in-place updates show through), at a fraction of
-    a new backend's cost (~1 ms against ~12 ms a ``generate`` call on the 135M default)."""
+    version (bumped by every in-place change), dtype, device and shape, whether any module has
+    accelerate hooks, and the environment switch.  Equal values mean a backend built before
+    still computes ``model``'s pass, at a fraction of a new backend's cost (~1 ms against
+    ~12 ms a ``generate`` call on the 135M default)."""
     parameters = tuple(
-        (name, p.data_ptr(), p.dtype, p.device.type, tuple(p.shape))
+        (name, p.data_ptr(), p._version, p.dtype, p.device.type, tuple(p.shape))
         for name, p in model.named_parameters()
     )
     hooked = any(hasattr(module, "_hf_hook") for module in model.modules())
@@ -178,11 +178,23 @@ class _Weights:
     mask_token_id: int | None
 
 
-def _gather(model: Any, materialize: bool = True) -> _Weights:
+def _float16_exact(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of these float32 tensors is a float16 number (a delta shipped in
+    float16 loads as such)."""
+    return all(
+        t.dtype == torch.float32 and torch.equal(t.detach().half().float(), t.detach())
+        for t in tensors
+        if t.numel()
+    )
+
+
+def _gather(model: Any, materialize: bool = True, half_adapters: bool | None = None) -> _Weights:
     """The tensors of every block, in the order ``fused_forward`` reads them.
 
     ``materialize=False`` checks the structure and skips the contiguous copies, for callers
-    that only ask whether the pass applies.
+    that only ask whether the pass applies.  ``half_adapters``: store the gate's adapters in
+    float16 (``None``: when that keeps every value, the float32 results bitwise; the mask rows'
+    update then streams half the bytes).
     """
     ready = (lambda t: t.detach().contiguous()) if materialize else (lambda t: t)
     blocks: list[torch.Tensor] = []
@@ -219,6 +231,12 @@ def _gather(model: Any, materialize: bool = True) -> _Weights:
     head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError("the output layer is not a plain nn.Linear")
+    if gate and materialize and half_adapters is None:
+        half_adapters = _float16_exact(adapters)
+    if gate and materialize and half_adapters:
+        if not _float16_exact(adapters):
+            raise ValueError("half_adapters: the adapters hold values float16 cannot represent")
+        adapters = [tensor.detach().half() for tensor in adapters]
     return _Weights(
         blocks=[ready(tensor) for tensor in blocks],
         adapters=[ready(tensor) for tensor in adapters] if gate else [],
@@ -264,18 +282,22 @@ class FusedBackend(TorchBackend):
     Args:
       model: a model ``fused_unavailable_reason`` accepts.
       plan: the kernel plan (which pass widths run the few-row kernel).
+      half_adapters: keep a gate's adapters in float16; ``None`` (default): when every value
+        is a float16 number, as in a delta shipped in float16, so that the results are bitwise
+        those of float32 storage and the mask rows' update reads half the bytes.
 
     Raises:
-      ValueError: for a model the fused pass does not serve (the reason says which).
+      ValueError: for a model the fused pass does not serve (the reason says which), or
+        ``half_adapters=True`` with adapters float16 cannot hold.
     """
 
-    def __init__(self, model: Any, plan: KernelPlan) -> None:
+    def __init__(self, model: Any, plan: KernelPlan, *, half_adapters: bool | None = None) -> None:
         super().__init__(model)
         reason = fused_unavailable_reason(model)
         if reason is not None:
             raise ValueError(f"the fused backend cannot run this model: {reason}")
         self._native = load_native()
-        self._weights = _gather(model)
+        self._weights = _gather(model, half_adapters=half_adapters)
         self._few = native_widths(plan)
 
     def new_cache(self, batch_size: int) -> FusedCache:  # type: ignore[override]

@@ -62,19 +62,26 @@ void product(const torch::Tensor& x, int64_t rows, uint32_t few,
     auto w = torch::from_blob(const_cast<T*>(sg.weight), {sg.rows, in}, x.options());
     auto out = torch::from_blob(sg.out, {rows, sg.stride}, x.options());
     at::mm_out(out, x, w.t());
-    if (sg.a == nullptr || gated.empty()) continue;
+    if (!sg.adapted() || gated.empty()) continue;
     // B's update at the gated rows: scale * A x of each, then a dot product per output row.
     const T* xs = x.data_ptr<T>();
-    std::vector<T> low(sg.rank);
+    std::vector<T> low(sg.rank), wide;
+    const T* a = sg.a;
+    if (sg.ah != nullptr) {  // float16 storage: the same values as T
+      wide.resize(sg.rank * in);
+      for (int64_t i = 0; i < sg.rank * in; ++i) wide[i] = static_cast<T>(half_value(sg.ah[i]));
+      a = wide.data();
+    }
     Fold<T> fold;
     fold.b = sg.b;
+    fold.bh = sg.bh;
     fold.low = low.data();
     fold.rank = sg.rank;
     fold.slot[0] = 0;
     for (int64_t m : gated) {
       for (int64_t r = 0; r < sg.rank; ++r) {
         T dot = 0;
-        for (int64_t i = 0; i < in; ++i) dot += sg.a[r * in + i] * xs[m * in + i];
+        for (int64_t i = 0; i < in; ++i) dot += a[r * in + i] * xs[m * in + i];
         low[r] = static_cast<T>(sg.scale) * dot;
       }
       fold_rows<T>(fold, sg.out + m * sg.stride, 1, 0, sg.rows, sg.stride);
@@ -209,9 +216,16 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
     Segment<T> sg{weight.data_ptr<T>(), out.data_ptr<T>(), weight.size(0), out.size(1)};
     const int64_t at_ = layer * kAdapted + which;
     if (gate && adapters[at_ * 2].numel() > 0) {
-      sg.a = adapters[at_ * 2].data_ptr<T>();
-      sg.b = adapters[at_ * 2 + 1].data_ptr<T>();
-      sg.rank = adapters[at_ * 2].size(0);
+      const torch::Tensor& a = adapters[at_ * 2];
+      const torch::Tensor& b = adapters[at_ * 2 + 1];
+      if (a.scalar_type() == at::kHalf) {  // float16 storage of float16-exact values
+        sg.ah = reinterpret_cast<const uint16_t*>(a.data_ptr<at::Half>());
+        sg.bh = reinterpret_cast<const uint16_t*>(b.data_ptr<at::Half>());
+      } else {
+        sg.a = a.data_ptr<T>();
+        sg.b = b.data_ptr<T>();
+      }
+      sg.rank = a.size(0);
       sg.scale = scales[at_];
     }
     return sg;

@@ -13,10 +13,14 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -28,6 +32,10 @@ constexpr int64_t kGrain = 32;  // output rows per parallel task
 
 // One weight of a multi-weight product: out[r * stride + o] for o < rows.  With a mask-gated
 // adapter (a, b), the gated rows m also get ``scale * B (A x[m])`` (forward.h).
+//
+// The adapter may be stored in float16 when every value is a float16 number (a delta shipped in
+// float16 loads as such): the update reads half the bytes and computes with the same float32
+// values, so its results are bitwise those of the float32 copy.
 template <typename T>
 struct Segment {
   const T* weight;       // (rows, in), contiguous
@@ -38,7 +46,27 @@ struct Segment {
   const T* b = nullptr;  // adapter B: (rows, rank)
   int64_t rank = 0;
   double scale = 0.0;
+  const uint16_t* ah = nullptr;  // or A and B as float16 bits (float32 models; a, b unset)
+  const uint16_t* bh = nullptr;
+  bool adapted() const { return a != nullptr || ah != nullptr; }
 };
+
+inline float half_value(uint16_t bits) {
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// ``count`` float16 values as float32 (exact: every float16 is a float32).
+inline void widen(const uint16_t* from, float* to, int64_t count) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX512F__)
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(to + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(to + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + i))));
+#endif
+  for (; i < count; ++i) to[i] = half_value(from[i]);
+}
 
 // A segment's adapter update at the gated rows, for the output rows a task computes: row r of
 // the product (r < n) gets sum_j b[o, j] * low[slot[r], j] when slot[r] >= 0, where ``low``
@@ -46,6 +74,7 @@ struct Segment {
 template <typename T>
 struct Fold {
   const T* b = nullptr;
+  const uint16_t* bh = nullptr;  // B as float16 bits instead (float32 only)
   const T* low = nullptr;
   int8_t slot[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
   int64_t rank = 0;
@@ -57,8 +86,13 @@ void fold_rows(const Fold<T>& f, T* out, int64_t n, int64_t b, int64_t e, int64_
   for (int64_t r = 0; r < n; ++r) {
     if (f.slot[r] < 0) continue;
     const T* low = f.low + f.slot[r] * f.rank;
+    std::vector<T> wide(f.bh != nullptr ? f.rank : 0);
     for (int64_t o = b; o < e; ++o) {
       const T* row = f.b + o * f.rank;
+      if (f.bh != nullptr) {  // widened first: the same loop below, so the same rounding
+        for (int64_t j = 0; j < f.rank; ++j) wide[j] = static_cast<T>(half_value(f.bh[o * f.rank + j]));
+        row = wide.data();
+      }
       T dot = 0;
       for (int64_t j = 0; j < f.rank; ++j) dot += row[j] * low[j];
       out[r * stride + o] += dot;
@@ -96,7 +130,7 @@ void rows_generic_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64
   }
 }
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if (defined(__AVX512F__) || defined(__AVX2__)) && defined(__F16C__)
 #define MTP_HAVE_SIMD 1
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -107,6 +141,9 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec vload_half(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 // [sum(a), sum(b), sum(c), sum(d)]: one transpose-and-add tree instead of four reductions.
 inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
   const Vec ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
@@ -124,6 +161,9 @@ inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vload_half(const uint16_t* p) {  // F16C: on every AVX2 CPU of this kind
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline float vsum(Vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_hadd_ps(s, s);
@@ -181,9 +221,15 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
       if (fold->slot[r] < 0) continue;
       const float* low = fold->low + fold->slot[r] * fold->rank;
       for (int a = 0; a < O; ++a) {
-        const float* brow = fold->b + (o + a) * fold->rank;
-        for (int64_t c = 0; c < fold->rank; c += kLanes)
-          t[a * N + r] = vfma(vload(brow + c), vload(low + c), t[a * N + r]);
+        if (fold->bh != nullptr) {
+          const uint16_t* brow = fold->bh + (o + a) * fold->rank;
+          for (int64_t c = 0; c < fold->rank; c += kLanes)
+            t[a * N + r] = vfma(vload_half(brow + c), vload(low + c), t[a * N + r]);
+        } else {
+          const float* brow = fold->b + (o + a) * fold->rank;
+          for (int64_t c = 0; c < fold->rank; c += kLanes)
+            t[a * N + r] = vfma(vload(brow + c), vload(low + c), t[a * N + r]);
+        }
       }
     }
   int k = 0;
@@ -249,45 +295,98 @@ inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_
   if (fold != nullptr) fold_rows<T>(*fold, out, n, b, e, stride);
 }
 
+// scale * A x of the gated rows ``picked`` (ng, in) for A's rows [r0, r1), into low (ng, rank).
+// A float16 A is widened into ``scratch`` first (the same values, so the same results).
+template <typename T>
+void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, int64_t r0,
+                 int64_t r1, T* low, std::vector<T>& scratch) {
+  const T* a = sg.a;
+  if (sg.ah != nullptr) {
+    scratch.resize(sg.rank * in);
+    if constexpr (std::is_same<T, float>::value) {
+      widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
+    } else {
+      for (int64_t i = r0 * in; i < r1 * in; ++i) scratch[i] = static_cast<T>(half_value(sg.ah[i]));
+    }
+    a = scratch.data();
+  }
+  rows_n<T>(a, picked, low, in, ng, r0, r1, sg.rank);
+  for (int64_t m = 0; m < ng; ++m)
+    for (int64_t r = r0; r < r1; ++r) low[m * sg.rank + r] *= static_cast<T>(sg.scale);
+}
+
 // The product of n <= kMaxRows rows x (n, in) with several weights sharing ``in`` (q, k and v;
-// gate and up), in one parallel region over all their output rows.  Adapters act at the
-// ``gated`` rows only: each task first computes ``scale * A x`` of those rows for the segments
-// it covers (rank outputs each; a region of its own cost more than a task redoing a segment
-// another task shares), then folds B's update into its products (see block_f32), so the
-// weights, A and B are read in the one region.
+// gate and up), in one parallel region over all their output rows, split as at::parallel_for
+// splits them.  Adapters act at the ``gated`` rows only: ``scale * A x`` of those rows first,
+// then B's update folded into the products (see block_f32), so the weights and B are read once.
+// With several threads the two phases share one region: the threads split each A (its rows cut
+// at a multiple of 6, where the kernel's blocks of 2 or 3 rows fall as they do for the whole A,
+// so the results are the same bits), wait at a barrier, then run the products.  Each thread
+// reading every A itself before its products cost ~1.5 ms a 135M pass (A read cold, 7 times a
+// block, on the critical path; measured on Zen 4).
 template <typename T>
 void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segment<T>>& segs,
                      const std::vector<int64_t>& gated = {}) {
   std::vector<int64_t> start(segs.size() + 1, 0);
   for (size_t s = 0; s < segs.size(); ++s) start[s + 1] = start[s] + segs[s].rows;
-  const int64_t ng = static_cast<int64_t>(gated.size());
+  const int64_t ng = static_cast<int64_t>(gated.size()), total = start.back();
   bool adapted = false;
-  for (const auto& sg : segs) adapted = adapted || sg.a != nullptr;
+  for (const auto& sg : segs) adapted = adapted || sg.adapted();
   std::vector<T> picked;
+  std::vector<std::vector<T>> lows(segs.size());
   if (adapted && ng > 0) {
     picked.resize(ng * in);  // the gated rows, contiguous
     for (int64_t m = 0; m < ng; ++m) std::copy_n(x + gated[m] * in, in, picked.data() + m * in);
+    for (size_t s = 0; s < segs.size(); ++s)
+      if (segs[s].adapted()) lows[s].resize(ng * segs[s].rank);
   }
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t b, int64_t e) {
-    std::vector<T> low;
+  auto products = [&](int64_t b, int64_t e) {
     for (size_t s = 0; s < segs.size(); ++s) {
       const int64_t lo = std::max(b, start[s]), hi = std::min(e, start[s + 1]);
       if (lo >= hi) continue;
       const Segment<T>& sg = segs[s];
       Fold<T> fold;
-      if (sg.a != nullptr && !picked.empty()) {
-        low.resize(ng * sg.rank);
-        rows_n<T>(sg.a, picked.data(), low.data(), in, ng, 0, sg.rank, sg.rank);
-        for (T& value : low) value *= static_cast<T>(sg.scale);
+      if (!lows[s].empty()) {
         fold.b = sg.b;
-        fold.low = low.data();
+        fold.bh = sg.bh;
+        fold.low = lows[s].data();
         fold.rank = sg.rank;
         for (int64_t m = 0; m < ng; ++m) fold.slot[gated[m]] = static_cast<int8_t>(m);
       }
       rows_n<T>(sg.weight, x, sg.out, in, n, lo - start[s], hi - start[s], sg.stride,
-                fold.b ? &fold : nullptr);
+                fold.low ? &fold : nullptr);
     }
-  });
+  };
+  if (picked.empty()) {
+    at::parallel_for(0, total, kGrain, products);
+    return;
+  }
+#ifdef _OPENMP
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (total + kGrain - 1) / kGrain);
+  if (threads > 1 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+      std::vector<T> scratch;
+      for (size_t s = 0; s < segs.size(); ++s) {
+        if (lows[s].empty()) continue;
+        const int64_t rank = segs[s].rank;
+        const int64_t r0 = t == 0 ? 0 : (rank * t / count) / 6 * 6;
+        const int64_t r1 = t + 1 == count ? rank : (rank * (t + 1) / count) / 6 * 6;
+        if (r0 < r1) adapter_low(segs[s], picked.data(), ng, in, r0, r1, lows[s].data(), scratch);
+      }
+#pragma omp barrier
+      const int64_t chunk = (total + count - 1) / count, b = t * chunk;
+      if (b < total) products(b, std::min(total, b + chunk));
+    }
+    return;
+  }
+#endif
+  std::vector<T> scratch;
+  for (size_t s = 0; s < segs.size(); ++s)
+    if (!lows[s].empty())
+      adapter_low(segs[s], picked.data(), ng, in, 0, segs[s].rank, lows[s].data(), scratch);
+  at::parallel_for(0, total, kGrain, products);
 }
 
 inline bool has_simd() {
