@@ -206,7 +206,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         MTPModel.from_pretrained(path)
 
 
-def test_a_gated_delta_rebuilds_the_gated_model(tmp_path: Path) -> None:
+def _saved_gated_delta(tmp_path: Path) -> tuple[Any, MTPModel, Path]:
+    """A trained gated model, its base, and its delta saved in float32 (as ``--delta-out``)."""
     base, mtp = _trained_gated_model()
     gate = mtp.gate
     assert gate is not None and mtp.delta is not None
@@ -219,6 +220,11 @@ def test_a_gated_delta_rebuilds_the_gated_model(tmp_path: Path) -> None:
         metadata={"gate": json.dumps(gate_settings(gate))},
         dtype=torch.float32,
     )
+    return base, mtp, path
+
+
+def test_a_gated_delta_rebuilds_the_gated_model(tmp_path: Path) -> None:
+    base, mtp, path = _saved_gated_delta(tmp_path)
     tensors, metadata = load_delta(path)
     rebuilt = copy.deepcopy(base)
     apply_delta(rebuilt, tensors, mtp.mask_token_id, json.loads(metadata["gate"]))
@@ -231,18 +237,7 @@ def test_a_gated_delta_rebuilds_the_gated_model(tmp_path: Path) -> None:
 
 
 def test_a_conversion_continues_from_a_gated_delta(tmp_path: Path) -> None:
-    base, mtp = _trained_gated_model()
-    gate = mtp.gate
-    assert gate is not None and mtp.delta is not None
-    from mtp_torch.decoding.gated import gate_settings
-
-    path = save_delta(
-        tmp_path / "d.safetensors",
-        mtp.delta,
-        mask_token_id=mtp.mask_token_id,
-        metadata={"gate": json.dumps(gate_settings(gate))},
-        dtype=torch.float32,
-    )
+    base, mtp, path = _saved_gated_delta(tmp_path)
     documents = make_language(32).documents(40, 30, seed=1)
     fresh = tiny_llama(32, layers=2, tie=True)  # seeded: the weights ``mtp`` started from
     cfg = DistillConfig(

@@ -231,12 +231,12 @@ def _gather(model: Any, materialize: bool = True, half_adapters: bool | None = N
     head = model.lm_head
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise ValueError("the output layer is not a plain nn.Linear")
-    if gate and materialize and half_adapters is None:
-        half_adapters = _float16_exact(adapters)
-    if gate and materialize and half_adapters:
+    if gate and materialize and half_adapters is not False:
         if not _float16_exact(adapters):
-            raise ValueError("half_adapters: the adapters hold values float16 cannot represent")
-        adapters = [tensor.detach().half() for tensor in adapters]
+            if half_adapters:
+                raise ValueError("half_adapters: the adapters hold values float16 cannot represent")
+        else:
+            adapters = [tensor.detach().half() for tensor in adapters]
     return _Weights(
         blocks=[ready(tensor) for tensor in blocks],
         adapters=[ready(tensor) for tensor in adapters] if gate else [],

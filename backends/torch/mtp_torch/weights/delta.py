@@ -210,7 +210,7 @@ def apply_delta(
       ValueError: if a named module is missing or shapes do not match (a delta made for
         another model).
     """
-    gate_tensors = {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
+    gate_tensors = _gate_tensors(tensors)
     if gate_tensors:
         if gate is None:
             raise ValueError("a gated delta needs its gate settings (the file's 'gate' metadata)")
@@ -235,10 +235,23 @@ def apply_delta(
                     f"{tuple(weight.shape)}; it was made for another model"
                 )
             weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+    _set_mask_rows(model, tensors, mask_token_id)
+
+
+def _gate_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A delta's gate tensors, named as ``gate_state_dict`` names them."""
+    return {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
+
+
+def _set_mask_rows(model: Any, tensors: Mapping[str, torch.Tensor], mask_token_id: int) -> None:
+    """The delta's mask-token embedding rows (input, and output when untied) into ``model``."""
+    with torch.no_grad():
         inputs = model.get_input_embeddings().weight
         if _MASK_ROW in tensors:
             inputs[mask_token_id] = tensors[_MASK_ROW].to(inputs.device, inputs.dtype)
         output = model.get_output_embeddings()
+        if isinstance(output, GatedLinear):
+            output = output.base_layer
         if _MASK_OUT_ROW in tensors and output is not None and output.weight is not inputs:
             output.weight[mask_token_id] = tensors[_MASK_OUT_ROW].to(
                 output.weight.device, output.weight.dtype
@@ -283,12 +296,8 @@ def load_gated_delta_into(model: Any, path: str | os.PathLike[str], mask_token_i
             f"{path} has other gate settings for {differing} ({shown or 'other layers'}); "
             "convert with the delta's --lora-rank and --lora-alpha on every block"
         )
-    gate_tensors = {k[len("gate.") :]: v for k, v in tensors.items() if k.startswith("gate.")}
-    load_gate_state(model, gate_tensors, source=str(path))
-    with torch.no_grad():
-        inputs = model.get_input_embeddings().weight
-        if _MASK_ROW in tensors:
-            inputs[mask_token_id] = tensors[_MASK_ROW].to(inputs.device, inputs.dtype)
+    load_gate_state(model, _gate_tensors(tensors), source=str(path))
+    _set_mask_rows(model, tensors, mask_token_id)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

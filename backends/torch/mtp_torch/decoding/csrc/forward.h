@@ -69,7 +69,7 @@ void product(const torch::Tensor& x, int64_t rows, uint32_t few,
     const T* a = sg.a;
     if (sg.ah != nullptr) {  // float16 storage: the same values as T
       wide.resize(sg.rank * in);
-      for (int64_t i = 0; i < sg.rank * in; ++i) wide[i] = static_cast<T>(half_value(sg.ah[i]));
+      widen(sg.ah, wide.data(), sg.rank * in);
       a = wide.data();
     }
     Fold<T> fold;

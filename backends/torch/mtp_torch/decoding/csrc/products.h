@@ -68,6 +68,11 @@ inline void widen(const uint16_t* from, float* to, int64_t count) {
   for (; i < count; ++i) to[i] = half_value(from[i]);
 }
 
+template <typename T>
+void widen(const uint16_t* from, T* to, int64_t count) {  // float64 models
+  for (int64_t i = 0; i < count; ++i) to[i] = static_cast<T>(half_value(from[i]));
+}
+
 // A segment's adapter update at the gated rows, for the output rows a task computes: row r of
 // the product (r < n) gets sum_j b[o, j] * low[slot[r], j] when slot[r] >= 0, where ``low``
 // already holds ``scale * A x`` of the gated rows.
@@ -90,7 +95,7 @@ void fold_rows(const Fold<T>& f, T* out, int64_t n, int64_t b, int64_t e, int64_
     for (int64_t o = b; o < e; ++o) {
       const T* row = f.b + o * f.rank;
       if (f.bh != nullptr) {  // widened first: the same loop below, so the same rounding
-        for (int64_t j = 0; j < f.rank; ++j) wide[j] = static_cast<T>(half_value(f.bh[o * f.rank + j]));
+        widen(f.bh + o * f.rank, wide.data(), f.rank);
         row = wide.data();
       }
       T dot = 0;
@@ -303,11 +308,7 @@ void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, 
   const T* a = sg.a;
   if (sg.ah != nullptr) {
     if (static_cast<int64_t>(scratch.size()) < sg.rank * in) scratch.resize(sg.rank * in);
-    if constexpr (std::is_same<T, float>::value) {
-      widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
-    } else {
-      for (int64_t i = r0 * in; i < r1 * in; ++i) scratch[i] = static_cast<T>(half_value(sg.ah[i]));
-    }
+    widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
     a = scratch.data();
   }
   rows_n<T>(a, picked, low, in, ng, r0, r1, sg.rank);
