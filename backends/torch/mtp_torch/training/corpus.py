@@ -109,13 +109,26 @@ def user_prefix(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> Any:
-    """Text prompts tokenized as one left-padded batch (the tokenizer's side left as it was)."""
-    old_side = tokenizer.padding_side
+    """Text prompts tokenized as one left-padded batch (the tokenizer left as it was).
+
+    A tokenizer without a pad token (some GGUF loads give none) pads with its EOS: the attention
+    mask hides the padding, so which id fills it does not matter.
+    """
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if old_pad is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "the tokenizer has neither a pad token nor an EOS token to pad a batch of prompts "
+                "with; set tokenizer.pad_token (e.g. to an unused special token)"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         return tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
 
 
 def _generate_texts(

@@ -56,6 +56,29 @@ def _why_not_flex(model: Any) -> str | None:
         return f"{type(model).__name__} does not support attn_implementation='flex_attention'"
     if float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0.0:
         return "transformers' FlexAttention does not train with attention dropout"
+    head_dim = _head_dim(model.config)
+    if head_dim is not None and head_dim < _FLEX_MIN_HEAD_DIM:
+        return (
+            f"FlexAttention's kernels need a head dimension of at least {_FLEX_MIN_HEAD_DIM} "
+            f"(this model's is {head_dim})"
+        )
+    return None
+
+
+# torch's FlexAttention lowering refuses smaller query/key/value embeddings (NotImplementedError
+# at the first compiled call, torch 2.11 on an H200).
+_FLEX_MIN_HEAD_DIM = 16
+
+
+def _head_dim(config: Any) -> int | None:
+    """Per-head width of ``config``'s attention (``head_dim``, else hidden / heads), if known."""
+    head_dim = getattr(config, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
     return None
 
 

