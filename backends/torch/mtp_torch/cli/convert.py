@@ -415,14 +415,15 @@ def _corpus(
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cache = cache_root() / "corpora" / f"{model_name}-{digest}.jsonl"
     print(f"corpus: {cache} (seeded by {seed_file})")
-    writer = model
-    dtype = parse_dtype(args.corpus_dtype)
-    if dtype not in ("auto", next(model.parameters()).dtype):
-        # A copy: casting the model itself down and back would round the weights it trains.
-        writer = copy.deepcopy(model).to(dtype)
     # The corpus is written where training runs (the model moves there next anyway): on a GPU
     # a batch of 512 answers takes seconds, on the host's cores many minutes.
-    writer = writer.to(device)
+    dtype = parse_dtype(args.corpus_dtype)
+    if dtype not in ("auto", next(model.parameters()).dtype):
+        # A copy, cast and moved in one step: casting the model itself down and back would
+        # round the weights it trains.
+        writer = copy.deepcopy(model).to(device=device, dtype=dtype)
+    else:
+        writer = model.to(device)
     write_corpus(
         writer,
         tokenizer,
