@@ -802,3 +802,27 @@ def test_resumed_metrics_log_has_each_step_once(tmp_path: Path) -> None:
     distill(tiny_gpt2(), random_corpus(), cfg)
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_ends_the_run_after_the_step_with_a_final_checkpoint(tmp_path: Path) -> None:
+    """What a scheduler's SIGTERM (SLURM, ``timeout``, ``docker stop``) does to a run: the step
+    in flight finishes, the checkpoint and the returned model are that step's, and the handler
+    that was there before comes back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+
+    def term_at_step_2(metrics: StepMetrics) -> None:
+        if metrics.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    mtp = distill(
+        tiny_llama(VOCAB, hidden_size=16),
+        random_corpus(),
+        quiet(steps=50, out_dir=str(out), checkpoint_every=100),
+        on_step=term_at_step_2,
+    )
+    assert json.loads((out / "latest.json").read_text())["step"] == 2
+    assert mtp.training_summary is not None and mtp.training_summary["steps"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before

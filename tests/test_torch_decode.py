@@ -523,6 +523,32 @@ def test_sliding_window_limits_the_context() -> None:
         backend.forward(cache, step, CoreSampling(), 0)
 
 
+def test_sliding_window_is_read_from_older_transformers_layer_kwargs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Older transformers 5.x (5.17 among them) return one kwargs dict for all layers from
+    ``get_layer_types_and_kwargs``, newer ones a list per layer: the window is read from both."""
+    import mtp_torch.decoding.backend as backend_module
+
+    config = MistralConfig(**_COMMON, **_DECODER, sliding_window=24)
+    layer_types = ["sliding_attention"] * config.num_hidden_layers
+    monkeypatch.setattr(
+        backend_module,
+        "get_layer_types_and_kwargs",
+        lambda text_config: (layer_types, {"sliding_window": 24}),
+    )
+    assert backend_module._sliding_window(config) == 24
+    monkeypatch.setattr(
+        backend_module,
+        "get_layer_types_and_kwargs",
+        lambda text_config: (
+            layer_types,
+            [{"sliding_window": 40 - i} for i in range(len(layer_types))],
+        ),
+    )
+    assert backend_module._sliding_window(config) == 41 - len(layer_types)
+
+
 def test_seeded_sampling_is_reproducible_across_threads() -> None:
     """Concurrent seeded calls do not reseed each other (no generator shared by the backend)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -73,6 +73,8 @@ def context_window(config: Any) -> int | None:
 def _sliding_window(text_config: Any) -> int | None:
     """Smallest sliding window among the model's attention layers, or ``None`` if none slides."""
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    if isinstance(layer_kwargs, dict):  # older 5.x (5.17 among them): one dict for all layers
+        layer_kwargs = [layer_kwargs] * len(layer_types)
     windows = [
         int(kwargs["sliding_window"])
         for layer_type, kwargs in zip(layer_types, layer_kwargs, strict=True)

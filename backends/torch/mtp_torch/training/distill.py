@@ -16,10 +16,13 @@ each (DistributedDataParallel) or, with ``DistillConfig.fsdp``, a shard of it (F
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -364,13 +367,52 @@ def _uses_flex(model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", None) == FLEX_ATTENTION
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs (the previous handler comes back after).
+
+    SIGTERM is what a batch scheduler (SLURM before its time limit), ``docker stop``, Kubernetes
+    and ``timeout`` send: the loop finishes the step it is in and the run ends as if its time
+    were up (final checkpoint, then the caller's model and delta), instead of losing the steps
+    since the last checkpoint.  A second SIGTERM acts as the previous handler would (by default,
+    it ends the process at once).  Off the main thread, where Python allows no handler, the
+    event is never set.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():  # the second one: do what would have been done without us
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signum)
+            return
+        stop.set()
+        print("SIGTERM: stopping after this step (send it again to stop now)", flush=True)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train(state: TrainState, stream: TokenStream, run: _Run, report: _Reporter) -> TrainState:
-    """Steps 3-4 of ``distill``: optimizer steps until ``steps`` or ``minutes`` run out, then
-    the final checkpoint.
+    """Steps 3-4 of ``distill``: optimizer steps until ``steps`` or ``minutes`` run out or
+    SIGTERM arrives (``_stop_on_sigterm``), then the final checkpoint.
 
     Returns:
       The state after the last step.
     """
+    with _stop_on_sigterm() as stop:
+        return _train_until_stopped(state, stream, run, report, stop)
+
+
+def _train_until_stopped(
+    state: TrainState, stream: TokenStream, run: _Run, report: _Reporter, stop: threading.Event
+) -> TrainState:
     cfg = state.config
     run_started = time.perf_counter()
     while state.step < cfg.steps:
@@ -391,10 +433,12 @@ def _train(state: TrainState, stream: TokenStream, run: _Run, report: _Reporter)
         report(_metrics(state.step, stats, stream.epoch, step_started, run_started))
         if _checkpoint_due(cfg, state.step):
             _save(state, stream, run.rank, run.world_size, run.device)
-        if cfg.minutes is not None:
-            time_is_up = time.perf_counter() - run_started >= cfg.minutes * 60.0
-            if rank_zero_decides(time_is_up, run.world_size, run.device):
-                break
+        # Every rank asks rank 0 (one scalar broadcast per step), so all stop at the same step.
+        time_is_up = stop.is_set() or (
+            cfg.minutes is not None and time.perf_counter() - run_started >= cfg.minutes * 60.0
+        )
+        if rank_zero_decides(time_is_up, run.world_size, run.device):
+            break
     if cfg.out_dir is not None:
         _save(state, stream, run.rank, run.world_size, run.device)
     return state
