@@ -374,9 +374,10 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
     SIGTERM is what a batch scheduler (SLURM before its time limit), ``docker stop``, Kubernetes
     and ``timeout`` send: the loop finishes the step it is in and the run ends as if its time
     were up (final checkpoint, then the caller's model and delta), instead of losing the steps
-    since the last checkpoint.  A second SIGTERM acts as the previous handler would (by default,
-    it ends the process at once).  Off the main thread, where Python allows no handler, the
-    event is never set.
+    since the last checkpoint.  Repeats are ignored: senders often signal the process and then
+    its whole group (GNU ``timeout`` does), so a second SIGTERM is no request to hurry; their
+    escalation is SIGKILL after a grace period, and Ctrl-C (SIGINT) still stops at once.  Off
+    the main thread, where Python allows no handler, the event is never set.
     """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -385,12 +386,9 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():  # the second one: do what would have been done without us
-            signal.signal(signal.SIGTERM, previous)
-            signal.raise_signal(signum)
-            return
-        stop.set()
-        print("SIGTERM: stopping after this step (send it again to stop now)", flush=True)
+        if not stop.is_set():
+            stop.set()
+            print("SIGTERM: stopping after this step, then saving", flush=True)
 
     signal.signal(signal.SIGTERM, handler)
     try:
