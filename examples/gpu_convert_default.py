@@ -22,13 +22,16 @@ Without ``--device cuda`` (or with ``--smoke``) it runs the very same command on
 model for a few steps (what the test suite does on the CPU), to check the pipeline end to end
 in seconds: ``--device cuda --smoke`` is the check to run first on a lent GPU.  While the real
 conversion runs, a line every 30 s says how far it is (corpus rows, training steps), so the
-log of a run cut short still shows where its time went.
+log of a run cut short still shows where its time went.  ``--stop-after SECONDS`` ends training
+that many seconds after the start and still writes the delta: size it to the lease.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -123,7 +126,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="the tiny model's run, also on --device cuda"
     )
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="end training this many seconds after the start, still writing the delta (the "
+        "script sends itself SIGTERM: on a lease, its length less ~60 s for the save)",
+    )
     args, extra = parser.parse_known_args(argv)
+    if args.stop_after is not None:
+        if args.stop_after <= 0:
+            parser.error(f"--stop-after must be > 0 seconds, got {args.stop_after}")
+        # SIGTERM ends training after the step in flight, then the delta is written
+        # (mtp_torch.training.distill); before training starts it ends the process.
+        deadline = threading.Timer(args.stop_after, os.kill, (os.getpid(), signal.SIGTERM))
+        deadline.daemon = True
+        deadline.start()
+    try:
+        return _run(args, extra)
+    finally:
+        if args.stop_after is not None:
+            deadline.cancel()
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.device.startswith("cuda") and not args.smoke:
         out = Path(args.out or "runs/gpu-convert")
         out.mkdir(parents=True, exist_ok=True)

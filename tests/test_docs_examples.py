@@ -8,6 +8,7 @@ non-zero exit status is a failure.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -150,6 +151,20 @@ def test_example_runs(name: str) -> None:
     result = _run([str(EXAMPLES / name)], timeout=TIMEOUTS.get(name, 300))
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     assert EXPECTED_OUTPUT[name] in result.stdout
+
+
+def test_gpu_conversion_stops_at_its_deadline_and_still_writes_the_delta() -> None:
+    """``--stop-after``: the script's own SIGTERM ends a run set to far more steps than it can
+    take, after the step in flight, and the delta is written all the same."""
+    result = _run(
+        [str(EXAMPLES / "gpu_convert_default.py"), "--steps", "1000000", "--stop-after", "20"],
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "SIGTERM: stopping after this step" in result.stdout
+    summary = json.loads(next(line for line in result.stdout.splitlines() if '"step"' in line))
+    assert 0 < summary["step"] < 1000000
+    assert "delta written: True" in result.stdout
 
 
 def test_every_example_is_included_in_the_docs() -> None:

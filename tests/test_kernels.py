@@ -372,6 +372,31 @@ def test_native_falls_back_when_it_cannot_be_built(monkeypatch: pytest.MonkeyPat
     assert set(plan.widths) == {"skinny"} and "unavailable" in plan.name
 
 
+def test_a_build_killed_midway_does_not_hang_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's build waits as long as its ``lock`` file exists; a build killed midway leaves
+    one.  The next build removes it (under an OS lock, which a dead process no longer holds)
+    instead of waiting forever."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from mtp_torch.decoding import native
+
+    monkeypatch.setenv("MTP_LM_CACHE", str(tmp_path))
+    directory = tmp_path / "kernels" / native._build_name()
+    directory.mkdir(parents=True)
+    (directory / "lock").write_text("")  # what a killed build leaves
+    seen: list[bool] = []
+
+    def fake_load(**kwargs: Any) -> str:
+        seen.append((Path(kwargs["build_directory"]) / "lock").exists())
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert native._build() == "module"
+    assert seen == [False]
+
+
 def test_from_pretrained_takes_the_kernel(tmp_path: Path) -> None:
     model = tiny_llama(40, dtype=torch.float32)
     MTPModel(model).save_pretrained(tmp_path / "ckpt")

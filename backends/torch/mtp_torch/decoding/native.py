@@ -15,13 +15,20 @@ does to measure an AVX2-only CPU); they are part of the build's name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -91,22 +98,48 @@ def _build() -> Any:
     name = _build_name()
     directory = cache_root() / "kernels" / name
     directory.mkdir(parents=True, exist_ok=True)
-    logger.info("building the native CPU kernel in %s (once per machine, ~1 minute)", directory)
-    return load(
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=_cflags(),
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=False,
-    )
+    with _build_lock(directory):
+        logger.info("building the native CPU kernel in %s (once per machine, ~1 minute)", directory)
+        return load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=_cflags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an OS lock on ``directory``'s build, and clear torch's own lock file under it.
+
+    torch's ``load`` serialises builders with a ``lock`` file that it deletes when done, and
+    waits, forever, while one exists: a process killed mid-build (Ctrl-C on a first run) left
+    every later run hanging.  An ``flock`` is released by the OS when its holder dies, so whoever
+    holds it knows no other mtp-lm build is running and a ``lock`` file still there is stale.
+    Where ``fcntl`` is missing (Windows) torch's file alone serialises, as before.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(directory / "mtp_lm_build.flock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                logger.warning("removing a stale build lock left by a killed build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_native() -> Any:
     """The compiled extension module, building it on first use; ``None`` where it cannot be had.
 
-    Thread-safe: one build per process, and torch's file lock serialises processes that build
-    the same extension at once.
+    Thread-safe: one build per process, and an OS file lock serialises processes that build the
+    same extension at once (one killed mid-build holds nothing: ``_build_lock``).
 
     Returns:
       A module with ``skinny_linear(x, weight)`` (``x`` ``(n, in)``, ``1 <= n <= 8``; float32 or
