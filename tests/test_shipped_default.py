@@ -66,7 +66,7 @@ def test_default_decodes_several_tokens_per_forward() -> None:
         lossless = mtp.generate(ids, policy=StaticK(3), verify=True, max_new_tokens=48)
         assert torch.equal(lossless.sequences, greedy.sequences)
         # verify=True without a policy drafts with the stored verify policy: every proposal.
-        assert mtp.verify_policy == StaticK(2)
+        assert mtp.verify_policy == StaticK(3)
         drafted = mtp.generate(ids, verify=True, max_new_tokens=48)
         assert torch.equal(drafted.sequences, greedy.sequences)
         assert drafted.tokens_per_forward > 1.0

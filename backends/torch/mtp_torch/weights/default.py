@@ -63,13 +63,13 @@ _DELTA_FILE = "default_delta.safetensors"
 _DELTA_CHECKSUM_FILE = "default_delta.safetensors.sha256"
 
 
-DEFAULT_VERIFY_POLICY = "static:2"
+DEFAULT_VERIFY_POLICY = "static:3"
 """What the shipped default drafts with under ``verify=True`` when no policy is given (a delta's
-``verify_policy`` metadata overrides it): the mask proposal of every step, drafted whatever
-its confidence.  With the fused pass
-a 3-token verify pass costs ~1.1-1.3x a one-token pass, and the gated default keeps ~1.44 tokens
-per pass this way against 1.14 with ConfAdapt(0.9)'s confident drafts: 1.08-1.19x faster than
-one-token decoding (docs/results.md)."""
+``verify_policy`` metadata overrides it): the mask proposals of every step, drafted whatever
+their confidence.  With the GPU-trained delta, 3 drafts keep ~1.7-1.9 tokens per pass (2: ~1.5-1.6)
+at a 5-token verify pass (~1.0-1.4x a one-token pass on the fused pass): 1.37-1.52x faster than
+one-token decoding, against 1.33-1.42x with 2 drafts, on AVX-512 and AVX2 alike (docs/results.md,
+"Verification drafts: 3 rather than 2")."""
 
 
 GGUF_ENV = "MTP_LM_DEFAULT_GGUF"
