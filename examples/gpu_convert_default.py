@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "script sends itself SIGTERM: on a lease, its length less ~60 s for the save)",
     )
     args, extra = parser.parse_known_args(argv)
+    deadline: threading.Timer | None = None
     if args.stop_after is not None:
         if args.stop_after <= 0:
             parser.error(f"--stop-after must be > 0 seconds, got {args.stop_after}")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, extra)
     finally:
-        if args.stop_after is not None:
+        if deadline is not None:
             deadline.cancel()
 
 
