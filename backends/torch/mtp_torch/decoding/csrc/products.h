@@ -183,13 +183,20 @@ inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
 }
 #endif
 
+// Weights are read as float32 or as float16 bits (adapter A stored in float16, read without a
+// widened copy): the same float32 values either way, so the same results.
+inline Vec vload_w(const float* p) { return vload(p); }
+inline Vec vload_w(const uint16_t* p) { return vload_half(p); }
+inline float scalar_w(float v) { return v; }
+inline float scalar_w(uint16_t v) { return half_value(v); }
+
 // O output rows starting at o, N activation rows, U independent lanes-wide chunks per step.
 // Prefetch: ask for the next block's rows, one block ahead, into L2 (not L1: the activation rows
 // live there, and a prefetch into L1 evicted them: measured 1.5x slower at 4-8 rows).
 // fold: the adapter update (rank a multiple of kLanes), added to the lanes of the gated rows'
 // sums before they are reduced: one multiply-add per (output row, gated row), B read with W.
-template <int N, int O, int U, bool Prefetch = true>
-inline void block_f32(const float* w, const float* x, float* out, int64_t in, int64_t o,
+template <int N, int O, int U, bool Prefetch = true, typename W = float>
+inline void block_f32(const W* w, const float* x, float* out, int64_t in, int64_t o,
                       int64_t stride, const Fold<float>* fold = nullptr) {
   constexpr int64_t step = int64_t(kLanes) * U;
   const int64_t body = in - in % step;
@@ -197,18 +204,18 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
   for (int a = 0; a < O; ++a)
     for (int r = 0; r < N; ++r)
       for (int u = 0; u < U; ++u) acc[a][r][u] = vzero();
-  const float* rows[O];
+  const W* rows[O];
   for (int a = 0; a < O; ++a) rows[a] = w + (o + a) * in;
   for (int64_t i = 0; i < body; i += step) {
     if (Prefetch)
       for (int a = 0; a < O; ++a)
-        for (int64_t line = 0; line < step; line += 16)  // 16 floats: one 64-byte line
+        for (int64_t line = 0; line < step; line += 64 / int64_t(sizeof(W)))  // one 64-byte line
           _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T1);
     for (int u = 0; u < U; ++u) {
       Vec xv[N];
       for (int r = 0; r < N; ++r) xv[r] = vload(x + r * in + i + u * kLanes);
       for (int a = 0; a < O; ++a) {
-        const Vec wv = vload(rows[a] + i + u * kLanes);
+        const Vec wv = vload_w(rows[a] + i + u * kLanes);
         for (int r = 0; r < N; ++r) acc[a][r][u] = vfma(wv, xv[r], acc[a][r][u]);
       }
     }
@@ -221,29 +228,31 @@ inline void block_f32(const float* w, const float* x, float* out, int64_t in, in
       t[a * N + r] = acc[a][r][0];
       for (int u = 1; u < U; ++u) t[a * N + r] = vadd(t[a * N + r], acc[a][r][u]);
     }
-  if (fold != nullptr)
-    for (int r = 0; r < N; ++r) {
-      if (fold->slot[r] < 0) continue;
-      const float* low = fold->low + fold->slot[r] * fold->rank;
+  if (fold != nullptr) {
+    // Each lanes-wide chunk of B's rows is loaded once for all gated rows, and each chunk of the
+    // gated rows' ``low`` once for all O output rows; every sum still takes its chunks in order.
+    const float* low[N];
+    for (int r = 0; r < N; ++r)
+      low[r] = fold->slot[r] < 0 ? nullptr : fold->low + fold->slot[r] * fold->rank;
+    for (int64_t c = 0; c < fold->rank; c += kLanes) {
+      Vec lv[N];
+      for (int r = 0; r < N; ++r)
+        if (low[r] != nullptr) lv[r] = vload(low[r] + c);
       for (int a = 0; a < O; ++a) {
-        if (fold->bh != nullptr) {
-          const uint16_t* brow = fold->bh + (o + a) * fold->rank;
-          for (int64_t c = 0; c < fold->rank; c += kLanes)
-            t[a * N + r] = vfma(vload_half(brow + c), vload(low + c), t[a * N + r]);
-        } else {
-          const float* brow = fold->b + (o + a) * fold->rank;
-          for (int64_t c = 0; c < fold->rank; c += kLanes)
-            t[a * N + r] = vfma(vload(brow + c), vload(low + c), t[a * N + r]);
-        }
+        const Vec bv = fold->bh != nullptr ? vload_half(fold->bh + (o + a) * fold->rank + c)
+                                           : vload(fold->b + (o + a) * fold->rank + c);
+        for (int r = 0; r < N; ++r)
+          if (low[r] != nullptr) t[a * N + r] = vfma(bv, lv[r], t[a * N + r]);
       }
     }
+  }
   int k = 0;
   for (; k + 4 <= K; k += 4) _mm_storeu_ps(sums + k, vsum4(t[k], t[k + 1], t[k + 2], t[k + 3]));
   for (; k < K; ++k) sums[k] = vsum(t[k]);
   for (int a = 0; a < O; ++a) {
     for (int r = 0; r < N; ++r) {
       float s = sums[a * N + r];
-      for (int64_t i = body; i < in; ++i) s += rows[a][i] * x[r * in + i];
+      for (int64_t i = body; i < in; ++i) s += scalar_w(rows[a][i]) * x[r * in + i];
       out[r * stride + o + a] = s;
     }
   }
@@ -262,19 +271,19 @@ constexpr int block_rows() {
 }
 
 // Output rows [b, e): blocks of O rows, then single rows.
-template <int N>
-void rows_f32(const float* w, const float* x, float* out, int64_t in, int64_t b, int64_t e,
+template <int N, typename W = float>
+void rows_f32(const W* w, const float* x, float* out, int64_t in, int64_t b, int64_t e,
               int64_t stride, const Fold<float>* fold) {
   constexpr int O = block_rows<N>();
   int64_t o = b;
-  for (; o + O <= e; o += O) block_f32<N, O, 1>(w, x, out, in, o, stride, fold);
-  for (; o < e; ++o) block_f32<N, 1, 1>(w, x, out, in, o, stride, fold);
+  for (; o + O <= e; o += O) block_f32<N, O, 1, true, W>(w, x, out, in, o, stride, fold);
+  for (; o < e; ++o) block_f32<N, 1, 1, true, W>(w, x, out, in, o, stride, fold);
 }
 
 // 7-8 rows with 16 registers: each block of 3 weight rows twice, for the first 4 activation rows
 // and then the rest (12 and 9-12 accumulators fit; 21-24 spilled), the second time from L1.
-template <int N>
-void rows_f32_split(const float* w, const float* x, float* out, int64_t in, int64_t b,
+template <int N, typename W = float>
+void rows_f32_split(const W* w, const float* x, float* out, int64_t in, int64_t b,
                     int64_t e, int64_t stride, const Fold<float>* fold) {
   constexpr int H = 4, R = N - H;
   Fold<float> rest;
@@ -286,31 +295,32 @@ void rows_f32_split(const float* w, const float* x, float* out, int64_t in, int6
   }
   int64_t o = b;
   for (; o + 3 <= e; o += 3) {
-    block_f32<H, 3, 1>(w, x, out, in, o, stride, fold);
-    block_f32<R, 3, 1, false>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
+    block_f32<H, 3, 1, true, W>(w, x, out, in, o, stride, fold);
+    block_f32<R, 3, 1, false, W>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
   }
   for (; o < e; ++o) {
-    block_f32<H, 1, 1>(w, x, out, in, o, stride, fold);
-    block_f32<R, 1, 1, false>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
+    block_f32<H, 1, 1, true, W>(w, x, out, in, o, stride, fold);
+    block_f32<R, 1, 1, false, W>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
   }
 }
 
-inline void rows_f32_n(const float* w, const float* x, float* out, int64_t in, int64_t n,
+template <typename W = float>
+void rows_f32_n(const W* w, const float* x, float* out, int64_t in, int64_t n,
                        int64_t b, int64_t e, int64_t stride, const Fold<float>* fold) {
   switch (n) {
-    case 1: rows_f32<1>(w, x, out, in, b, e, stride, fold); break;
-    case 2: rows_f32<2>(w, x, out, in, b, e, stride, fold); break;
-    case 3: rows_f32<3>(w, x, out, in, b, e, stride, fold); break;
-    case 4: rows_f32<4>(w, x, out, in, b, e, stride, fold); break;
-    case 5: rows_f32<5>(w, x, out, in, b, e, stride, fold); break;
-    case 6: rows_f32<6>(w, x, out, in, b, e, stride, fold); break;
+    case 1: rows_f32<1, W>(w, x, out, in, b, e, stride, fold); break;
+    case 2: rows_f32<2, W>(w, x, out, in, b, e, stride, fold); break;
+    case 3: rows_f32<3, W>(w, x, out, in, b, e, stride, fold); break;
+    case 4: rows_f32<4, W>(w, x, out, in, b, e, stride, fold); break;
+    case 5: rows_f32<5, W>(w, x, out, in, b, e, stride, fold); break;
+    case 6: rows_f32<6, W>(w, x, out, in, b, e, stride, fold); break;
     case 7:
-      if (kRegisters >= 32) rows_f32<7>(w, x, out, in, b, e, stride, fold);
-      else rows_f32_split<7>(w, x, out, in, b, e, stride, fold);
+      if (kRegisters >= 32) rows_f32<7, W>(w, x, out, in, b, e, stride, fold);
+      else rows_f32_split<7, W>(w, x, out, in, b, e, stride, fold);
       break;
     default:
-      if (kRegisters >= 32) rows_f32<8>(w, x, out, in, b, e, stride, fold);
-      else rows_f32_split<8>(w, x, out, in, b, e, stride, fold);
+      if (kRegisters >= 32) rows_f32<8, W>(w, x, out, in, b, e, stride, fold);
+      else rows_f32_split<8, W>(w, x, out, in, b, e, stride, fold);
       break;
   }
 }
@@ -333,11 +343,24 @@ inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_
 }
 
 // scale * A x of the gated rows ``picked`` (ng, in) for A's rows [r0, r1), into low (ng, rank).
-// A float16 A is widened into ``scratch`` first (the same values, so the same results).
+// A float16 A is read as such by the float32 kernel (vload_w); elsewhere it is widened into
+// ``scratch`` first.  Either way the same values, so the same results.  Reading it directly
+// rather than widening a copy first (which read A from memory, then wrote and re-read the copy)
+// took the A phase of a 4+3 pass of the shipped default from ~1.1-1.3 to ~0.5-0.6 ms (Zen 4).
 template <typename T>
 void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, int64_t r0,
                  int64_t r1, T* low, std::vector<T>& scratch) {
   const T* a = sg.a;
+#ifdef MTP_HAVE_SIMD
+  if constexpr (std::is_same<T, float>::value) {
+    if (sg.ah != nullptr) {
+      rows_f32_n<uint16_t>(sg.ah, picked, low, in, ng, r0, r1, sg.rank, nullptr);
+      for (int64_t m = 0; m < ng; ++m)
+        for (int64_t r = r0; r < r1; ++r) low[m * sg.rank + r] *= static_cast<T>(sg.scale);
+      return;
+    }
+  }
+#endif
   if (sg.ah != nullptr) {
     if (static_cast<int64_t>(scratch.size()) < sg.rank * in) scratch.resize(sg.rank * in);
     widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
@@ -353,8 +376,10 @@ void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, 
 // splits them.  Adapters act at the ``gated`` rows only: ``scale * A x`` of those rows first,
 // then B's update folded into the products (see block_f32), so the weights and B are read once.
 // With several threads the two phases share one region: the threads split each A (its rows cut
-// at a multiple of 6, where the kernel's blocks of 2 or 3 rows fall as they do for the whole A,
-// so the results are the same bits), wait at a barrier, then run the products.  Each thread
+// at the multiple of 6 nearest an even share, where the kernel's blocks of 2 or 3 rows fall as
+// they do for the whole A, so the results are the same bits; rank 32 splits 18 + 14, where
+// rounding down split it 12 + 20 and one thread waited ~0.4 ms a pass at the barrier), wait at a
+// barrier, then run the products.  Each thread
 // reading every A itself before its products cost ~1.5 ms a 135M pass (A read cold, 7 times a
 // block, on the critical path; measured on Zen 4).
 template <typename T>
@@ -405,8 +430,8 @@ void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segmen
       for (size_t s = 0; s < segs.size(); ++s) {
         if (lows[s].empty()) continue;
         const int64_t rank = segs[s].rank;
-        const int64_t r0 = t == 0 ? 0 : (rank * t / count) / 6 * 6;
-        const int64_t r1 = t + 1 == count ? rank : (rank * (t + 1) / count) / 6 * 6;
+        const int64_t r0 = t == 0 ? 0 : (rank * t / count + 3) / 6 * 6;
+        const int64_t r1 = t + 1 == count ? rank : (rank * (t + 1) / count + 3) / 6 * 6;
         if (r0 < r1) adapter_low(segs[s], picked.data(), ng, in, r0, r1, lows[s].data(), scratch);
       }
 #pragma omp barrier
