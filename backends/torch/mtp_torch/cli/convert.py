@@ -211,6 +211,11 @@ TRAINING_OPTIONS = (
         "forward of time (default: {default})",
     ),
     ConfigOption(
+        "split_passes",
+        "with --lora-gate mask: run the real slots without autograd, then the mask slots alone "
+        "with gradients (same loss and gradients, less compute) (default: {default})",
+    ),
+    ConfigOption(
         "attention",
         "attention of the training passes: FlexAttention block mask (flex, CUDA), dense mask "
         "through SDPA (sdpa), or flex on CUDA and sdpa elsewhere (auto; default {default})",

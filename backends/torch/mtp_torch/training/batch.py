@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from mtp_core import TrainingLayout, TrainingLayoutSpec, training_layout
 from mtp_torch.training.config import DistillConfig
@@ -27,6 +28,8 @@ __all__ = [
     "draw_batch",
     "flex_block_mask",
     "forward_logits",
+    "split_forward_logits",
+    "split_forward_supported",
     "pack_windows",
 ]
 
@@ -227,13 +230,19 @@ def _attention_mask(model: nn.Module, packed: PackedBatch, dtype: torch.dtype) -
     """The ``(B, 1, S, S)`` attention mask in the form the model's attention implementation
     takes: boolean (SDPA), additive (eager) or a FlexAttention block mask."""
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-    allowed = packed.allowed
     if implementation == "flex_attention":
+        allowed = packed.allowed
         return packed.block_mask if packed.block_mask is not None else flex_block_mask(allowed)
-    if "flash" in implementation:
+    return _dense_mask(model, packed.allowed, dtype)
+
+
+def _dense_mask(model: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(B, 1, Q, K)`` boolean mask as SDPA (boolean) or eager attention (additive) takes it."""
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if "flash" in implementation or implementation == "flex_attention":
         raise ValueError(
             f"attention implementation {implementation!r} cannot take the training layout's "
-            "arbitrary mask; load the model with attn_implementation='sdpa' (or 'eager')"
+            "arbitrary mask here; load the model with attn_implementation='sdpa' (or 'eager')"
         )
     if implementation == "eager":
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -272,3 +281,125 @@ def forward_logits(
         return logits
     full: torch.Tensor = model(**kwargs).logits
     return full[:, packed.keep]
+
+
+@attrs.frozen(eq=False)
+class _Split:
+    """How a packed layout splits into its real slots and its mask slots (``split_forward_logits``)."""
+
+    real: torch.Tensor  # (R,) real slots, in slot order
+    masks: torch.Tensor  # (Q,) mask slots, in slot order
+    kv_order: torch.Tensor  # (R + Q,) the slots of the second pass's keys: real, then masks
+    real_keep: torch.Tensor  # positions in ``real`` of the kept real slots
+    mask_keep: torch.Tensor  # positions in ``masks`` of the kept mask slots
+    order: torch.Tensor  # (n_keep,) kept slot j is column order[j] of [real logits, mask logits]
+
+
+def _split(packed: PackedBatch) -> _Split:
+    is_mask = np.asarray(packed.layout.is_mask, dtype=bool)
+    keep = packed.keep.cpu().numpy()
+    real, masks = np.flatnonzero(~is_mask), np.flatnonzero(is_mask)
+    rank = np.empty(is_mask.shape[0], dtype=np.int64)  # a slot's position among its kind
+    rank[real], rank[masks] = np.arange(real.size), np.arange(masks.size)
+    kept_mask = is_mask[keep]
+    order = np.empty(keep.size, dtype=np.int64)
+    order[~kept_mask] = np.arange(int((~kept_mask).sum()))
+    order[kept_mask] = int((~kept_mask).sum()) + np.arange(int(kept_mask.sum()))
+    device = packed.keep.device
+    return _Split(
+        real=as_index(real, device),
+        masks=as_index(masks, device),
+        kv_order=as_index(np.concatenate([real, masks]), device),
+        real_keep=as_index(rank[keep[~kept_mask]], device),
+        mask_keep=as_index(rank[keep[kept_mask]], device),
+        order=as_index(order, device),
+    )
+
+
+def _logits_at(
+    model: nn.Module, core: nn.Module, keep: torch.Tensor, **kwargs: Any
+) -> torch.Tensor:
+    """The logits at positions ``keep`` of a forward of ``model``."""
+    if _takes_logits_to_keep(core):
+        logits: torch.Tensor = model(**kwargs, logits_to_keep=keep).logits
+        return logits
+    full: torch.Tensor = model(**kwargs).logits
+    return full[:, keep]
+
+
+def split_forward_supported(core: nn.Module) -> str | None:
+    """Why ``split_forward_logits`` cannot run ``core``, or ``None`` when it can.
+
+    It needs a dense attention mask (SDPA or eager attention), a key/value cache argument and
+    attention layers only (a state-space or linear-attention layer's cache is not a list of keys
+    and values).  Sliding-window layers are fine: the cache is built without the model's config,
+    so it keeps every key, and the layout's mask decides what each slot sees, as in the packed
+    pass.
+    """
+    config = getattr(core, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        return f"attention implementation {implementation!r} (needs sdpa or eager)"
+    parameters = inspect.signature(type(core).forward).parameters
+    if "cache" not in parameters and "past_key_values" not in parameters:
+        return f"{type(core).__name__}.forward takes no key/value cache"
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    layer_types = set(getattr(text_config, "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(layer_types)} (needs attention layers only)"
+    return None
+
+
+def split_forward_logits(
+    model: nn.Module, core: nn.Module, packed: PackedBatch, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """``forward_logits`` in two passes, for a student whose trained parameters act only at
+    mask slots (mask-gated adapters and the gate's mask vector).
+
+    Real slots never attend to mask slots and no trained parameter touches them, so their
+    hidden states, keys and values are the frozen base model's and carry no gradient.  The
+    first pass runs the real slots alone without autograd (keeping their keys and values as
+    a cache and their logits at the kept real slots); the second runs only the mask slots,
+    with gradients, attending to the cache and to each other under the layout's mask.  The
+    logits are those of the single packed pass (to rounding: the products have other shapes),
+    and the backward pass runs over the ``M (k - 1)`` mask slots instead of all ``S``.
+
+    Args:
+      model: the model as called for the pass with gradients (a DDP wrapper, or ``core``).
+      core: the model itself (the first pass, its config and signature).
+      packed: the micro-batch.
+      input_ids: ``(B, S)`` its packed input.
+
+    Returns:
+      Logits, shape ``(B, n_keep, vocab)``, in the kept slots' order.
+    """
+    split = _split(packed)
+    dtype = next(core.parameters()).dtype
+    allowed, positions = packed.allowed, packed.position_ids
+    parameters = inspect.signature(type(core).forward).parameters
+    cache = DynamicCache()
+    cache_kwargs = {"cache" if "cache" in parameters else "past_key_values": cache}
+    with torch.no_grad():
+        real_logits = _logits_at(
+            core,
+            core,
+            split.real_keep,
+            input_ids=input_ids[:, split.real],
+            attention_mask=_dense_mask(core, allowed[:, :, split.real][:, :, :, split.real], dtype),
+            position_ids=positions[:, split.real],
+            use_cache=True,
+            **cache_kwargs,
+        )
+    mask_logits = _logits_at(
+        model,
+        core,
+        split.mask_keep,
+        input_ids=input_ids[:, split.masks],
+        attention_mask=_dense_mask(
+            core, allowed[:, :, split.masks][:, :, :, split.kv_order], dtype
+        ),
+        position_ids=positions[:, split.masks],
+        use_cache=True,
+        **cache_kwargs,
+    )
+    return torch.cat([real_logits.to(mask_logits.dtype), mask_logits], dim=1)[:, split.order]

@@ -49,6 +49,7 @@ RESUMABLE_FIELDS = frozenset(
         # How the same computation is carried out (recomputed activations, attention kernel).
         "gradient_checkpointing",
         "attention",
+        "split_passes",
     }
 )
 
@@ -200,6 +201,14 @@ class DistillConfig:
       gradient_checkpointing: recompute each block's activations in the backward pass
         (transformers' activation checkpointing, non-reentrant) instead of keeping them:
         less memory, about one more forward pass of time; same loss and gradients.
+      split_passes: with mask-gated adapters (``lora_gate="mask"``), run each student forward
+        as two passes: the real slots without autograd (no trained parameter acts on them and
+        they never attend to a mask slot), then the mask slots alone with gradients, attending
+        to the real slots' keys and values (``mtp_torch.training.batch.split_forward_logits``).
+        The same logits and gradients to rounding, with the backward pass over the
+        ``M (k - 1)`` mask slots instead of all ``seq_len``.  Applies with dense attention
+        (``"auto"`` then takes SDPA, not FlexAttention), without FSDP, on models whose layers
+        are all attention layers; otherwise the single packed pass runs.
       attention: how the training passes attend under the packed layout's mask: ``"sdpa"``
         (a 4-D boolean mask through ``scaled_dot_product_attention``, or the model's eager
         attention), ``"flex"`` (CUDA: a FlexAttention block mask; the model is switched to
@@ -245,6 +254,7 @@ class DistillConfig:
     dtype: WeightDtype | None = attrs.field(default=None)
     fsdp: bool = attrs.field(default=False)
     gradient_checkpointing: bool = attrs.field(default=False)
+    split_passes: bool = attrs.field(default=True)
     attention: AttentionChoice = attrs.field(default="auto")
     progress: bool = attrs.field(default=True)
 

@@ -26,6 +26,7 @@ __all__ = [
     "enable_gradient_checkpointing",
     "prepare_model",
     "restore_model",
+    "splits_passes",
     "weight_dtype",
 ]
 
@@ -82,6 +83,18 @@ def _head_dim(config: Any) -> int | None:
     return None
 
 
+def splits_passes(cfg: DistillConfig) -> bool:
+    """Whether ``cfg`` asks for the split student passes (``DistillConfig.split_passes``) in a
+    setting where they can run (a model that cannot is checked when training starts)."""
+    return (
+        cfg.split_passes
+        and cfg.lora_gate is not None
+        and not cfg.fsdp
+        and not cfg.gradient_checkpointing
+        and cfg.attention != "flex"
+    )
+
+
 def attention_implementation(model: Any, cfg: DistillConfig, device: torch.device) -> str:
     """The attention implementation the training passes of ``model`` use under ``cfg``.
 
@@ -91,7 +104,9 @@ def attention_implementation(model: Any, cfg: DistillConfig, device: torch.devic
       device: the training device (``"auto"`` takes FlexAttention on CUDA only).
 
     Returns:
-      ``"flex_attention"``, or the model's own implementation (``"sdpa"`` or ``"eager"``).
+      ``"flex_attention"``, or the model's own implementation (``"sdpa"`` or ``"eager"``):
+      ``"auto"`` keeps the model's own for a gated student whose passes split
+      (``splits_passes``), else takes FlexAttention on CUDA where it can run.
 
     Raises:
       ValueError: for ``attention="flex"`` on the CPU, or with a model or torch that cannot
@@ -101,6 +116,8 @@ def attention_implementation(model: Any, cfg: DistillConfig, device: torch.devic
     if cfg.attention == "sdpa":
         return _DECODE_ATTENTION if current == FLEX_ATTENTION else current
     reason = _why_not_flex(model)
+    if cfg.attention == "auto" and splits_passes(cfg):
+        reason = "the gated student's split passes take a dense mask"
     if cfg.attention == "flex" and device.type == "cpu":
         reason = "FlexAttention has no backward pass on the CPU"
     if cfg.attention == "flex":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,19 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mtp_torch.decoding.mask import add_mask_token
+from mtp_torch.training.batch import split_forward_supported
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.lora import gated_parameters, lora_parameters, with_lora
-from mtp_torch.training.model_options import enable_gradient_checkpointing, prepare_model
+from mtp_torch.training.model_options import (
+    enable_gradient_checkpointing,
+    prepare_model,
+    splits_passes,
+)
 from mtp_torch.training.parameters import drop_gradients, parameter_groups, trainable_parameters
 
 __all__ = ["ContextFactory", "TrainState", "init_train_state"]
+
+logger = logging.getLogger(__name__)
 
 ContextFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -56,6 +64,8 @@ class TrainState:
       row_filter: embedding matrices whose gradient is cut to the mask token's row after each
         backward pass (FSDP, where the gradient hooks of ``hooks`` cannot see the shards).
       sharded: whether student and teacher are sharded with FSDP.
+      split: whether the student's forward runs as two passes, real slots then mask slots
+        (``DistillConfig.split_passes``; ``mtp_torch.training.batch.split_forward_logits``).
     """
 
     config: DistillConfig
@@ -73,6 +83,7 @@ class TrainState:
     step: int = 0
     row_filter: tuple[nn.Parameter, ...] = ()
     sharded: bool = False
+    split: bool = False
 
 
 def _frozen_copy(model: nn.Module, device: torch.device | None) -> nn.Module:
@@ -182,6 +193,10 @@ def init_train_state(
         )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    split = cfg.lora_gate is not None and splits_passes(cfg) and not sharded
+    if split and (reason := split_forward_supported(student)) is not None:
+        logger.info("the student's passes do not split (%s): one packed pass", reason)
+        split = False
     # 4. AdamW; only full fine-tuning decays the embeddings (otherwise just the mask rows move).
     full = cfg.train_layers is None and cfg.lora_rank == 0
     groups = parameter_groups(main, embeddings, cfg.weight_decay, decay_embeddings=full)
@@ -199,6 +214,7 @@ def init_train_state(
         mask_token_id=mask_token_id,
         autocast=_autocast(cfg, device),
         generator=np.random.default_rng(cfg.seed),
+        split=split,
     )
     # 5. FSDP: teacher and student sharded over the processes (the optimizer then holds shards).
     if sharded:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mtp_core import ConfAdapt, LossKind, agreement, distillation_loss, student_forcing_pairs
-from mtp_torch.training.batch import PackedBatch, as_index, forward_logits
+from mtp_torch.training.batch import PackedBatch, as_index, forward_logits, split_forward_logits
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
 from mtp_torch.training.state import ContextFactory
@@ -242,6 +242,7 @@ def _batch_loss(
     mask_token_id: int,
     autocast: contextlib.AbstractContextManager[Any],
     teacher_context: ContextFactory = contextlib.nullcontext,
+    split: bool = False,
 ) -> BatchLoss:
     """Steps 3-6 of the loop for one packed micro-batch.
 
@@ -254,13 +255,16 @@ def _batch_loss(
       mask_token_id: id of ``<mtp_mask>``.
       autocast: the autocast context (or a null context).
       teacher_context: entered around the teacher's forward (LoRA: the adapters disabled).
+      split: run the student as two passes, real slots then mask slots
+        (``split_forward_logits``; gated students only).
 
     Returns:
       the loss with the logits, targets and weights it was computed from (``BatchLoss``).
     """
     # 3. Student forward; logits at the (M, k) prediction slots.
+    student_logits_at = split_forward_logits if split else forward_logits
     with autocast:
-        kept = forward_logits(forward, student, packed, packed.input_ids)
+        kept = student_logits_at(forward, student, packed, packed.input_ids)
     kept = _at_least_float32(kept)
     student_logits = kept[:, packed.predict_at]  # (B, M, k, V)
     target_index = as_index(packed.layout.target_index, kept.device)
@@ -360,6 +364,7 @@ def _micro_step(
             state.mask_token_id,
             state.autocast,
             state.teacher_context,
+            split=state.split,
         )
         _check_finite("loss", float(out.loss.detach()), state.step, cfg)
         (out.loss / cfg.grad_accum).backward()  # type: ignore[no-untyped-call]
