@@ -12,6 +12,8 @@ tokens and 3 masks a pass) against `StaticK(1)`'s, and `StaticK(1)` against tran
 Run:  python examples/mtp_gain.py            # 1 bundled held-out prompt, a quick look
       python examples/mtp_gain.py --prompts gsm8k/test.jsonl --skip 100 --num 6 \
           --new-tokens 96 --rounds 3     # what docs/results.md reports (~6 minutes)
+      python examples/mtp_gain.py --delta runs/gpu/default_delta.safetensors ...
+                                         # a candidate delta (e.g. from a GPU run) instead
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from mtp_core import ConfAdapt, StaticK
 from mtp_torch import MTPModel
 from mtp_torch.bench.prompts import default_data_path, load_prompts
+from mtp_torch.weights.default import load_default_converted
 
 
 def main() -> None:
@@ -37,9 +40,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timed rounds")
     parser.add_argument("--kernel", default="native", help="linear_kernel (native: fused pass)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--delta", default=None, help="the default base with this delta file (not --model)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    mtp = MTPModel.from_pretrained(args.model, linear_kernel=args.kernel)
+    if args.delta is not None:
+        model, tokenizer = load_default_converted(delta=args.delta)
+        mtp = MTPModel(model, tokenizer=tokenizer, linear_kernel=args.kernel)
+    else:
+        mtp = MTPModel.from_pretrained(args.model, linear_kernel=args.kernel)
     path = args.prompts if args.prompts is not None else default_data_path()
     prompts = load_prompts(path, mtp.tokenizer, num_prompts=args.skip + args.num)[args.skip :]
     print(f"backend {type(mtp.decoding_backend()).__name__}, {mtp.kernel_plan().describe()}, "

