@@ -218,7 +218,8 @@ TRAINING_OPTIONS = (
     ConfigOption(
         "attention",
         "attention of the training passes: FlexAttention block mask (flex, CUDA), dense mask "
-        "through SDPA (sdpa), or flex on CUDA and sdpa elsewhere (auto; default {default})",
+        "through SDPA (sdpa), or flex on CUDA and sdpa elsewhere and for gated students whose "
+        "passes split (auto; default {default})",
     ),
     ConfigOption("seed", "random seed (default {default})"),
     ConfigOption("checkpoint_every", "steps between checkpoints (default {default})"),
