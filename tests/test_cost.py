@@ -288,3 +288,27 @@ def test_measure_cost_curve_on_tiny_model() -> None:
     assert not model.training
     with pytest.raises(ValueError, match="max_tokens"):
         measure_cost_curve(model, max_tokens=0)
+
+
+def test_a_gated_models_curve_times_its_passes_with_mask_rows() -> None:
+    from mtp_torch import MTPModel
+    from mtp_torch.bench.runner import _measure
+    from mtp_torch.decoding.gated import add_mask_gate
+    from mtp_torch.decoding.mask import add_mask_token
+    from tests.synthetic import tiny_llama
+
+    model = tiny_llama(50, hidden_size=16, layers=1, heads=2, kv_heads=1, max_positions=64).eval()
+    mask = int(add_mask_token(model, None))
+    assert not _measure(MTPModel(model, mask_token_id=mask), None, 4, 10, 1).mask_rows
+    add_mask_gate(model, mask, rank=2)
+    seen: list[list[int]] = []
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: seen.append(args[0][0].tolist())
+    )
+    curve = _measure(MTPModel(model, mask_token_id=mask), None, 4, 10, 1)
+    assert curve.mask_rows and curve.num_tokens == (1, 2, 3, 4)
+    blocks = [ids for ids in seen if len(ids) <= 4]  # the timed blocks, not the prefill
+    assert {len(ids) for ids in blocks} == {1, 2, 3, 4}
+    for ids in blocks:  # one real token, then mask rows
+        assert ids[0] != mask and ids[1:] == [mask] * (len(ids) - 1)
+    assert CostCurve.from_dict(curve.to_dict()) == curve

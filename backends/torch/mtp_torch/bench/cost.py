@@ -86,6 +86,9 @@ class CostCurve:
       device: where it was measured (``"cpu"``, ``"cuda:0"`` ...), for the report.
       measured_seconds: the raw per-width medians (empty when the curve was not measured);
         ``seconds`` equals them for a measured curve, kept apart for the report.
+      mask_rows: whether a pass of ``n > 1`` tokens was 1 real token and ``n - 1`` mask tokens
+        (a multi-token pass of a mask-gated model, whose adapters act at mask rows only),
+        rather than ``n`` real tokens.
 
     Example:
       >>> curve = CostCurve(num_tokens=(1, 2, 4), seconds=(1.0, 1.5, 2.5))
@@ -98,6 +101,7 @@ class CostCurve:
     context_length: int = 0
     device: str = "unknown"
     measured_seconds: tuple[float, ...] = attrs.field(default=(), converter=float_tuple)
+    mask_rows: bool = False
 
     def __attrs_post_init__(self) -> None:
         if len(self.num_tokens) == 0 or len(self.num_tokens) != len(self.seconds):
@@ -141,7 +145,7 @@ class CostCurve:
         return self.time(num_tokens) / self.time(1.0)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (widths, seconds, relative cost, context length, device)."""
+        """A JSON-ready dict (widths, seconds, relative cost, context length, device, mask rows)."""
         return {
             "num_tokens": list(self.num_tokens),
             "seconds": list(self.seconds),
@@ -149,6 +153,7 @@ class CostCurve:
             "context_length": self.context_length,
             "device": self.device,
             "measured_seconds": list(self.measured_seconds),
+            "mask_rows": self.mask_rows,
         }
 
     @classmethod
@@ -160,6 +165,7 @@ class CostCurve:
             context_length=int(data.get("context_length", 0)),
             device=str(data.get("device", "unknown")),
             measured_seconds=data.get("measured_seconds", ()),
+            mask_rows=bool(data.get("mask_rows", False)),
         )
 
 
@@ -400,6 +406,7 @@ def measure_cost_curve(
     warmup: int = 1,
     seed: int = 0,
     backend: Any = None,
+    mask_token_id: int | None = None,
 ) -> CostCurve:
     """Time one forward pass of ``n = 1 .. max_tokens`` tokens after a warm cache.
 
@@ -418,6 +425,10 @@ def measure_cost_curve(
       backend: a decoding backend (``MTPModel.decoding_backend()``) to time instead of the
         model's own forward: a pass is then exactly what ``generate`` runs (its cache, its
         compiled pass if any, the read-out of every position of the block).
+      mask_token_id: when given, a block of ``n`` is one real token and ``n - 1`` of this mask
+        token, the shape of a ConfAdapt step after one kept token.  For a mask-gated model this
+        is what its multi-token passes cost (the adapters act at mask rows only; a block of
+        real tokens would leave them out).
 
     Returns:
       The ``CostCurve``; its ``seconds`` are the per-width medians (also in
@@ -434,6 +445,12 @@ def measure_cost_curve(
     generator = torch.Generator().manual_seed(int(seed))
     context = torch.randint(0, vocab_size, (1, int(context_length)), generator=generator)
     blocks = torch.randint(0, vocab_size, (1, int(max_tokens)), generator=generator)
+    if mask_token_id is not None:  # real tokens stay real: a drawn mask id becomes another id
+        mask = int(mask_token_id)
+        other = (mask + 1) % vocab_size
+        context = torch.where(context == mask, other, context)
+        blocks = torch.where(blocks == mask, other, blocks)
+        blocks[:, 1:] = mask
     context, blocks = context.to(device), blocks.to(device)
     widths = list(range(1, int(max_tokens) + 1))
     times: dict[int, list[float]] = {n: [] for n in widths}
@@ -464,6 +481,7 @@ def measure_cost_curve(
         context_length=int(context_length),
         device=str(device),
         measured_seconds=measured,
+        mask_rows=mask_token_id is not None and int(max_tokens) > 1,
     )
 
 

@@ -129,7 +129,10 @@ def _summary_notes(report: BenchReport) -> list[str]:
                 f"{n}:{s / first:.2f}"
                 for n, s in zip(curve.num_tokens, curve.measured_seconds, strict=True)
             )
-            notes.append(f"Pass cost t(n)/t(1), {label}, t(1) = {first * 1e3:.1f} ms: {ratios}")
+            shape = ", 1 token + n-1 mask rows" if curve.mask_rows else ""
+            notes.append(
+                f"Pass cost t(n)/t(1), {label}{shape}, t(1) = {first * 1e3:.1f} ms: {ratios}"
+            )
     return notes
 
 
