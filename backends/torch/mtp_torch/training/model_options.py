@@ -90,7 +90,6 @@ def splits_passes(cfg: DistillConfig) -> bool:
         cfg.split_passes
         and cfg.lora_gate is not None
         and not cfg.fsdp
-        and not cfg.gradient_checkpointing
         and cfg.attention != "flex"
     )
 

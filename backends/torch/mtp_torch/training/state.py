@@ -193,7 +193,7 @@ def init_train_state(
         )
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    split = cfg.lora_gate is not None and splits_passes(cfg) and not sharded
+    split = splits_passes(cfg) and not sharded
     if split and (reason := split_forward_supported(student)) is not None:
         logger.info("the student's passes do not split (%s): one packed pass", reason)
         split = False

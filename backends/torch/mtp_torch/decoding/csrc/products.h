@@ -305,8 +305,8 @@ void rows_f32_split(const W* w, const float* x, float* out, int64_t in, int64_t 
 }
 
 template <typename W = float>
-void rows_f32_n(const W* w, const float* x, float* out, int64_t in, int64_t n,
-                       int64_t b, int64_t e, int64_t stride, const Fold<float>* fold) {
+void rows_f32_n(const W* w, const float* x, float* out, int64_t in, int64_t n, int64_t b,
+                int64_t e, int64_t stride, const Fold<float>* fold) {
   switch (n) {
     case 1: rows_f32<1, W>(w, x, out, in, b, e, stride, fold); break;
     case 2: rows_f32<2, W>(w, x, out, in, b, e, stride, fold); break;
@@ -350,23 +350,22 @@ inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_
 template <typename T>
 void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, int64_t r0,
                  int64_t r1, T* low, std::vector<T>& scratch) {
-  const T* a = sg.a;
+  bool direct = false;
 #ifdef MTP_HAVE_SIMD
   if constexpr (std::is_same<T, float>::value) {
-    if (sg.ah != nullptr) {
-      rows_f32_n<uint16_t>(sg.ah, picked, low, in, ng, r0, r1, sg.rank, nullptr);
-      for (int64_t m = 0; m < ng; ++m)
-        for (int64_t r = r0; r < r1; ++r) low[m * sg.rank + r] *= static_cast<T>(sg.scale);
-      return;
-    }
+    direct = sg.ah != nullptr;
+    if (direct) rows_f32_n<uint16_t>(sg.ah, picked, low, in, ng, r0, r1, sg.rank, nullptr);
   }
 #endif
-  if (sg.ah != nullptr) {
-    if (static_cast<int64_t>(scratch.size()) < sg.rank * in) scratch.resize(sg.rank * in);
-    widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
-    a = scratch.data();
+  if (!direct) {
+    const T* a = sg.a;
+    if (sg.ah != nullptr) {
+      if (static_cast<int64_t>(scratch.size()) < sg.rank * in) scratch.resize(sg.rank * in);
+      widen(sg.ah + r0 * in, scratch.data() + r0 * in, (r1 - r0) * in);
+      a = scratch.data();
+    }
+    rows_n<T>(a, picked, low, in, ng, r0, r1, sg.rank);
   }
-  rows_n<T>(a, picked, low, in, ng, r0, r1, sg.rank);
   for (int64_t m = 0; m < ng; ++m)
     for (int64_t r = r0; r < r1; ++r) low[m * sg.rank + r] *= static_cast<T>(sg.scale);
 }
@@ -379,9 +378,8 @@ void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, 
 // at the multiple of 6 nearest an even share, where the kernel's blocks of 2 or 3 rows fall as
 // they do for the whole A, so the results are the same bits; rank 32 splits 18 + 14, where
 // rounding down split it 12 + 20 and one thread waited ~0.4 ms a pass at the barrier), wait at a
-// barrier, then run the products.  Each thread
-// reading every A itself before its products cost ~1.5 ms a 135M pass (A read cold, 7 times a
-// block, on the critical path; measured on Zen 4).
+// barrier, then run the products.  Each thread reading every A itself before its products cost
+// ~1.5 ms a 135M pass (A read cold, 7 times a block, on the critical path; measured on Zen 4).
 template <typename T>
 void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segment<T>>& segs,
                      const std::vector<int64_t>& gated = {}) {
