@@ -37,6 +37,7 @@ from mtp_torch.training.step import (
     StepStats,
     _batch_loss,
     init_train_state,
+    learning_rate,
     train_step,
 )
 from tests.synthetic import (
@@ -159,6 +160,8 @@ def test_packed_layout_logits_equal_plain_causal_forward(
         ({"clip": 0.0}, "clip"),
         ({"minutes": 0}, "minutes"),
         ({"warmup_steps": -1}, "warmup_steps"),
+        ({"lr_decay_steps": -1}, "lr_decay_steps"),
+        ({"steps": 10, "lr_decay_steps": 11}, "exceeds steps"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"train_layers": -1}, "train_layers"),
         ({"train_layers": 0, "train_mask_embedding": False}, "nothing to train"),
@@ -363,6 +366,36 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert not list((tmp_path / "b").glob(".*tmp*"))
 
 
+def test_learning_rate_warms_up_holds_and_decays_linearly() -> None:
+    cfg = quiet(steps=10, lr=1.0, warmup_steps=2, lr_decay_steps=4)
+    rates = [learning_rate(cfg, step) for step in range(cfg.steps)]
+    assert rates == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [learning_rate(quiet(steps=3, lr=1.0), s) for s in range(3)] == [1.0] * 3
+    # Warm-up and decay overlapping: the smaller factor wins.
+    assert [learning_rate(quiet(steps=2, lr=1.0, warmup_steps=2, lr_decay_steps=2), s)
+            for s in range(2)] == [0.5, 0.5]  # fmt: skip
+
+
+def test_a_decay_can_continue_a_constant_rate_run(tmp_path: Path) -> None:
+    """The decay is resumable: a constant-rate checkpoint continued with a decay over its last
+    steps equals a run that had the decay from the start (warm-up/stable/decay branching)."""
+    corpus = random_corpus(count=6, length=40)
+    decayed = _resume_config(tmp_path / "a", 6, lr_decay_steps=3)
+    straight = distill(tiny_gpt2(dropout=0.1), corpus, decayed).model
+    distill(tiny_gpt2(dropout=0.1), corpus, _resume_config(tmp_path / "b", 3))
+    branch = _resume_config(tmp_path / "b", 6, lr_decay_steps=3)
+    resumed = distill(tiny_gpt2(dropout=0.1), corpus, branch).model
+    constant = distill(tiny_gpt2(dropout=0.1), corpus, _resume_config(tmp_path / "c", 6)).model
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert any(
+        not torch.equal(a, c)
+        for a, c in zip(straight.parameters(), constant.parameters(), strict=True)
+    )
+
+
 def test_distill_is_train_step_in_a_loop() -> None:
     """distill adds nothing to the step function: init_train_state, draw_batch and train_step
     driven by hand give bitwise the same per-step losses and final weights (dropout on, with
@@ -551,6 +584,10 @@ def test_convert_command_reports_bad_input(
     ]
     assert cli_main(argv) == 2
     assert "empty" in capsys.readouterr().err
+    # A decay counts back from the last step: a time budget alone cannot place it.
+    decay = ["convert", "--model", str(model_dir), "--minutes", "1", "--lr-decay-steps", "5"]
+    assert cli_main([*decay, "--out", str(tmp_path / "d")]) == 2
+    assert "--lr-decay-steps counts back from the last step" in capsys.readouterr().err
 
 
 def test_training_only_the_mask_rows_keeps_real_token_predictions() -> None:

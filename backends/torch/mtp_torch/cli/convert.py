@@ -117,6 +117,11 @@ TRAINING_OPTIONS = (
     ConfigOption("weight_decay", "AdamW weight decay (default {default}; the paper: 0.1)"),
     ConfigOption("mask_lr_multiplier", "extra step size of the mask embedding (default {default})"),
     ConfigOption("warmup_steps", "linear warm-up steps (default {default})"),
+    ConfigOption(
+        "lr_decay_steps",
+        "decay the learning rate linearly to 0 over the last N of --steps, e.g. to anneal a "
+        "run (resumable; default {default}: constant after warm-up)",
+    ),
     ConfigOption("batch_size", "packed sequences per step (default {default})"),
     ConfigOption("grad_accum", "micro-steps per optimizer step (default {default})"),
     ConfigOption("seq_len", "slots per packed sequence (default {default})"),
@@ -471,6 +476,11 @@ def _run(args: argparse.Namespace) -> int:
     rank = args.lora_rank if args.lora_rank is not None else preset.lora_rank
     if args.delta_out is not None and not rank:
         raise ValueError("--delta-out needs LoRA adapters: add --lora-rank N (N > 0)")
+    if args.lr_decay_steps and args.steps is None:
+        raise ValueError(
+            "--lr-decay-steps counts back from the last step, so it needs --steps N (a time "
+            "budget does not say when the last step is)"
+        )
     if args.out and _foreign_files(Path(args.out)) and not args.overwrite:
         raise FileExistsError(
             f"--out {args.out} holds files mtp-lm did not write; choose a new directory or add "

@@ -37,6 +37,7 @@ RESUMABLE_FIELDS = frozenset(
     {
         "steps",
         "minutes",
+        "lr_decay_steps",
         "out_dir",
         "resume",
         "checkpoint_every",
@@ -119,6 +120,11 @@ class DistillConfig:
       mask_lr_multiplier: the mask token's embedding row moves this many times further per step
         than the other weights (its Adam update is scaled), since it starts from scratch.
       warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
+      lr_decay_steps: the last this many of ``steps`` decay the learning rate linearly towards
+        0 (a warm-up/stable/decay schedule: the stable phase can run as long as it pays and a
+        decay branch anneals it; resumable, so a constant-rate run's checkpoint can be
+        continued with a decay).  0 (default): no decay.  Counts back from ``steps``, so a
+        run meant to decay gives ``steps``, not only ``minutes``.
       weight_decay: AdamW weight decay (paper: 0.1).
       betas: AdamW betas (paper: 0.9, 0.95).
       clip: gradient-norm clipping threshold, or ``None`` for none (paper: 1.0).
@@ -224,6 +230,7 @@ class DistillConfig:
     lr: float = attrs.field(default=1e-5, validator=_positive_float)
     mask_lr_multiplier: float = attrs.field(default=1.0, validator=_positive_float)
     warmup_steps: int = attrs.field(default=0)
+    lr_decay_steps: int = attrs.field(default=0)
     weight_decay: float = attrs.field(default=0.1, validator=_non_negative_float)
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=_to_betas)
     clip: float | None = attrs.field(default=1.0)
@@ -318,6 +325,16 @@ class DistillConfig:
     def _check_warmup(self, attribute: attrs.Attribute[int], value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {value!r}")
+
+    @lr_decay_steps.validator
+    def _check_lr_decay(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"lr_decay_steps must be an integer >= 0, got {value!r}")
+        if value > self.steps:
+            raise ValueError(
+                f"lr_decay_steps ({value}) exceeds steps ({self.steps}): the decay counts back "
+                "from the last step, so give --steps as well (or fewer decay steps)"
+            )
 
     @betas.validator
     def _check_betas(self, attribute: attrs.Attribute[Any], value: tuple[float, float]) -> None:
@@ -512,6 +529,6 @@ def check_resumable(saved: dict[str, Any], cfg: DistillConfig) -> None:
     if differing:
         raise ValueError(
             f"cannot resume: the checkpoint was written with other settings for {differing}; "
-            "use the same settings (only steps, minutes, logging and device may change) or a "
-            "new out_dir"
+            "use the same settings (only steps, minutes, the decay, logging and device may change) "
+            "or a new out_dir"
         )

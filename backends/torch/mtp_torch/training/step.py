@@ -120,8 +120,13 @@ class StepMetrics:
 
 
 def learning_rate(cfg: DistillConfig, step: int) -> float:
-    """The learning rate of step ``step + 1``: linear warm-up to ``cfg.lr``, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    """The learning rate of step ``step + 1``: linear warm-up to ``cfg.lr``, constant, then
+    (with ``cfg.lr_decay_steps``) a linear decay over the last steps: ``lr / D`` at the last."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay = 1.0
+    if cfg.lr_decay_steps:
+        decay = min(1.0, max(cfg.steps - step, 1) / cfg.lr_decay_steps)
+    return cfg.lr * min(warm, decay)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
