@@ -444,7 +444,7 @@ def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainSt
       ValueError: on a non-finite loss or gradient norm (no update is applied).
     """
     cfg = state.config
-    # 1. This step's learning rate: linear warm-up, then constant.
+    # 1. This step's learning rate: linear warm-up, constant, then the optional decay.
     lr = learning_rate(cfg, state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
