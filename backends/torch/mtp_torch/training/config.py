@@ -119,7 +119,8 @@ class DistillConfig:
       lr: peak learning rate of AdamW (paper: 1e-5 at batch 128).
       mask_lr_multiplier: the mask token's embedding row moves this many times further per step
         than the other weights (its Adam update is scaled), since it starts from scratch.
-      warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant (or decaying: ``lr_decay_steps``).
+      warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant (or
+        decaying: ``lr_decay_steps``).
       lr_decay_steps: the last this many of ``steps`` decay the learning rate linearly towards
         0 (a warm-up/stable/decay schedule: the stable phase can run as long as it pays and a
         decay branch anneals it; resumable, so a constant-rate run's checkpoint can be
