@@ -167,6 +167,19 @@ def test_gpu_conversion_stops_at_its_deadline_and_still_writes_the_delta() -> No
     assert "delta written: True" in result.stdout
 
 
+def test_the_gpu_lease_scripts_parse_and_are_documented() -> None:
+    """The lease scripts run only on a lent GPU: here they must at least parse, and the README
+    that says which call runs which must name every one of them."""
+    folder = EXAMPLES / "gpu_lease"
+    scripts = sorted(folder.glob("*.sh"))
+    assert {path.name for path in scripts} == {"prepare.sh", "stage.sh", "preflight.sh", "job.sh"}
+    readme = (folder / "README.md").read_text(encoding="utf-8")
+    for path in scripts:
+        parsed = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert parsed.returncode == 0, parsed.stderr
+        assert f"examples/gpu_lease/{path.name}" in readme, path.name
+
+
 def test_every_example_is_included_in_the_docs() -> None:
     pages = "\n".join(
         path.read_text(encoding="utf-8")
