@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import time
 from pathlib import Path
 
 import attrs
@@ -162,6 +163,10 @@ def test_packed_layout_logits_equal_plain_causal_forward(
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"lr_decay_steps": -1}, "lr_decay_steps"),
         ({"steps": 10, "lr_decay_steps": 11}, "exceeds steps"),
+        ({"lr_decay_minutes": -1.0}, "lr_decay_minutes"),
+        ({"lr_decay_minutes": 1.0}, "needs a time budget"),
+        ({"minutes": 5.0, "lr_decay_minutes": 6.0}, "needs a time budget"),
+        ({"minutes": 5.0, "lr_decay_minutes": 1.0, "lr_decay_steps": 1}, "not both"),
         ({"weight_decay": -0.1}, "weight_decay"),
         ({"train_layers": -1}, "train_layers"),
         ({"train_layers": 0, "train_mask_embedding": False}, "nothing to train"),
@@ -394,6 +399,25 @@ def test_a_decay_can_continue_a_constant_rate_run(tmp_path: Path) -> None:
         not torch.equal(a, c)
         for a, c in zip(straight.parameters(), constant.parameters(), strict=True)
     )
+
+
+def test_a_time_budget_decays_over_its_last_minutes() -> None:
+    from mtp_torch.training.distill import _Run, _time_decay
+
+    run = _Run(rank=0, world_size=1, device=torch.device("cpu"), flex_attention=False)
+    cfg = quiet(minutes=10.0, lr_decay_minutes=2.0)
+    now = time.perf_counter()
+    assert _time_decay(cfg, now - 7 * 60, run) == 1.0
+    assert _time_decay(cfg, now - 9 * 60, run) == pytest.approx(0.5, abs=1e-3)
+    assert _time_decay(cfg, now - 11 * 60, run) == 0.0
+    assert _time_decay(quiet(minutes=10.0), now - 9.9 * 60, run) == 1.0
+    # End to end: a budget that is all decay logs a falling rate below the peak.
+    logged: list[StepMetrics] = []
+    cfg = quiet(steps=10**6, minutes=0.03, lr_decay_minutes=0.03, lr=1e-3)
+    distill(tiny_llama(VOCAB, hidden_size=16), random_corpus(), cfg, on_step=logged.append)
+    rates = [m.lr for m in logged]
+    assert len(rates) >= 2 and rates == sorted(rates, reverse=True)
+    assert rates[0] < 1e-3 and rates[-1] < rates[0]
 
 
 def test_distill_is_train_step_in_a_loop() -> None:

@@ -122,6 +122,10 @@ TRAINING_OPTIONS = (
         "decay the learning rate linearly to 0 over the last N of --steps, e.g. to anneal a "
         "run (resumable; default {default}: constant after warm-up)",
     ),
+    ConfigOption(
+        "lr_decay_minutes",
+        "the same decay over the last M minutes of --minutes (wall clock; default {default})",
+    ),
     ConfigOption("batch_size", "packed sequences per step (default {default})"),
     ConfigOption("grad_accum", "micro-steps per optimizer step (default {default})"),
     ConfigOption("seq_len", "slots per packed sequence (default {default})"),

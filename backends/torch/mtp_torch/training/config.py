@@ -38,6 +38,7 @@ RESUMABLE_FIELDS = frozenset(
         "steps",
         "minutes",
         "lr_decay_steps",
+        "lr_decay_minutes",
         "out_dir",
         "resume",
         "checkpoint_every",
@@ -126,6 +127,10 @@ class DistillConfig:
         decay branch anneals it; resumable, so a constant-rate run's checkpoint can be
         continued with a decay).  0 (default): no decay.  Counts back from ``steps``, so a
         run meant to decay gives ``steps``, not only ``minutes``.
+      lr_decay_minutes: the same decay for a time budget: over the last this many of
+        ``minutes`` (wall clock, from this process's start of training; rank 0's clock under
+        torchrun) the rate falls linearly towards 0.  0 (default): none.  Needs ``minutes``;
+        one of ``lr_decay_steps`` and ``lr_decay_minutes``.
       weight_decay: AdamW weight decay (paper: 0.1).
       betas: AdamW betas (paper: 0.9, 0.95).
       clip: gradient-norm clipping threshold, or ``None`` for none (paper: 1.0).
@@ -232,6 +237,7 @@ class DistillConfig:
     mask_lr_multiplier: float = attrs.field(default=1.0, validator=_positive_float)
     warmup_steps: int = attrs.field(default=0)
     lr_decay_steps: int = attrs.field(default=0)
+    lr_decay_minutes: float = attrs.field(default=0.0, validator=_non_negative_float)
     weight_decay: float = attrs.field(default=0.1, validator=_non_negative_float)
     betas: tuple[float, float] = attrs.field(default=(0.9, 0.95), converter=_to_betas)
     clip: float | None = attrs.field(default=1.0)
@@ -335,6 +341,18 @@ class DistillConfig:
             raise ValueError(
                 f"lr_decay_steps ({value}) exceeds steps ({self.steps}): the decay counts back "
                 "from the last step, so give --steps as well (or fewer decay steps)"
+            )
+
+    @lr_decay_minutes.validator
+    def _check_lr_decay_minutes(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not value:
+            return
+        if self.lr_decay_steps:
+            raise ValueError("give lr_decay_steps or lr_decay_minutes, not both")
+        if self.minutes is None or value > self.minutes:
+            raise ValueError(
+                f"lr_decay_minutes ({value}) needs a time budget at least as long (minutes: "
+                f"{self.minutes}); with a step count use lr_decay_steps"
             )
 
     @betas.validator

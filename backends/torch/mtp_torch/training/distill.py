@@ -52,6 +52,7 @@ from mtp_torch.training.distributed import (
     barrier,
     init_distributed,
     rank_zero_decides,
+    rank_zero_value,
     resolve_device,
     wrap_ddp,
 )
@@ -426,7 +427,7 @@ def _train_until_stopped(
             world_size=run.world_size,
             flex_attention=run.flex_attention,
         )
-        state, stats = train_step(state, batch)
+        state, stats = train_step(state, batch, lr_scale=_time_decay(cfg, run_started, run))
         # 4. Log; checkpoint; stop (on every rank alike) when the time is up.
         report(_metrics(state.step, stats, stream.epoch, step_started, run_started))
         if _checkpoint_due(cfg, state.step):
@@ -440,6 +441,16 @@ def _train_until_stopped(
     if cfg.out_dir is not None:
         _save(state, stream, run.rank, run.world_size, run.device)
     return state
+
+
+def _time_decay(cfg: DistillConfig, run_started: float, run: _Run) -> float:
+    """The factor of ``lr_decay_minutes`` on this step's rate: 1 until the last that many
+    minutes of the budget, then falling linearly to 0 at its end (rank 0's clock)."""
+    if not cfg.lr_decay_minutes or cfg.minutes is None:
+        return 1.0
+    left = cfg.minutes * 60.0 - (time.perf_counter() - run_started)
+    scale = min(1.0, max(left, 0.0) / (cfg.lr_decay_minutes * 60.0))
+    return rank_zero_value(scale, run.world_size, run.device)
 
 
 def distill(

@@ -20,6 +20,7 @@ __all__ = [
     "gradient_sync",
     "init_distributed",
     "rank_zero_decides",
+    "rank_zero_value",
     "resolve_device",
     "wrap_ddp",
 ]
@@ -68,11 +69,16 @@ def gradient_sync(forward: nn.Module, sync: bool) -> contextlib.AbstractContextM
 
 def rank_zero_decides(flag: bool, world_size: int, device: torch.device) -> bool:
     """Rank 0's ``flag`` on every rank (so that all stop at the same step)."""
+    return rank_zero_value(1.0 if flag else 0.0, world_size, device) > 0
+
+
+def rank_zero_value(value: float, world_size: int, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (e.g. a rate read from rank 0's clock)."""
     if world_size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item() > 0)
+        return value
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
 
 
 def barrier(world_size: int) -> None:

@@ -87,10 +87,7 @@ def splits_passes(cfg: DistillConfig) -> bool:
     """Whether ``cfg`` asks for the split student passes (``DistillConfig.split_passes``) in a
     setting where they can run (a model that cannot is checked when training starts)."""
     return (
-        cfg.split_passes
-        and cfg.lora_gate is not None
-        and not cfg.fsdp
-        and cfg.attention != "flex"
+        cfg.split_passes and cfg.lora_gate is not None and not cfg.fsdp and cfg.attention != "flex"
     )
 
 

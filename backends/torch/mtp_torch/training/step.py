@@ -429,12 +429,16 @@ def _apply_update(state: TrainState) -> None:
                 row.copy_(old + factor * (row - old))
 
 
-def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainState, StepStats]:
+def train_step(
+    state: TrainState, batch: Sequence[PackedBatch], *, lr_scale: float = 1.0
+) -> tuple[TrainState, StepStats]:
     """One optimizer step over the micro-batches of ``batch`` (steps 3-6 of the module doc).
 
     Args:
       state: the state after ``state.step`` steps.
       batch: the step's ``grad_accum`` packed micro-batches (``draw_batch``).
+      lr_scale: a factor on the step's ``learning_rate`` (``distill`` passes the time-based
+        decay of ``lr_decay_minutes`` here).
 
     Returns:
       ``(state, stats)``: the state after this step (weights and optimizer updated in place,
@@ -445,7 +449,7 @@ def train_step(state: TrainState, batch: Sequence[PackedBatch]) -> tuple[TrainSt
     """
     cfg = state.config
     # 1. This step's learning rate: linear warm-up, constant, then the optional decay.
-    lr = learning_rate(cfg, state.step)
+    lr = learning_rate(cfg, state.step) * lr_scale
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     # 2. Forward, loss and backward of each micro-batch; DDP all-reduces on the last one.
