@@ -11,7 +11,6 @@ a CPU, using the settings of ``cpu_preset``.  Checkpoints go next to the output 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -430,13 +429,8 @@ def _corpus(
         key = json.dumps([model_name, str(seed_file), args.response_tokens, seed])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cache = cache_root() / "corpora" / f"{model_name}-{digest}.jsonl"
-    cached = 0
-    with contextlib.suppress(OSError):
-        cached = sum(1 for line in cache.open("rb") if line.strip()) if cache.is_file() else 0
-    if cached >= args.num_examples:
-        print(f"corpus: {cache} ({cached} rows written earlier; no new rows, so no seeds read)")
-    else:
-        print(f"corpus: {cache} (seeded by {seed_file}; {cached} rows written earlier)")
+    # write_corpus reads the cache: only rows it lacks are written, answering these seeds.
+    print(f"corpus: {cache} (rows it lacks answer the prompts of {seed_file})")
     # The corpus is written where training runs (the model moves there next anyway): on a GPU
     # a batch of 512 answers takes seconds, on the host's cores many minutes.
     dtype = parse_dtype(args.corpus_dtype)
