@@ -42,6 +42,10 @@ from mtp_core._src.readout import top1_confidence as top1_confidence
 from mtp_core._src.registry import available_backends as available_backends
 from mtp_core._src.registry import load_backend as load_backend
 from mtp_core._src.registry import register_backend as register_backend
+from mtp_core._src.replay import ProposalTable as ProposalTable
+from mtp_core._src.replay import ReplayResult as ReplayResult
+from mtp_core._src.replay import record_proposals as record_proposals
+from mtp_core._src.replay import replay as replay
 from mtp_core._src.sampling import draw_tokens as draw_tokens
 from mtp_core._src.sampling import filtered_probabilities as filtered_probabilities
 
@@ -56,6 +60,8 @@ __all__ = [
     "DecodeResult",
     "InferenceLayout",
     "LossKind",
+    "ProposalTable",
+    "ReplayResult",
     "Sampling",
     "StaticK",
     "StepInputs",
@@ -80,7 +86,9 @@ __all__ = [
     "log_softmax",
     "plan_step",
     "read_out",
+    "record_proposals",
     "register_backend",
+    "replay",
     "soft_teacher_loss",
     "student_forcing_pairs",
     "top1_confidence",

@@ -132,6 +132,7 @@ EXPECTED_OUTPUT = {
     "kernel_cost.py": "greedy tokens with every kernel: True",
     "mtp_gain.py": "StaticK(1)'s output with every policy: True",
     "pass_widths.py": "pass widths timed: True",
+    "replay_policies.py": "replayed verification is the decode (tokens and passes): True",
 }
 
 
@@ -141,9 +142,9 @@ def test_examples_are_the_expected_ones() -> None:
 
 # Each example takes 1-12 s on an idle CPU core (the conversion is the longest), so none is
 # marked slow; the generous timeout only guards against a hang on a busy machine.  mtp_gain.py
-# decodes with the embedded default (~40 s warm); on a fresh machine it may also convert the
+# and replay_policies.py decode with the embedded default (~40 s warm); on a fresh machine it may also convert the
 # GGUF and build the compiled extension first, while other tests compete for the cores.
-TIMEOUTS = {"mtp_gain.py": 900}
+TIMEOUTS = {"mtp_gain.py": 900, "replay_policies.py": 900}
 
 
 @pytest.mark.parametrize("name", EXAMPLE_FILES)
