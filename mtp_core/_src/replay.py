@@ -154,7 +154,6 @@ class _ReplayBackend:
 
     def __init__(self, table: ProposalTable) -> None:
         self.table = table
-        self.full = np.concatenate([table.prompt, table.reference])
         self.widths: list[int] = []
         self.unrecorded = 0
         self.ended_by_stop = bool(
