@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mtp_core._src.backend import GREEDY, Backend, Sampling, StepInputs, StepOutputs
-from mtp_core._src.engine import DecodeResult, decode
+from mtp_core._src.engine import DecodeResult, decode, plan_step
 from mtp_core._src.policies import AcceptancePolicy
 
 __all__ = ["ProposalTable", "ReplayResult", "record_proposals", "replay"]
@@ -146,7 +146,7 @@ class ReplayResult:
 
 @attrs.define
 class _ReplayCache:
-    tokens: list[int]
+    length: int = 0
 
 
 class _ReplayBackend:
@@ -163,15 +163,15 @@ class _ReplayBackend:
     def new_cache(self, batch_size: int) -> _ReplayCache:
         if batch_size > 1:  # 0 for a zero budget: the engine then runs no pass
             raise ValueError("a replay decodes one prompt at a time")
-        return _ReplayCache(tokens=[])
+        return _ReplayCache()
 
     def cache_length(self, cache: _ReplayCache) -> int:
-        return len(cache.tokens)
+        return cache.length
 
     def forward(
         self, cache: _ReplayCache, inputs: StepInputs, sampling: Sampling, seed: int
     ) -> tuple[StepOutputs, _ReplayCache]:
-        table, past = self.table, len(cache.tokens)
+        table, past = self.table, cache.length
         ids = [int(t) for t in inputs.token_ids[0]]
         positions = [int(p) for p in inputs.position_ids[0]]
         if positions != list(range(past, past + len(ids))) or not bool(
@@ -208,16 +208,16 @@ class _ReplayBackend:
                 )
             tokens[0, column] = table.tokens[row, j]
             confidences[0, column] = table.confidences[row, j]
-        cache.tokens.extend(ids)
+        cache.length += len(ids)
         return StepOutputs(tokens=tokens, confidences=confidences), cache
 
     def crop(self, cache: _ReplayCache, length: int) -> _ReplayCache:
-        del cache.tokens[length:]
+        cache.length = min(cache.length, int(length))
         return cache
 
     def reindex(self, cache: _ReplayCache, rows: IntArray, slots: IntArray | None) -> _ReplayCache:
         if slots is not None:
-            cache.tokens = [cache.tokens[int(s)] for s in slots[0]]
+            cache.length = int(slots.shape[1])
         return cache
 
 
@@ -259,24 +259,19 @@ def record_proposals(
     stops = frozenset(int(t) for t in stop_token_ids)
     cache = backend.new_cache(1)
 
-    def run(block: list[int], past: int) -> tuple[StepOutputs, Any]:
-        width = len(block)
-        inputs = StepInputs(
-            token_ids=np.asarray([block], dtype=np.int64),
-            position_ids=np.arange(past, past + width, dtype=np.int64)[None, :],
-            attention_mask=np.ones((1, past + width), dtype=np.bool_),
-            read_index=np.arange(width, dtype=np.int64)[None, :],
-        )
+    def run(block: list[int], past: int, read_start: int) -> tuple[StepOutputs, Any]:
+        visible = np.ones((1, past), dtype=np.bool_)
+        inputs = plan_step([block], [read_start], [len(block) - read_start], [past], visible, 0)
         return backend.forward(cache, inputs, GREEDY, 0)
 
-    if len(ids) > 1:
-        _, cache = run(ids[:-1], 0)
+    if len(ids) > 1:  # the prompt before its last token, reading only its last position
+        _, cache = run(ids[:-1], 0, len(ids) - 2)
     last, past = ids[-1], len(ids) - 1
     reference: list[int] = []
     tokens: list[IntArray] = []
     confidences: list[FloatArray] = []
     while len(reference) < int(max_new_tokens):
-        outputs, cache = run([last] + [int(mask_token_id)] * (int(k) - 1), past)
+        outputs, cache = run([last] + [int(mask_token_id)] * (int(k) - 1), past, 0)
         cache = backend.crop(cache, past + 1)
         tokens.append(np.asarray(outputs.tokens[0], dtype=np.int64))
         confidences.append(np.asarray(outputs.confidences[0], dtype=np.float64))
