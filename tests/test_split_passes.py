@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from mtp_torch.training.batch import (
+    _split,
+    _trained_masks,
+    as_index,
     draw_batch,
     forward_logits,
     split_forward_logits,
     split_forward_supported,
 )
 from mtp_torch.training.config import DistillConfig
-from mtp_torch.training.data import TokenStream
+from mtp_torch.training.data import Example, TokenStream
 from mtp_torch.training.state import init_train_state
 from mtp_torch.training.step import train_step
 from tests.synthetic import make_language, tiny_llama
@@ -104,3 +107,71 @@ def test_passes_do_not_split_where_they_cannot() -> None:
     flex.config._attn_implementation = "flex_attention"
     assert "flex_attention" in str(split_forward_supported(flex))
     assert split_forward_supported(tiny_llama(32, layers=1)) is None
+
+
+def _context_stream(vocab: int, seed: int = 1) -> TokenStream:
+    """Documents whose first ~3/4 is context (weight 0), as a corpus of prompts and replies."""
+    documents = make_language(vocab).documents(20, 40, seed=seed)
+    return TokenStream.from_sequences(
+        [Example(doc, context_len=(3 * len(doc)) // 4) for doc in documents]
+    )
+
+
+def test_regions_without_a_trained_target_are_left_out_of_the_mask_pass() -> None:
+    model = tiny_model("llama")
+    state = init_train_state(model, None, _gated_config(), CPU)
+    _randomise(state.student)
+    stream = _context_stream(VOCAB - 1)
+    left_out = 0
+    for _ in range(8):
+        packed = draw_batch(
+            state.generator, stream, state.config, mask_token_id=state.mask_token_id, device=CPU
+        )[0]
+        weights = packed.weights[:, as_index(packed.layout.target_index, CPU)]  # (B, M, k)
+        trained = (weights > 0).any(-1).any(0)  # (M,)
+        run = _trained_masks(packed, _split(packed))
+        if bool(trained.all()) or not bool(trained.any()):
+            assert run is None
+            continue
+        assert run is not None and run.numel() == int(trained.sum()) * (packed.k - 1)
+        left_out += 1
+        packed_logits = forward_logits(state.student, state.student, packed, packed.input_ids)
+        split_logits = split_forward_logits(state.student, state.student, packed, packed.input_ids)
+        at = packed.predict_at  # (M, k) into the kept slots
+        torch.testing.assert_close(
+            split_logits[:, at[trained]], packed_logits[:, at[trained]], rtol=1e-10, atol=1e-10
+        )
+        # Left-out regions read zeros at their mask slots; their real slot is still computed.
+        assert bool((split_logits[:, at[~trained][:, 1:]] == 0).all())
+        torch.testing.assert_close(
+            split_logits[:, at[~trained][:, 0]], packed_logits[:, at[~trained][:, 0]]
+        )
+    assert left_out >= 2
+
+
+@pytest.mark.parametrize("loss", ["gt", "hard"])
+def test_leaving_out_untrained_regions_keeps_the_trajectory_and_metrics(loss: str) -> None:
+    base = tiny_llama(32, layers=2, dtype=torch.float64)
+    runs = []
+    for split in (True, False):
+        cfg = _gated_config(loss=loss, split_passes=split, confident_targets=0.5)
+        state = init_train_state(copy.deepcopy(base), None, cfg, CPU)
+        stream = _context_stream(32)
+        metrics_seen, left_out = [], 0
+        for _ in range(4):
+            batch = draw_batch(
+                state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
+            )
+            left_out += _trained_masks(batch[0], _split(batch[0])) is not None
+            state, metrics = train_step(state, batch)
+            metrics_seen.append(metrics)
+        assert left_out >= 2, "the batches must have regions to leave out"
+        runs.append((metrics_seen, [p.detach().clone() for p in state.trainable]))
+    (split_metrics, split_params), (packed_metrics, packed_params) = runs
+    for got, expected in zip(split_metrics, packed_metrics, strict=True):
+        assert got.loss == pytest.approx(expected.loss, rel=1e-9)
+        assert got.agreement == pytest.approx(expected.agreement, rel=1e-9)
+        assert got.accepted_at_0_9 == pytest.approx(expected.accepted_at_0_9, rel=1e-9)
+        assert got.supervised_tokens == expected.supervised_tokens
+    for got_p, expected_p in zip(split_params, packed_params, strict=True):
+        torch.testing.assert_close(got_p, expected_p, rtol=1e-8, atol=1e-10)
