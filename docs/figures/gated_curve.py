@@ -1,5 +1,5 @@
 """The gated conversion of the default across every run so far: held-out tokens per pass against
-the mask targets it has trained on, with a log-linear fit and what 1.6 would cost.
+the prediction positions it has trained on, with a log-linear fit and what 1.6 would cost.
 
 Reads the training metrics and the held-out evaluations kept in ``docs/logs`` (nothing is
 recomputed; each point is a figure docs/results.md reports), prints the points, the fit and its
@@ -61,7 +61,8 @@ def _rows(path: Path) -> list[dict[str, object]]:
 
 
 def segment_rates() -> dict[str, tuple[float, float, str]]:
-    """Per segment: mean supervised mask targets per step, targets per second, hardware."""
+    """Per segment: mean prediction positions per step (the metrics' ``supervised_tokens``: batch x
+    regions x k), positions per second, hardware."""
     rates = {}
     for name, log, _, hardware in SEGMENTS:
         path = LOGS / log
@@ -79,7 +80,7 @@ def segment_rates() -> dict[str, tuple[float, float, str]]:
 
 
 def points(prompts: str) -> list[tuple[str, float, float, float]]:
-    """(label, cumulative mask targets, ConfAdapt, verify) of every evaluation on ``prompts``."""
+    """(label, cumulative prediction positions, ConfAdapt, verify) of every evaluation on ``prompts``."""
     rates = segment_rates()
     start, offset = {}, 0.0
     for name, _, steps, _ in SEGMENTS:
@@ -107,7 +108,7 @@ def points(prompts: str) -> list[tuple[str, float, float, float]]:
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least squares ``y = a + b log2(x)``: (a, b), b per doubling of the targets trained on."""
+    """Least squares ``y = a + b log2(x)``: (a, b), b per doubling of the positions trained on."""
     slope, intercept = np.polyfit(np.log2(xs), ys, 1)
     return float(intercept), float(slope)
 
@@ -118,23 +119,28 @@ def main() -> None:
     args = parser.parse_args()
     rates = segment_rates()
     gpu = next(rate for rate in rates.values() if rate[2] == "gpu")[1]
-    cpu = [rate[1] for name, rate in rates.items() if rate[2] == "cpu" and name.startswith("run")]
-    cpu_rate = float(np.median(cpu[-3:]))
-    print(f"mask targets per second: H200 {gpu:,.0f}; 2 CPU cores {cpu_rate:,.0f}")
+    cpu_rate = [rate[1] for rate in rates.values() if rate[2] == "cpu"][-1]  # the latest run's pace
+    print(f"prediction positions per second: H200 {gpu:,.0f}; 2 CPU cores {cpu_rate:,.0f}")
     wide = points("test[6:30]")
     full = points("test[0:90]")
-    print("\n| checkpoint | mask targets | ConfAdapt(0.9, 4) test[6:30] | verify S3 test[6:30] |")
+    print("\n| checkpoint | positions | ConfAdapt(0.9, 4) test[6:30] | verify S3 test[6:30] |")
     print("|---|---|---|---|")
     for label, targets, confadapt, verify in wide:
         print(f"| {label} | {targets / 1e6:.2f}M | {confadapt:.3f} | {verify:.3f} |")
     a, b = fit([p[1] for p in wide], [p[2] for p in wide])
     late = [p for p in wide if p[1] >= wide[-1][1] / 2 or "GPU" in p[0]]
     a_late, b_late = fit([p[1] for p in late], [p[2] for p in late])
-    print(f"\nConfAdapt on test[6:30]: {a:.3f} + {b:.4f} log2(targets), all points")
+    print(f"\nConfAdapt on test[6:30]: {a:.3f} + {b:.4f} log2(positions), all points")
     print(
         f"  from the GPU run on: {b_late:.4f} per doubling ({len(late)} points; the GPU run ended"
     )
     print("  at its full learning rate, so the CPU runs after it include a one-off annealing gain)")
+    if len(full) > 1:
+        (name0, x0, c0, v0), (name1, x1, c1, v1) = full[-2:]
+        print(
+            f"all 90 problems, {name0} -> {name1}: ConfAdapt {c0:.4f} -> {c1:.4f}, verify "
+            f"{v0:.4f} -> {v1:.4f} over {math.log2(x1 / x0):.2f} doublings"
+        )
     if full:
         last = full[-1]
         print(f"all 90 problems at {last[0]}: ConfAdapt {last[2]:.3f}, verify {last[3]:.3f}")
@@ -147,7 +153,7 @@ def main() -> None:
             more = needed - last[1]
             print(
                 f"  {TARGET} at {name}: {doublings:.1f} doublings, {needed / 1e6:,.0f}M "
-                f"targets: {more / gpu / 60:,.0f} more H200-minutes or "
+                f"positions: {more / gpu / 60:,.0f} more H200-minutes or "
                 f"{more / cpu_rate / 3600:,.0f} more CPU-hours"
             )
     if args.no_plot:
@@ -179,7 +185,9 @@ def main() -> None:
     ax.axvspan(wide[[i for i, p in enumerate(wide) if "GPU" in p[0]][0] - 1][1], gpu_start,
                color="0.9", label="5 H200-minutes")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("mask targets trained on (cumulative, all runs)")
+    ax.set_xlabel(
+        "prediction positions trained on (the logs' supervised_tokens, summed over all runs)"
+    )
     ax.set_ylabel("held-out tokens per pass")
     ax.set_title("Gated conversion of SmolLM2-135M: held-out acceptance against training")
     ax.legend(fontsize=7, loc="lower right")

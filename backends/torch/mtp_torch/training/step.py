@@ -71,7 +71,9 @@ class StepStats:
         ground truth's, for ``loss="gt"``), for the last micro-step; length ``k``.
       lr: learning rate used.
       grad_norm: gradient norm before clipping.
-      supervised_tokens: prediction positions supervised in this step, all processes together.
+      supervised_tokens: prediction positions of this step's layouts, all processes together
+        (batch x regions x k per micro-step: offset 0 and targets of weight 0 included; with
+        row-aligned windows over prompts and replies about half of them train a mask slot).
       accepted_at_0_9: tokens ConfAdapt(0.9, k) would keep per step on this step's training
         regions (teacher-forced; the student's own confidences, right or wrong).
     """
@@ -97,7 +99,9 @@ class StepMetrics:
         ground truth's, for ``loss="gt"``), for the last micro-step; length ``k``.
       lr: learning rate used.
       grad_norm: gradient norm before clipping.
-      supervised_tokens: prediction positions supervised in this step, all processes together.
+      supervised_tokens: prediction positions of this step's layouts, all processes together
+        (batch x regions x k per micro-step: offset 0 and targets of weight 0 included; with
+        row-aligned windows over prompts and replies about half of them train a mask slot).
       tokens_per_s: ``supervised_tokens`` per second of this step.
       elapsed_s: seconds since the run (or its resumption) started.
       epoch: passes over the token stream completed.
