@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtp_torch.cli import convert
-from mtp_torch.training.batch import draw_batch
+from mtp_torch.training.batch import _draw_layout, draw_batch
 from mtp_torch.training.config import DistillConfig, check_resumable
 from mtp_torch.training.data import TokenStream
 from mtp_torch.training.distill import distill
@@ -163,3 +163,28 @@ def test_convert_takes_the_large_model_options() -> None:
     assert not defaults.fsdp and defaults.dtype is None and defaults.attention == "auto"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "float16"])
+
+
+def test_k_min_bounds_the_block_sizes_drawn() -> None:
+    generator = np.random.default_rng(0)
+    paper = _config(k_max=4)
+    assert {_draw_layout(generator, paper).spec.k for _ in range(60)} == {2, 3, 4}
+    every_offset = _config(k_max=4, k_min=4)
+    assert {_draw_layout(generator, every_offset).spec.k for _ in range(20)} == {4}
+    assert every_offset.max_window_len < paper.max_window_len  # no k = 2 window to fit
+    for bad in (1, 5, 2.5, True):
+        with pytest.raises(ValueError, match=r"k_min must be an integer in \[2, k_max=4\]"):
+            _config(k_max=4, k_min=bad)
+
+
+def test_k_min_is_a_recipe_setting_and_older_checkpoints_ran_with_2() -> None:
+    saved = _config(k_max=4).to_json()
+    del saved["k_min"]
+    check_resumable(saved, _config(k_max=4))
+    with pytest.raises(ValueError, match="k_min"):
+        check_resumable(saved, _config(k_max=4, k_min=3))
+    parser = argparse.ArgumentParser()
+    convert.add_arguments(parser)
+    args = parser.parse_args(["--k-max", "4", "--k-min", "4"])
+    cfg = convert._config(args, convert.Path("out.ckpt"), tiny_llama(VOCAB))
+    assert (cfg.k_min, cfg.k_max) == (4, 4)

@@ -112,6 +112,11 @@ _BUDGET_OPTIONS = (
 )
 TRAINING_OPTIONS = (
     ConfigOption("k_max", "largest block size (default {default})"),
+    ConfigOption(
+        "k_min",
+        "smallest block size a step draws (default {default}, the paper's); --k-min equal to "
+        "--k-max trains every mask offset at every region",
+    ),
     ConfigOption("loss", "training objective (default {default})"),
     ConfigOption("lr", "learning rate (default {default})"),
     ConfigOption("weight_decay", "AdamW weight decay (default {default}; the paper: 0.1)"),

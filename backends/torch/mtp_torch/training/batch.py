@@ -1,7 +1,7 @@
 """A training batch: draw the layout, cut windows, pack them, run a model on the packing.
 
 Steps 1-2 of a training step (module docstring of ``mtp_torch.training.step``): draw the block
-size ``k ~ U[2, k_max]`` and the region-grid offset, build the packed layout (``mtp_core``),
+size ``k ~ U[k_min, k_max]`` and the region-grid offset, build the packed layout (``mtp_core``),
 cut the global batch of ground-truth windows from the token stream and pack this process's
 slice of it (mask slots get the ``<mtp_mask>`` id).
 """
@@ -165,8 +165,8 @@ def pack_windows(
 
 
 def _draw_layout(generator: np.random.Generator, cfg: DistillConfig) -> TrainingLayout:
-    """Block size ``k ~ U[2, k_max]``, grid offset ``~ U[0, P - 1]`` and their layout."""
-    k = int(generator.integers(2, cfg.k_max + 1))
+    """Block size ``k ~ U[k_min, k_max]``, grid offset ``~ U[0, P - 1]`` and their layout."""
+    k = int(generator.integers(cfg.k_min, cfg.k_max + 1))
     prefix_len = TrainingLayoutSpec(cfg.seq_len, k, cfg.regions).prefix_len
     offset = int(generator.integers(0, prefix_len))
     return training_layout(TrainingLayoutSpec(cfg.seq_len, k, cfg.regions, offset))

@@ -111,7 +111,11 @@ class DistillConfig:
     """Settings of one self-distillation run (defaults: the paper's, except length and warm-up).
 
     Attributes:
-      k_max: largest block size; each step draws ``k ~ U[2, k_max]`` (paper: 16).
+      k_max: largest block size; each step draws ``k ~ U[k_min, k_max]`` (paper: 16).
+      k_min: smallest block size drawn, ``2 <= k_min <= k_max`` (paper: 2).  A block of ``k``
+        trains mask offsets ``1 .. k - 1`` and a mask never sees a later one, so ``k_min =
+        k_max`` trains every offset at every region (more mask slots a step) where the
+        paper's draw trains offset ``j`` at a fraction of them.
       loss: ``"hard"`` (CE against the teacher's argmax, the paper's default), ``"soft"``
         (forward KL to the teacher) or ``"gt"`` (CE against the ground-truth tokens; no teacher
         pass, so faster, and equivalent to "hard" on a corpus the teacher wrote greedily).
@@ -230,6 +234,7 @@ class DistillConfig:
     """
 
     k_max: int = attrs.field(default=16)
+    k_min: int = attrs.field(default=2)
     loss: LossKind = attrs.field(default="hard")
     steps: int = attrs.field(default=1000, validator=_positive_int)
     minutes: float | None = attrs.field(default=None)
@@ -309,6 +314,18 @@ class DistillConfig:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
             raise ValueError(
                 f"k_max must be an integer >= 2 (k = 1 is plain next-token training), got {value!r}"
+            )
+
+    @k_min.validator
+    def _check_k_min(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or not 2 <= value <= self.k_max
+        ):
+            raise ValueError(
+                f"k_min must be an integer in [2, k_max={self.k_max}] (the smallest block size a "
+                f"step draws), got {value!r}"
             )
 
     @loss.validator
@@ -437,10 +454,10 @@ class DistillConfig:
 
     @property
     def max_window_len(self) -> int:
-        """Ground-truth tokens of the longest window any step needs (the one of ``k = 2``)."""
+        """Ground-truth tokens of the longest window any step needs (the one of ``k = k_min``)."""
         return max(
             TrainingLayoutSpec(self.seq_len, k, self.regions).window_len
-            for k in range(2, self.k_max + 1)
+            for k in range(self.k_min, self.k_max + 1)
         )
 
     def to_json(self) -> dict[str, Any]:

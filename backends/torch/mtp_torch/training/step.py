@@ -5,7 +5,7 @@
 next state and the step's metrics.  One step (docs/method.md sections 2-4; Kirchenbauer et al., "Multi-Token Prediction via
 Self-Distillation", arXiv 2602.06019, sections on the training layout and objective):
 
-1. Draw the block size ``k ~ U[2, k_max]`` and the region-grid offset ``~ U[0, P - 1]``; build the
+1. Draw the block size ``k ~ U[k_min, k_max]`` and the region-grid offset ``~ U[0, P - 1]``; build the
    packed layout (``mtp_core``: ``M`` regions of ``[prefix][k - 1 masks]`` in ``S`` slots).
 2. Cut a batch of ground-truth windows from the token stream and pack them (mask slots get the
    ``<mtp_mask>`` id).  Steps 1-2 are ``mtp_torch.training.batch.draw_batch``.
