@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from mtp_torch.training.batch import (
-    _split,
     _trained_masks,
     as_index,
     draw_batch,
@@ -129,7 +128,7 @@ def test_regions_without_a_trained_target_are_left_out_of_the_mask_pass() -> Non
         )[0]
         weights = packed.weights[:, as_index(packed.layout.target_index, CPU)]  # (B, M, k)
         trained = (weights > 0).any(-1).any(0)  # (M,)
-        run = _trained_masks(packed, _split(packed))
+        run = _trained_masks(packed)
         if bool(trained.all()) or not bool(trained.any()):
             assert run is None
             continue
@@ -162,7 +161,7 @@ def test_leaving_out_untrained_regions_keeps_the_trajectory_and_metrics(loss: st
             batch = draw_batch(
                 state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
             )
-            left_out += _trained_masks(batch[0], _split(batch[0])) is not None
+            left_out += _trained_masks(batch[0]) is not None
             state, metrics = train_step(state, batch)
             metrics_seen.append(metrics)
         assert left_out >= 2, "the batches must have regions to leave out"

@@ -379,7 +379,7 @@ def split_forward_logits(
     split = _split(packed)
     dtype = next(core.parameters()).dtype
     allowed, positions = packed.allowed, packed.position_ids
-    run = _trained_masks(packed, split)
+    run = _trained_masks(packed)
     parameters = inspect.signature(type(core).forward).parameters
     cache = DynamicCache()
     cache_kwargs = {"cache" if "cache" in parameters else "past_key_values": cache}
@@ -419,8 +419,8 @@ def split_forward_logits(
     return torch.cat([real_logits.to(mask_logits.dtype), mask_logits], dim=1)[:, split.order]
 
 
-def _trained_masks(packed: PackedBatch, split: _Split) -> torch.Tensor | None:
-    """Positions in ``split.masks`` of the mask slots worth a pass, or ``None`` for all of them.
+def _trained_masks(packed: PackedBatch) -> torch.Tensor | None:
+    """Positions among the mask slots (slot order) of those worth a pass, or ``None`` for all.
 
     A region none of whose ``k`` targets trains in any row of the micro-batch (all context:
     a prompt, or the next row's prompt after a short row) adds nothing to the loss, the
