@@ -14,15 +14,26 @@ over every prompt and prints both figures.
 ConfAdapt step of a mask-gated model runs) and predicts each policy's speed against one-token
 decoding from its replayed pass widths.
 
+``--judge LABEL`` is how a conversion's checkpoint is judged against the shipped one (the
+held-out evaluations in docs/results.md): per subset of the prompts (``--subsets``) and over all
+of them, verified StaticK(3) replayed (exact) and ConfAdapt(0.9, k) decoded for real; ``--log``
+appends those figures as JSON lines (``docs/figures/gated_curve.py`` reads them).
+
 Run:  python examples/replay_policies.py --prompts gsm8k/test.jsonl --skip 30 --num 60
       python examples/replay_policies.py --delta runs/gpu/default_delta.safetensors ...
       python examples/replay_policies.py                   # 2 bundled prompts, ~30 s
+      python examples/replay_policies.py --prompts gsm8k/test.jsonl --num 90 --new-tokens 96 \
+          --delta runs/run7/default_delta.safetensors --judge "run 7, step 1800" \
+          --subsets 0:6,6:30,30:90 --log runs/run7-evals.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +60,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--check", action="store_true", help="also decode two policies for real")
     parser.add_argument("--curve", action="store_true", help="predict speed from a cost curve")
+    parser.add_argument("--judge", default=None, metavar="LABEL", help="judge a checkpoint")
+    parser.add_argument(
+        "--subsets", default=None, help="with --judge: prompt ranges within --num, e.g. 0:6,6:30"
+    )
+    parser.add_argument("--log", default=None, help="with --judge: append JSON lines here")
     args = parser.parse_args()
+    subsets = _subsets(args.subsets, args.num)
     torch.set_num_threads(args.threads)
     if args.delta is not None:
         model, tokenizer = load_default_converted(delta=args.delta)
@@ -132,6 +149,64 @@ def main() -> None:
             replayed = [replay(t, policy, verify=verify) for t in tables]
             estimate = sum(r.new_tokens for r in replayed) / sum(r.passes for r in replayed)
             print(f"check {name}: decoded {new / passes:.3f} tokens/pass, replayed {estimate:.3f}")
+    if args.judge is not None:
+        _judge(mtp, prompts, tables, args, subsets, Path(path).stem)
+
+
+def _subsets(text: str | None, num: int) -> list[tuple[int, int]]:
+    """``"0:6,6:30"`` as ranges of the recorded prompts, checked against ``--num``."""
+    if text is None:
+        return []
+    ranges = []
+    for part in text.split(","):
+        start, _, stop = part.partition(":")
+        try:
+            first, last = int(start), int(stop)
+        except ValueError:
+            raise SystemExit(f"--subsets: {part!r} is not START:STOP (e.g. 0:6,6:30)") from None
+        if not 0 <= first < last <= num:
+            raise SystemExit(f"--subsets: {part!r} must lie within the {num} recorded prompts")
+        ranges.append((first, last))
+    return ranges
+
+
+def _judge(
+    mtp: MTPModel,
+    prompts: list[Any],
+    tables: list[Any],
+    args: argparse.Namespace,
+    subsets: list[tuple[int, int]],
+    name: str,
+) -> None:
+    """Per subset and overall: ConfAdapt(0.9, k) decoded, verified StaticK(3) replayed."""
+    eos = mtp.tokenizer.eos_token_id
+    verify = StaticK(min(3, args.k))
+    decoded = []  # (new tokens, passes) per prompt
+    for p in prompts:
+        out = mtp.generate(torch.tensor([list(p.input_ids)]), policy=ConfAdapt(0.9, args.k),
+                           max_new_tokens=args.new_tokens, eos_token_id=eos)  # fmt: skip
+        decoded.append((int(out.num_new_tokens.sum()), out.num_forward_passes))
+    replayed = [replay(t, verify, verify=True) for t in tables]
+    lines = []
+    for first, last in [*subsets, (0, len(prompts))]:
+        new = sum(n for n, _ in decoded[first:last])
+        passes = sum(n for _, n in decoded[first:last])
+        line = {
+            "checkpoint": args.judge,
+            "prompts": f"{name}[{args.skip + first}:{args.skip + last}]",
+            f"confadapt_0.9_k{args.k}": round(new / passes, 4),
+            f"verify_static_{verify.k}": round(
+                sum(r.new_tokens for r in replayed[first:last])
+                / sum(r.passes for r in replayed[first:last]),
+                4,
+            ),
+            "how": "ConfAdapt decoded; verify replayed (exact)",
+        }
+        print("judge " + json.dumps(line))
+        lines.append(line)
+    if args.log is not None:
+        with open(args.log, "a", encoding="utf-8") as log:
+            log.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

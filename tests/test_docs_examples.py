@@ -154,6 +154,31 @@ def test_example_runs(name: str) -> None:
     assert EXPECTED_OUTPUT[name] in result.stdout
 
 
+def test_judging_a_checkpoint_logs_each_subset_and_the_whole(tmp_path: Path) -> None:
+    """``replay_policies.py --judge``: one JSON line per subset and one over all prompts, named
+    by the prompt file and absolute index, the whole a weighted mean of its parts."""
+    log = tmp_path / "evals.jsonl"
+    args = ["--num", "2", "--new-tokens", "8", "--threads", "1", "--judge", "smoke"]
+    result = _run(
+        [str(EXAMPLES / "replay_policies.py"), *args, "--subsets", "0:1,1:2", "--log", str(log)],
+        timeout=TIMEOUTS["replay_policies.py"],
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    lines = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    assert [line["prompts"] for line in lines] == [
+        "bench_prompts[0:1]",
+        "bench_prompts[1:2]",
+        "bench_prompts[0:2]",
+    ]
+    assert {line["checkpoint"] for line in lines} == {"smoke"}
+    for key in ("confadapt_0.9_k4", "verify_static_3"):
+        parts = sorted(line[key] for line in lines[:2])
+        assert 1.0 <= parts[0] <= lines[2][key] <= parts[1] <= 4.0
+    bad = _run([str(EXAMPLES / "replay_policies.py"), "--num", "2", "--judge", "x",
+                "--subsets", "0:3"], timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "must lie within the 2 recorded prompts" in bad.stderr
+
+
 def test_gpu_conversion_stops_at_its_deadline_and_still_writes_the_delta() -> None:
     """``--stop-after``: the script's own SIGTERM ends a run set to far more steps than it can
     take, after the step in flight, and the delta is written all the same."""
