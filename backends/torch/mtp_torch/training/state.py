@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mtp_torch.decoding.mask import add_mask_token
 from mtp_torch.training.batch import split_forward_supported
+from mtp_torch.training.casts import FrozenCastAutocast, frozen_linears
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.lora import gated_parameters, lora_parameters, with_lora
 from mtp_torch.training.model_options import (
@@ -103,11 +104,21 @@ def _bf16(cfg: DistillConfig, device: torch.device) -> bool:
     return bool(cfg.bf16) if cfg.bf16 is not None else device.type == "cuda"
 
 
-def _autocast(cfg: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast when ``cfg.bf16`` asks for it (``None``: on CUDA only)."""
-    if _bf16(cfg, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(
+    cfg: DistillConfig, device: torch.device, models: list[nn.Module], sharded: bool
+) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast when ``cfg.bf16`` asks for it (``None``: on CUDA only).
+
+    On the CPU, unsharded, the frozen linear weights of ``models`` are cast once rather than at
+    every call (``FrozenCastAutocast``: the same products, bitwise; on CUDA the casts are cheap
+    and the copies would cost accelerator memory)."""
+    if not _bf16(cfg, device):
+        return contextlib.nullcontext()
+    if device.type == "cpu" and not sharded:
+        layers = frozen_linears(models, device.type)
+        if layers:
+            return FrozenCastAutocast(device.type, torch.bfloat16, layers)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _shard(state: TrainState, device: torch.device, world_size: int) -> TrainState:
@@ -212,7 +223,12 @@ def init_train_state(
         mask_rows=tuple(embeddings),
         hooks=tuple(hooks),
         mask_token_id=mask_token_id,
-        autocast=_autocast(cfg, device),
+        autocast=_autocast(
+            cfg,
+            device,
+            [student] if teacher is None or teacher is student else [student, teacher],
+            sharded,
+        ),
         generator=np.random.default_rng(cfg.seed),
         split=split,
     )
