@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from mtp_core import distillation_loss
+from mtp_torch.training import step as step_module
 from mtp_torch.training.batch import (
     _trained_masks,
     as_index,
@@ -14,11 +16,13 @@ from mtp_torch.training.batch import (
     forward_logits,
     split_forward_logits,
     split_forward_supported,
+    split_region_logits,
+    trained_regions,
 )
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.data import Example, TokenStream
 from mtp_torch.training.state import init_train_state
-from mtp_torch.training.step import train_step
+from mtp_torch.training.step import _fused_ground_truth_loss, train_step
 from tests.synthetic import make_language, tiny_llama
 from tests.test_gated import _randomise
 from tests.test_torch_decode import ARCHITECTURES, VOCAB, tiny_model
@@ -173,4 +177,88 @@ def test_leaving_out_untrained_regions_keeps_the_trajectory_and_metrics(loss: st
         assert got.accepted_at_0_9 == pytest.approx(expected.accepted_at_0_9, rel=1e-9)
         assert got.supervised_tokens == expected.supervised_tokens
     for got_p, expected_p in zip(split_params, packed_params, strict=True):
+        torch.testing.assert_close(got_p, expected_p, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_region_logits_are_the_packed_pass_logits_at_those_regions(name: str) -> None:
+    model = tiny_model(name)
+    state = init_train_state(model, None, _gated_config(), CPU)
+    _randomise(state.student)
+    state.student.eval()
+    stream = _context_stream(VOCAB - 1)
+    subsets = 0
+    for _ in range(6):
+        packed = draw_batch(
+            state.generator, stream, state.config, mask_token_id=state.mask_token_id, device=CPU
+        )[0]
+        regions = trained_regions(packed)
+        if regions is None:
+            continue
+        subsets += regions.numel() < packed.layout.target_index.shape[0]
+        for parameter in state.trainable:
+            parameter.grad = None
+        packed_logits = forward_logits(state.student, state.student, packed, packed.input_ids)
+        expected = packed_logits[:, packed.predict_at[regions]]  # (B, R, k, V)
+        (expected.square().sum() + expected[..., 3].sum()).backward()
+        packed_grads = [p.grad.clone() for p in state.trainable]
+        for parameter in state.trainable:
+            parameter.grad = None
+        got = split_region_logits(state.student, state.student, packed, packed.input_ids, regions)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-10)
+        (got.square().sum() + got[..., 3].sum()).backward()
+        for got_g, expected_g in zip([p.grad for p in state.trainable], packed_grads, strict=True):
+            torch.testing.assert_close(got_g, expected_g, rtol=1e-9, atol=1e-9)
+    assert subsets >= 1, "some batch must leave regions out"
+
+
+def test_the_fused_gt_loss_is_the_core_loss() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, 11, dtype=torch.float64, generator=generator) * 4
+    targets = torch.randint(0, 11, (2, 5, 3), generator=generator)
+    targets[0, 1, 2] = -1  # ignored, like weight 0
+    weights = torch.rand(2, 5, 3, dtype=torch.float64, generator=generator)
+    weights[1, :2] = 0.0
+    for w in (weights, torch.zeros_like(weights)):
+        core_input = logits.clone().requires_grad_(True)
+        fused_input = logits.clone().requires_grad_(True)
+        core = distillation_loss(core_input, None, kind="gt", targets=targets, weights=w)
+        fused = _fused_ground_truth_loss(fused_input, targets, w)
+        torch.testing.assert_close(fused, core, rtol=1e-12, atol=1e-12)
+        core.backward()
+        fused.backward()
+        torch.testing.assert_close(fused_input.grad, core_input.grad, rtol=1e-12, atol=1e-12)
+    assert float(_fused_ground_truth_loss(logits, targets, torch.zeros_like(weights))) == 0.0
+
+
+@pytest.mark.parametrize("confident", [None, 0.5])
+def test_training_on_region_logits_keeps_the_trajectory_and_metrics(
+    confident: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tiny_llama(32, layers=2, dtype=torch.float64)
+    runs = []
+    for regions in (True, False):
+        monkeypatch.setattr(step_module, "_REGION_LOGITS", regions)
+        cfg = _gated_config(confident_targets=confident)
+        state = init_train_state(copy.deepcopy(base), None, cfg, CPU)
+        stream = _context_stream(32)
+        seen, subsets = [], 0
+        for _ in range(4):
+            batch = draw_batch(
+                state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
+            )
+            found = trained_regions(batch[0])
+            subsets += found is not None and found.numel() < batch[0].layout.target_index.shape[0]
+            state, metrics = train_step(state, batch)
+            seen.append(metrics)
+        assert subsets >= 2, "the batches must have regions to leave out"
+        runs.append((seen, [p.detach().clone() for p in state.trainable]))
+    (region_metrics, region_params), (kept_metrics, kept_params) = runs
+    for got, expected in zip(region_metrics, kept_metrics, strict=True):
+        assert got.loss == pytest.approx(expected.loss, rel=1e-9)
+        assert got.agreement == pytest.approx(expected.agreement, rel=1e-9)
+        assert got.accepted_at_0_9 == pytest.approx(expected.accepted_at_0_9, rel=1e-9)
+        assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-8)
+    for got_p, expected_p in zip(region_params, kept_params, strict=True):
         torch.testing.assert_close(got_p, expected_p, rtol=1e-8, atol=1e-10)

@@ -30,6 +30,8 @@ __all__ = [
     "forward_logits",
     "split_forward_logits",
     "split_forward_supported",
+    "split_region_logits",
+    "trained_regions",
     "pack_windows",
 ]
 
@@ -438,3 +440,82 @@ def _trained_masks(packed: PackedBatch) -> torch.Tensor | None:
     mask_rank = np.cumsum(is_mask) - 1  # a mask slot's position among the mask slots
     region_masks = mask_rank[np.asarray(layout.predict_index)[:, 1:]]  # (M, k - 1)
     return as_index(np.sort(region_masks[trained].ravel()), packed.weights.device)
+
+
+def trained_regions(packed: PackedBatch) -> torch.Tensor | None:
+    """The regions (ascending) with a target of weight > 0 in some row of the micro-batch, or
+    ``None`` when there is none.  The others add nothing to the ``gt`` loss, the agreement or
+    the acceptance estimate (``_trained_masks``)."""
+    layout = packed.layout
+    weights = packed.weights[:, as_index(layout.target_index, packed.weights.device)]
+    trained = (weights > 0).any(dim=-1).any(dim=0)  # (M,)
+    if not bool(trained.any()):
+        return None
+    return torch.nonzero(trained).flatten()
+
+
+def split_region_logits(
+    model: nn.Module,
+    core: nn.Module,
+    packed: PackedBatch,
+    input_ids: torch.Tensor,
+    regions: torch.Tensor,
+) -> torch.Tensor:
+    """``split_forward_logits`` at the prediction slots of ``regions`` alone, already in their
+    ``(region, column)`` order: what the ``gt`` loss reads.
+
+    The same two passes (real slots without autograd, then the mask slots of ``regions`` with
+    gradients), but the output layer runs only at the regions' prediction slots and nothing
+    else is built: no zeros for other regions, no gathers into kept-slot order and back (each a
+    copy of a ``vocab``-wide tensor, and another in the backward pass).
+
+    Args:
+      model: the model as called for the pass with gradients (a DDP wrapper, or ``core``).
+      core: the model itself (the first pass, its config and signature).
+      packed: the micro-batch.
+      input_ids: ``(B, S)`` its packed input.
+      regions: ``(R,)`` ascending region indices (``trained_regions``).
+
+    Returns:
+      Logits, shape ``(B, R, k, vocab)``: column 0 at the region's last real slot, column ``j``
+      at its ``j``-th mask.
+    """
+    layout = packed.layout
+    device = packed.keep.device
+    is_mask = np.asarray(layout.is_mask, dtype=bool)
+    real, masks = np.flatnonzero(~is_mask), np.flatnonzero(is_mask)
+    rank = np.empty(is_mask.shape[0], dtype=np.int64)  # a slot's position among its kind
+    rank[real], rank[masks] = np.arange(real.size), np.arange(masks.size)
+    predict = np.asarray(layout.predict_index)[regions.cpu().numpy()]  # (R, k) slots
+    run = np.sort(predict[:, 1:].ravel())  # the regions' mask slots, in slot order
+    dtype = next(core.parameters()).dtype
+    allowed, positions = packed.allowed, packed.position_ids
+    real_index, run_index = as_index(real, device), as_index(run, device)
+    parameters = inspect.signature(type(core).forward).parameters
+    cache = DynamicCache()
+    cache_kwargs = {"cache" if "cache" in parameters else "past_key_values": cache}
+    with torch.no_grad():
+        real_logits = _logits_at(
+            core,
+            core,
+            as_index(rank[predict[:, 0]], device),
+            input_ids=input_ids[:, real_index],
+            attention_mask=_dense_mask(core, allowed[:, :, real_index][:, :, :, real_index], dtype),
+            position_ids=positions[:, real_index],
+            use_cache=True,
+            **cache_kwargs,
+        )
+    kv_order = torch.cat([real_index, run_index])
+    mask_logits = _logits_at(
+        model,
+        core,
+        as_index(np.searchsorted(run, predict[:, 1:].ravel()), device),
+        input_ids=input_ids[:, run_index],
+        attention_mask=_dense_mask(core, allowed[:, :, run_index][:, :, :, kv_order], dtype),
+        position_ids=positions[:, run_index],
+        use_cache=True,
+        **cache_kwargs,
+    )
+    batch, count = real_logits.shape[0], predict.shape[0]
+    mask_logits = mask_logits.reshape(batch, count, predict.shape[1] - 1, -1)
+    return torch.cat([real_logits.to(mask_logits.dtype)[:, :, None], mask_logits], dim=2)

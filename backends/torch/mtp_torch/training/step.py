@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from mtp_core import ConfAdapt, LossKind, agreement, distillation_loss, student_forcing_pairs
-from mtp_torch.training.batch import PackedBatch, as_index, forward_logits, split_forward_logits
+from mtp_torch.training.batch import (
+    PackedBatch,
+    as_index,
+    forward_logits,
+    split_forward_logits,
+    split_region_logits,
+    trained_regions,
+)
 from mtp_torch.training.config import DistillConfig
 from mtp_torch.training.distributed import gradient_sync
 from mtp_torch.training.state import ContextFactory
@@ -271,6 +278,11 @@ def _batch_loss(
     Returns:
       the loss with the logits, targets and weights it was computed from (``BatchLoss``).
     """
+    prefix = cfg.prefix_loss_weight > 0 and packed.prefix_at is not None
+    if split and not cfg.needs_teacher and not prefix and _REGION_LOGITS:
+        regions = trained_regions(packed)
+        if regions is not None:
+            return _trained_region_loss(forward, student, packed, cfg, autocast, regions)
     # 3. Student forward; logits at the (M, k) prediction slots.
     student_logits_at = split_forward_logits if split else forward_logits
     with autocast:
@@ -300,11 +312,65 @@ def _batch_loss(
         weights=_loss_weights(packed, target_index, target_weights, cfg),
         entropy_weight=cfg.entropy_weight,
     )
-    if cfg.prefix_loss_weight > 0 and packed.prefix_at is not None:
+    if prefix:
         loss = loss + cfg.prefix_loss_weight * _prefix_loss(
             kept, teacher_kept, packed, mask_token_id, cfg.anchor_kind
         )
     return BatchLoss(loss, student_logits, teacher_logits, targets, target_weights)
+
+
+# Whether a split ``gt`` step computes logits at its trained regions only
+# (``_trained_region_loss``); tests turn it off to compare with the kept-slot path.
+_REGION_LOGITS = True
+
+
+def _trained_region_loss(
+    forward: nn.Module,
+    student: nn.Module,
+    packed: PackedBatch,
+    cfg: DistillConfig,
+    autocast: contextlib.AbstractContextManager[Any],
+    regions: torch.Tensor,
+) -> BatchLoss:
+    """Steps 3 and 6 of a split ``gt`` step, at the regions with a trained target only.
+
+    A region none of whose targets weighs anything in any row adds nothing to the loss, the
+    agreement or the acceptance estimate, so its logits are not computed at all
+    (``split_region_logits``), and the loss is ATen's fused log-softmax cross-entropy: the
+    core's ``distillation_loss(kind="gt")`` to rounding (tested), without the ``vocab``-wide
+    temporaries of its portable form.
+    """
+    with autocast:
+        logits = split_region_logits(forward, student, packed, packed.input_ids, regions)
+    student_logits = _at_least_float32(logits)  # (B, R, k, V)
+    target_index = as_index(packed.layout.target_index, logits.device)[regions]  # (R, k)
+    targets = packed.windows[:, target_index]
+    target_weights = packed.weights[:, target_index]
+    weights = _loss_weights(packed, target_index, target_weights, cfg)
+    if cfg.entropy_weight > 0:
+        loss = distillation_loss(
+            student_logits, None, kind="gt", targets=targets, weights=weights,
+            entropy_weight=cfg.entropy_weight,
+        )  # fmt: skip
+    else:
+        loss = _fused_ground_truth_loss(student_logits, targets, weights)
+    return BatchLoss(loss, student_logits, None, targets, target_weights)
+
+
+def _fused_ground_truth_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``mtp_core.ground_truth_loss`` with ATen's fused log-softmax (one pass forward and back).
+
+    The weighted mean of ``-log softmax(logits)[target]`` over positions of weight != 0 and
+    target >= 0; 0 when there is none.
+    """
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+    position_weights = weights.to(log_probs.dtype) * (targets >= 0).to(log_probs.dtype)
+    per_position = torch.where(position_weights != 0, -picked, torch.zeros_like(picked))
+    total = position_weights.sum()
+    return (position_weights * per_position).sum() / (total + (total == 0).to(total.dtype))
 
 
 def _agreement_rates(
@@ -333,7 +399,9 @@ def _confident_run(student_logits: torch.Tensor, target_weights: torch.Tensor) -
     counted = target_weights[..., 0] > 0
     if not bool(counted.any()):
         return 1.0
-    confidences = torch.softmax(student_logits.float(), dim=-1).amax(dim=-1)[counted]
+    logits = student_logits.float()
+    # The top-1 probability, exp(max - logsumexp), without a vocab-wide softmax tensor.
+    confidences = (logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1)).exp()[counted]
     k = confidences.shape[-1]
     policy = ConfAdapt(threshold=ESTIMATE_THRESHOLD, k_max=k)
     kept = policy.accept(confidences.reshape(-1, k).nan_to_num(0.0).cpu().numpy())
