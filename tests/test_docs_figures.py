@@ -45,3 +45,15 @@ def test_fit_recovers_a_log_linear_curve() -> None:
     ys = [1.1 + 0.05 * i for i in range(6)]
     a, b = curve.fit(xs, ys)
     assert np.isclose(b, 0.05) and np.isclose(a + b * np.log2(1e5), 1.1)
+
+
+def test_every_branch_is_found_and_starts_where_its_parent_ends() -> None:
+    curve = _load()
+    main_line = {label.split(" step ")[0]: x for label, x, _, _ in curve.points("test[6:30]")}
+    found = curve.branch_points("test[6:30]")
+    assert [b[0] for b in found] == [b[0] for b in curve.BRANCHES]
+    assert len(curve.branch_points("test[0:90]")) == len(found)
+    for (name, x, confadapt, verify), branch in zip(found, curve.BRANCHES, strict=True):
+        parent = branch[4]
+        assert x > main_line[parent], f"{name} must lie past the end of {parent}"
+        assert 1.0 < confadapt < verify < 3.0

@@ -39,6 +39,15 @@ SEGMENTS = [
     ("run 6", "convert-cpu-s9-metrics-every5.jsonl", 2600, "cpu"),
 ]
 
+# Runs that start again from the end of an earlier segment to compare a recipe with the main line
+# (not part of it): (name, metrics log, steps, hardware, the segment whose end it starts from,
+# eval log, checkpoint label).  Run 7: k = 4 at every step (--k-min 4); run 8: its control, the
+# paper's k ~ U[2, 4]; both from run 5's delta on a 1024-row corpus written on the machine.
+BRANCHES = [
+    ("run 7 (k 4 only)", "convert-cpu-s10-run7-metrics-every5.jsonl", 2400, "cpu", "run 5",
+     "convert-cpu-s10-evals.jsonl", "run 7, step 2400"),
+]  # fmt: skip
+
 # Held-out evaluations (ConfAdapt(0.9, 4) and verification with StaticK(3) drafts, 96 new
 # tokens): (segment, steps into it, eval log, checkpoint label in that log).
 EVALS = [
@@ -65,27 +74,60 @@ def segment_rates() -> dict[str, tuple[float, float, str]]:
     regions x k), positions per second, hardware."""
     rates = {}
     for name, log, _, hardware in SEGMENTS:
-        path = LOGS / log
-        if not path.exists():
-            continue
-        metrics = [r for r in _rows(path) if "supervised_tokens" in r and "step" in r]
-        per_step = float(np.mean([float(r["supervised_tokens"]) for r in metrics]))  # type: ignore[arg-type]
-        # elapsed_s restarts when a run resumes; the median pace of logged steps is robust to it
-        steps = np.array([float(r["step"]) for r in metrics])  # type: ignore[arg-type]
-        elapsed = np.array([float(r["elapsed_s"]) for r in metrics])  # type: ignore[arg-type]
-        dt = np.diff(elapsed) / np.maximum(np.diff(steps), 1)
-        seconds_per_step = float(np.median(dt[dt > 0]))
-        rates[name] = (per_step, per_step / seconds_per_step, hardware)
+        rate = _rate(LOGS / log)
+        if rate is not None:
+            rates[name] = (*rate, hardware)
     return rates
 
 
-def points(prompts: str) -> list[tuple[str, float, float, float]]:
-    """(label, cumulative prediction positions, ConfAdapt, verify) of every evaluation on ``prompts``."""
+def _rate(path: Path) -> tuple[float, float] | None:
+    """(mean prediction positions per step, positions per second) of a metrics log."""
+    if not path.exists():
+        return None
+    metrics = [r for r in _rows(path) if "supervised_tokens" in r and "step" in r]
+    per_step = float(np.mean([float(r["supervised_tokens"]) for r in metrics]))  # type: ignore[arg-type]
+    # elapsed_s restarts when a run resumes; the median pace of logged steps is robust to it
+    steps = np.array([float(r["step"]) for r in metrics])  # type: ignore[arg-type]
+    elapsed = np.array([float(r["elapsed_s"]) for r in metrics])  # type: ignore[arg-type]
+    dt = np.diff(elapsed) / np.maximum(np.diff(steps), 1)
+    seconds_per_step = float(np.median(dt[dt > 0]))
+    return per_step, per_step / seconds_per_step
+
+
+def _starts() -> dict[str, float]:
+    """Cumulative prediction positions at the start of each main-line segment, and (key
+    ``"end"``) at the end of the last one."""
     rates = segment_rates()
     start, offset = {}, 0.0
     for name, _, steps, _ in SEGMENTS:
         start[name] = offset
         offset += steps * rates.get(name, (0.0, 0.0, ""))[0]
+    start["end"] = offset
+    return start
+
+
+def branch_points(prompts: str) -> list[tuple[str, float, float, float]]:
+    """(label, cumulative positions, ConfAdapt, verify) of each branch's evaluation on ``prompts``."""
+    starts, rates = _starts(), segment_rates()
+    found = []
+    for name, log, steps, _, parent, eval_log, label in BRANCHES:
+        rate, path = _rate(LOGS / log), LOGS / eval_log
+        if rate is None or parent not in rates or not path.exists():
+            continue
+        names = [segment[0] for segment in SEGMENTS]
+        after = names[names.index(parent) + 1] if parent != names[-1] else "end"
+        for row in _rows(path):
+            if row.get("checkpoint") == label and row.get("prompts") == prompts:
+                x = starts[after] + steps * rate[0]
+                c, v = float(row["confadapt_0.9_k4"]), float(row["verify_static_3"])  # type: ignore[arg-type]
+                found.append((name, x, c, v))
+                break
+    return found
+
+
+def points(prompts: str) -> list[tuple[str, float, float, float]]:
+    """(label, cumulative prediction positions, ConfAdapt, verify) of every evaluation on ``prompts``."""
+    rates, start = segment_rates(), _starts()
     found = []
     for segment, step, log, label in EVALS:
         path = LOGS / log
@@ -121,12 +163,20 @@ def main() -> None:
     gpu = next(rate for rate in rates.values() if rate[2] == "gpu")[1]
     cpu_rate = [rate[1] for rate in rates.values() if rate[2] == "cpu"][-1]  # the latest run's pace
     print(f"prediction positions per second: H200 {gpu:,.0f}; 2 CPU cores {cpu_rate:,.0f}")
+    paces = [(b[0], _rate(LOGS / b[1])) for b in BRANCHES]
+    paces = [(name, rate[1]) for name, rate in paces if rate is not None]
+    if paces:  # the latest code on the latest machine (tenth session: 1.8x the ninth's step)
+        print(f"  latest CPU pace ({paces[-1][0]}): {paces[-1][1]:,.0f}")
     wide = points("test[6:30]")
     full = points("test[0:90]")
     print("\n| checkpoint | positions | ConfAdapt(0.9, 4) test[6:30] | verify S3 test[6:30] |")
     print("|---|---|---|---|")
     for label, targets, confadapt, verify in wide:
         print(f"| {label} | {targets / 1e6:.2f}M | {confadapt:.3f} | {verify:.3f} |")
+    for name, targets, confadapt, verify in branch_points("test[6:30]"):
+        print(f"| {name}, a branch | {targets / 1e6:.2f}M | {confadapt:.3f} | {verify:.3f} |")
+    for name, _, confadapt, verify in branch_points("test[0:90]"):
+        print(f"all 90 problems, {name} (a branch): ConfAdapt {confadapt:.4f}, verify {verify:.4f}")
     a, b = fit([p[1] for p in wide], [p[2] for p in wide])
     late = [p for p in wide if p[1] >= wide[-1][1] / 2 or "GPU" in p[0]]
     a_late, b_late = fit([p[1] for p in late], [p[2] for p in late])
@@ -155,6 +205,7 @@ def main() -> None:
                 f"  {TARGET} at {name}: {doublings:.1f} doublings, {needed / 1e6:,.0f}M "
                 f"positions: {more / gpu / 60:,.0f} more H200-minutes or "
                 f"{more / cpu_rate / 3600:,.0f} more CPU-hours"
+                + (f" ({more / paces[-1][1] / 3600:,.0f} at the latest pace)" if paces else "")
             )
     if args.no_plot:
         return
@@ -170,6 +221,10 @@ def main() -> None:
     if full:
         ax.plot([p[1] for p in full], [p[2] for p in full], "o", mfc="none", color="C0",
                 label="ConfAdapt(0.9, 4), test[0:90]")  # fmt: skip
+    for i, (name, x, confadapt, verify) in enumerate(branch_points("test[6:30]")):
+        ax.plot([x], [confadapt], "^", color="C2", label="branches from run 5 (runs 7-8), test[6:30]" if i == 0 else None)  # fmt: skip
+        ax.plot([x], [verify], "v", color="C2")
+        ax.annotate(name, (x, confadapt), fontsize=6, xytext=(3, -9), textcoords="offset points")
     grid = np.logspace(math.log10(xs[0]), math.log10(xs[-1] * 2**8), 50)
     ax.plot(grid, a + b * np.log2(grid), ":", color="C0", label=f"fit: +{b:.3f} per doubling")
     after = grid[grid >= late[0][1]]
