@@ -236,7 +236,8 @@ class BatchLoss:
     Attributes:
       loss: the scalar loss (with gradient).
       student_logits: the student's logits at the prediction slots ``(B, M, k, vocab)``
-        (float32).
+        (float32); a split ``gt`` step's cover only the regions with a trained target,
+        ``(B, R, k, vocab)``, and ``targets`` and ``target_weights`` those same regions.
       teacher_logits: the teacher's at the same slots under student forcing (``None`` for
         ``loss="gt"``, which runs no teacher).
       targets: the ground-truth targets ``(B, M, k)``.
