@@ -12,7 +12,8 @@ Self-Distillation", arXiv 2602.06019, sections on the training layout and object
 3. Student forward (with gradients) under the layout's 4-D boolean attention mask (or the same
    mask as a FlexAttention block mask) and position ids; read its logits at the ``(M, k)``
    prediction slots.  A mask-gated student runs it as two passes, the real slots without
-   autograd and then the mask slots alone (``split_forward_logits``).
+   autograd and then the mask slots alone (``split_forward_logits``); with the ``gt`` loss,
+   at the regions with a trained target only (``split_region_logits``).
 4. Student forcing: write the student's argmax tokens into the mask slots of the teacher's input
    where ``mtp_core.student_forcing_pairs`` says (mask ``j`` of a region gets the token the
    student read at column ``j - 1`` of it).
