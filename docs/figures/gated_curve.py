@@ -46,6 +46,8 @@ SEGMENTS = [
 BRANCHES = [
     ("run 7 (k 4 only)", "convert-cpu-s10-run7-metrics-every5.jsonl", 2400, "cpu", "run 5",
      "convert-cpu-s10-evals.jsonl", "run 7, step 2400"),
+    ("run 8 (control)", "convert-cpu-s10-run8-metrics-every5.jsonl", 2400, "cpu", "run 5",
+     "convert-cpu-s10-evals.jsonl", "run 8, step 2400"),
 ]  # fmt: skip
 
 # Held-out evaluations (ConfAdapt(0.9, 4) and verification with StaticK(3) drafts, 96 new
