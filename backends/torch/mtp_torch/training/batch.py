@@ -329,6 +329,13 @@ def _logits_at(
     return full[:, keep]
 
 
+def _new_cache(core: nn.Module) -> dict[str, DynamicCache]:
+    """An empty key/value cache as the keyword ``core.forward`` takes it (``cache`` or
+    ``past_key_values``): the real slots' pass fills it, the mask slots' pass reads it."""
+    parameters = inspect.signature(type(core).forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": DynamicCache()}
+
+
 def split_forward_supported(core: nn.Module) -> str | None:
     """Why ``split_forward_logits`` cannot run ``core``, or ``None`` when it can.
 
@@ -382,9 +389,7 @@ def split_forward_logits(
     dtype = next(core.parameters()).dtype
     allowed, positions = packed.allowed, packed.position_ids
     run = _trained_masks(packed)
-    parameters = inspect.signature(type(core).forward).parameters
-    cache = DynamicCache()
-    cache_kwargs = {"cache" if "cache" in parameters else "past_key_values": cache}
+    cache_kwargs = _new_cache(core)
     with torch.no_grad():
         real_logits = _logits_at(
             core,
@@ -491,9 +496,7 @@ def split_region_logits(
     dtype = next(core.parameters()).dtype
     allowed, positions = packed.allowed, packed.position_ids
     real_index, run_index = as_index(real, device), as_index(run, device)
-    parameters = inspect.signature(type(core).forward).parameters
-    cache = DynamicCache()
-    cache_kwargs = {"cache" if "cache" in parameters else "past_key_values": cache}
+    cache_kwargs = _new_cache(core)
     with torch.no_grad():
         real_logits = _logits_at(
             core,
