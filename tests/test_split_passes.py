@@ -152,6 +152,26 @@ def test_regions_without_a_trained_target_are_left_out_of_the_mask_pass() -> Non
     assert left_out >= 2
 
 
+def _train_on_context(state, counts, steps: int = 4):  # type: ignore[no-untyped-def]
+    """``steps`` training steps on the context stream: (metrics, trained parameters, how many
+    of the steps' first micro-batches ``counts`` held true for)."""
+    stream = _context_stream(32)
+    seen, counted = [], 0
+    for _ in range(steps):
+        batch = draw_batch(
+            state.generator, stream, state.config, mask_token_id=state.mask_token_id, device=CPU
+        )
+        counted += bool(counts(batch[0]))
+        state, metrics = train_step(state, batch)
+        seen.append(metrics)
+    return seen, [p.detach().clone() for p in state.trainable], counted
+
+
+def _leaves_regions_out(packed) -> bool:  # type: ignore[no-untyped-def]
+    found = trained_regions(packed)
+    return found is not None and found.numel() < packed.layout.target_index.shape[0]
+
+
 @pytest.mark.parametrize("loss", ["gt", "hard"])
 def test_leaving_out_untrained_regions_keeps_the_trajectory_and_metrics(loss: str) -> None:
     base = tiny_llama(32, layers=2, dtype=torch.float64)
@@ -159,17 +179,11 @@ def test_leaving_out_untrained_regions_keeps_the_trajectory_and_metrics(loss: st
     for split in (True, False):
         cfg = _gated_config(loss=loss, split_passes=split, confident_targets=0.5)
         state = init_train_state(copy.deepcopy(base), None, cfg, CPU)
-        stream = _context_stream(32)
-        metrics_seen, left_out = [], 0
-        for _ in range(4):
-            batch = draw_batch(
-                state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
-            )
-            left_out += _trained_masks(batch[0]) is not None
-            state, metrics = train_step(state, batch)
-            metrics_seen.append(metrics)
+        metrics_seen, params, left_out = _train_on_context(
+            state, lambda packed: _trained_masks(packed) is not None
+        )
         assert left_out >= 2, "the batches must have regions to leave out"
-        runs.append((metrics_seen, [p.detach().clone() for p in state.trainable]))
+        runs.append((metrics_seen, params))
     (split_metrics, split_params), (packed_metrics, packed_params) = runs
     for got, expected in zip(split_metrics, packed_metrics, strict=True):
         assert got.loss == pytest.approx(expected.loss, rel=1e-9)
@@ -242,18 +256,9 @@ def test_training_on_region_logits_keeps_the_trajectory_and_metrics(
         monkeypatch.setattr(step_module, "_REGION_LOGITS", regions)
         cfg = _gated_config(confident_targets=confident)
         state = init_train_state(copy.deepcopy(base), None, cfg, CPU)
-        stream = _context_stream(32)
-        seen, subsets = [], 0
-        for _ in range(4):
-            batch = draw_batch(
-                state.generator, stream, cfg, mask_token_id=state.mask_token_id, device=CPU
-            )
-            found = trained_regions(batch[0])
-            subsets += found is not None and found.numel() < batch[0].layout.target_index.shape[0]
-            state, metrics = train_step(state, batch)
-            seen.append(metrics)
+        seen, params, subsets = _train_on_context(state, _leaves_regions_out)
         assert subsets >= 2, "the batches must have regions to leave out"
-        runs.append((seen, [p.detach().clone() for p in state.trainable]))
+        runs.append((seen, params))
     (region_metrics, region_params), (kept_metrics, kept_params) = runs
     for got, expected in zip(region_metrics, kept_metrics, strict=True):
         assert got.loss == pytest.approx(expected.loss, rel=1e-9)

@@ -96,10 +96,9 @@ def _rate(path: Path) -> tuple[float, float] | None:
     return per_step, per_step / seconds_per_step
 
 
-def _starts() -> dict[str, float]:
+def _starts(rates: dict[str, tuple[float, float, str]]) -> dict[str, float]:
     """Cumulative prediction positions at the start of each main-line segment, and (key
-    ``"end"``) at the end of the last one."""
-    rates = segment_rates()
+    ``"end"``) at the end of the last one (``rates``: ``segment_rates()``)."""
     start, offset = {}, 0.0
     for name, _, steps, _ in SEGMENTS:
         start[name] = offset
@@ -110,7 +109,8 @@ def _starts() -> dict[str, float]:
 
 def branch_points(prompts: str) -> list[tuple[str, float, float, float]]:
     """(label, cumulative positions, ConfAdapt, verify) of each branch's evaluation on ``prompts``."""
-    starts, rates = _starts(), segment_rates()
+    rates = segment_rates()
+    starts = _starts(rates)
     found = []
     for name, log, steps, _, parent, eval_log, label in BRANCHES:
         rate, path = _rate(LOGS / log), LOGS / eval_log
@@ -129,7 +129,8 @@ def branch_points(prompts: str) -> list[tuple[str, float, float, float]]:
 
 def points(prompts: str) -> list[tuple[str, float, float, float]]:
     """(label, cumulative prediction positions, ConfAdapt, verify) of every evaluation on ``prompts``."""
-    rates, start = segment_rates(), _starts()
+    rates = segment_rates()
+    start = _starts(rates)
     found = []
     for segment, step, log, label in EVALS:
         path = LOGS / log

@@ -297,12 +297,19 @@ class _Split:
     order: torch.Tensor  # (n_keep,) kept slot j is column order[j] of [real logits, mask logits]
 
 
-def _split(packed: PackedBatch) -> _Split:
-    is_mask = np.asarray(packed.layout.is_mask, dtype=bool)
-    keep = packed.keep.cpu().numpy()
+def _slot_ranks(layout: TrainingLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(real slots, mask slots, each slot's position among its kind), slots in order."""
+    is_mask = np.asarray(layout.is_mask, dtype=bool)
     real, masks = np.flatnonzero(~is_mask), np.flatnonzero(is_mask)
-    rank = np.empty(is_mask.shape[0], dtype=np.int64)  # a slot's position among its kind
+    rank = np.empty(is_mask.shape[0], dtype=np.int64)
     rank[real], rank[masks] = np.arange(real.size), np.arange(masks.size)
+    return real, masks, rank
+
+
+def _split(packed: PackedBatch) -> _Split:
+    keep = packed.keep.cpu().numpy()
+    real, masks, rank = _slot_ranks(packed.layout)
+    is_mask = np.asarray(packed.layout.is_mask, dtype=bool)
     kept_mask = is_mask[keep]
     order = np.empty(keep.size, dtype=np.int64)
     order[~kept_mask] = np.arange(int((~kept_mask).sum()))
@@ -426,6 +433,12 @@ def split_forward_logits(
     return torch.cat([real_logits.to(mask_logits.dtype), mask_logits], dim=1)[:, split.order]
 
 
+def _trained(packed: PackedBatch) -> torch.Tensor:
+    """``(M,)``: whether a region has a target of weight > 0 in some row of the micro-batch."""
+    weights = packed.weights[:, as_index(packed.layout.target_index, packed.weights.device)]
+    return (weights > 0).any(dim=-1).any(dim=0)
+
+
 def _trained_masks(packed: PackedBatch) -> torch.Tensor | None:
     """Positions among the mask slots (slot order) of those worth a pass, or ``None`` for all.
 
@@ -437,8 +450,7 @@ def _trained_masks(packed: PackedBatch) -> torch.Tensor | None:
     GSM8K-length rows (400 slots, prompts ~90 tokens).
     """
     layout = packed.layout
-    weights = packed.weights[:, as_index(layout.target_index, packed.weights.device)]
-    trained = (weights > 0).any(dim=-1).any(dim=0).cpu().numpy()  # (M,)
+    trained = _trained(packed).cpu().numpy()  # (M,)
     if trained.all() or not trained.any():  # nothing to leave out, or nothing to train
         return None
     is_mask = np.asarray(layout.is_mask, dtype=bool)
@@ -451,9 +463,7 @@ def trained_regions(packed: PackedBatch) -> torch.Tensor | None:
     """The regions (ascending) with a target of weight > 0 in some row of the micro-batch, or
     ``None`` when there is none.  The others add nothing to the ``gt`` loss, the agreement or
     the acceptance estimate (``_trained_masks``)."""
-    layout = packed.layout
-    weights = packed.weights[:, as_index(layout.target_index, packed.weights.device)]
-    trained = (weights > 0).any(dim=-1).any(dim=0)  # (M,)
+    trained = _trained(packed)
     if not bool(trained.any()):
         return None
     return torch.nonzero(trained).flatten()
@@ -487,10 +497,7 @@ def split_region_logits(
     """
     layout = packed.layout
     device = packed.keep.device
-    is_mask = np.asarray(layout.is_mask, dtype=bool)
-    real, masks = np.flatnonzero(~is_mask), np.flatnonzero(is_mask)
-    rank = np.empty(is_mask.shape[0], dtype=np.int64)  # a slot's position among its kind
-    rank[real], rank[masks] = np.arange(real.size), np.arange(masks.size)
+    real, _, rank = _slot_ranks(layout)
     predict = np.asarray(layout.predict_index)[regions.cpu().numpy()]  # (R, k) slots
     run = np.sort(predict[:, 1:].ravel())  # the regions' mask slots, in slot order
     dtype = next(core.parameters()).dtype
