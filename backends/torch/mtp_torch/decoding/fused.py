@@ -39,10 +39,12 @@ from mtp_core import Sampling, StepInputs, StepOutputs
 from mtp_torch.decoding.backend import IntArray, TorchBackend
 from mtp_torch.decoding.gated import GatedLinear, find_mask_gate
 from mtp_torch.decoding.native import load_native
+from mtp_torch.decoding.packing import pack_weight
 from mtp_torch.decoding.plan import MAX_PLAN_ROWS, KernelPlan
 
 __all__ = [
     "FUSED_ENV",
+    "PACKED_ENV",
     "FusedBackend",
     "FusedCache",
     "fused_unavailable_reason",
@@ -73,6 +75,13 @@ def observe_passes() -> Iterator[list[int]]:
 
 FUSED_ENV = "MTP_LM_FUSED"
 """Environment variable: ``0`` keeps decoding in transformers' forward even with native kernels."""
+
+PACKED_ENV = "MTP_LM_PACKED"
+"""Environment variable: ``1`` lets the fused pass read weights that are exactly a GGUF
+Q4_1/Q8_0 dequantization in packed form (``mtp_torch.decoding.packing``); the results are the
+same bits either way, only the bytes read differ.  Off by default: it makes a one-token pass of
+the default ~2.3x faster but a 7-row one only ~1.5x, so MTP's own gain shrinks (docs/results.md,
+eleventh session)."""
 
 _MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -159,7 +168,8 @@ def built_from(model: Any) -> tuple[Any, ...]:
         for name, p in model.named_parameters()
     )
     hooked = any(hasattr(module, "_hf_hook") for module in model.modules())
-    return os.environ.get(FUSED_ENV, "1").strip(), hooked, parameters
+    switches = (os.environ.get(FUSED_ENV, "1").strip(), os.environ.get(PACKED_ENV, "0").strip())
+    return switches, hooked, parameters
 
 
 @attrs.define(eq=False)
@@ -169,6 +179,7 @@ class _Weights:
     scales: list[float]
     final_norm: torch.Tensor
     head: torch.Tensor
+    packed: list[torch.Tensor]
     heads: int
     kv_heads: int
     head_dim: int
@@ -188,13 +199,38 @@ def _float16_exact(tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def _gather(model: Any, materialize: bool = True, half_adapters: bool | None = None) -> _Weights:
+def _packed_tensors(products: list[torch.Tensor], head: torch.Tensor) -> list[torch.Tensor]:
+    """``fused_forward``'s ``packed`` argument: ``(q, scales)`` per product (7 a block, then
+    the output layer) for its leading rows that pack (the rest are read in float32: the row of
+    a token added to the vocabulary after the quantization), empty where none does, or ``[]``
+    when nothing packs."""
+    empty = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.float32)]
+    tensors: list[torch.Tensor] = []
+    found = False
+    for weight in [*products, head]:
+        packed = pack_weight(weight)
+        if packed is None:
+            tensors += empty
+            continue
+        tensors += [packed.q, packed.scales]
+        found = True
+    return tensors if found else []
+
+
+def _gather(
+    model: Any,
+    materialize: bool = True,
+    half_adapters: bool | None = None,
+    packed_weights: bool = True,
+) -> _Weights:
     """The tensors of every block, in the order ``fused_forward`` reads them.
 
     ``materialize=False`` checks the structure and skips the contiguous copies, for callers
     that only ask whether the pass applies.  ``half_adapters``: store the gate's adapters in
     float16 (``None``: when that keeps every value, the float32 results bitwise; the mask rows'
-    update then streams half the bytes).
+    update then streams half the bytes).  ``packed_weights``: also keep the products' weights
+    that a GGUF Q4_1/Q8_0 quantization produced in packed form (``mtp_torch.decoding.packing``;
+    the same float32 values, read in a fifth to a quarter of the bytes).
     """
     ready = (lambda t: t.detach().contiguous()) if materialize else (lambda t: t)
     blocks: list[torch.Tensor] = []
@@ -237,12 +273,19 @@ def _gather(model: Any, materialize: bool = True, half_adapters: bool | None = N
                 raise ValueError("half_adapters: the adapters hold values float16 cannot represent")
         else:
             adapters = [tensor.detach().half() for tensor in adapters]
+    blocks = [ready(tensor) for tensor in blocks]
+    head_weight = ready(head.weight)
+    packed: list[torch.Tensor] = []
+    if materialize and packed_weights and blocks[1].dtype == torch.float32:
+        products = [t for i, t in enumerate(blocks) if i % 9 not in (0, 5)]
+        packed = _packed_tensors(products, head_weight)
     return _Weights(
-        blocks=[ready(tensor) for tensor in blocks],
+        blocks=blocks,
         adapters=[ready(tensor) for tensor in adapters] if gate else [],
         scales=scales if gate else [],
         final_norm=decoder.norm.weight.detach(),
-        head=ready(head.weight),
+        head=head_weight,
+        packed=packed,
         heads=int(config.num_attention_heads),
         kv_heads=int(config.num_key_value_heads),
         head_dim=int(attention.head_dim),
@@ -285,19 +328,34 @@ class FusedBackend(TorchBackend):
       half_adapters: keep a gate's adapters in float16; ``None`` (default): when every value
         is a float16 number, as in a delta shipped in float16, so that the results are bitwise
         those of float32 storage and the mask rows' update reads half the bytes.
+      packed_weights: read the float32 weights that are exactly a GGUF Q4_1/Q8_0
+        dequantization (the embedded default's) in packed form: bitwise the same results, a
+        fifth of the bytes a pass streams (``mtp_torch.decoding.packing``).  ``None``
+        (default): only with ``MTP_LM_PACKED=1``.  Packing the 135M default takes ~2 s when
+        the backend is built; weights that are not such values are left as they are.
 
     Raises:
       ValueError: for a model the fused pass does not serve (the reason says which), or
         ``half_adapters=True`` with adapters float16 cannot hold.
     """
 
-    def __init__(self, model: Any, plan: KernelPlan, *, half_adapters: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        plan: KernelPlan,
+        *,
+        half_adapters: bool | None = None,
+        packed_weights: bool | None = None,
+    ) -> None:
         super().__init__(model)
         reason = fused_unavailable_reason(model)
         if reason is not None:
             raise ValueError(f"the fused backend cannot run this model: {reason}")
         self._native = load_native()
-        self._weights = _gather(model, half_adapters=half_adapters)
+        if packed_weights is None:
+            packed_weights = os.environ.get(PACKED_ENV, "0").strip() == "1"
+        packed_weights = packed_weights and bool(self._native.has_simd())
+        self._weights = _gather(model, half_adapters=half_adapters, packed_weights=packed_weights)
         self._few = native_widths(plan)
 
     def new_cache(self, batch_size: int) -> FusedCache:  # type: ignore[override]
@@ -336,7 +394,7 @@ class FusedBackend(TorchBackend):
                 gated = np.flatnonzero(inputs.token_ids.reshape(-1) == w.mask_token_id).tolist()
             logits = self._native.fused_forward(
                 hidden.contiguous(), cos.contiguous(), sin.contiguous(), allowed, gated,
-                w.blocks, w.adapters, w.scales, cache.keys, cache.values, w.final_norm, w.head,
+                w.blocks, w.adapters, w.scales, w.packed, cache.keys, cache.values, w.final_norm, w.head,
                 read.tolist(), w.heads, past, w.eps, w.scaling, self._few,
             )  # fmt: skip
             cache.length = past + width

@@ -27,10 +27,8 @@ struct Shape {
 
 #ifdef MTP_HAVE_SIMD
 #if defined(__AVX512F__)
-inline Vec vset1(float v) { return _mm512_set1_ps(v); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
-inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vfloor(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
 inline Vec vpow2(Vec n) {  // 2^n for integral n in the normal range
   return _mm512_castsi512_ps(
@@ -38,10 +36,8 @@ inline Vec vpow2(Vec n) {  // 2^n for integral n in the normal range
 }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 #else
-inline Vec vset1(float v) { return _mm256_set1_ps(v); }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
-inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vfloor(Vec a) { return _mm256_floor_ps(a); }
 inline Vec vpow2(Vec n) {
   return _mm256_castsi256_ps(

@@ -191,7 +191,8 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
                              const std::vector<int64_t>& gated,
                              const std::vector<torch::Tensor>& blocks,
                              const std::vector<torch::Tensor>& adapters,
-                             const std::vector<double>& scales, torch::Tensor k_cache,
+                             const std::vector<double>& scales,
+                             const std::vector<torch::Tensor>& packed, torch::Tensor k_cache,
                              torch::Tensor v_cache, const torch::Tensor& final_norm,
                              const torch::Tensor& head, const std::vector<int64_t>& read,
                              const Shape& s, uint32_t few) {
@@ -212,9 +213,21 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   const bool gate = !adapters.empty() && !gated.empty();
   const std::vector<int64_t> none;
   const std::vector<int64_t>& at_rows = gate ? gated : none;
+  // Packed weights (see Q4Rows / Q8Rows): (q, scales) per product, q uint8 for Q4_1 and int8
+  // for Q8_0, empty where a product is not packed; 7 products per block, then the output layer.
+  auto pack = [&](Segment<T>& sg, int64_t index) {
+    if (!std::is_same<T, float>::value || packed.empty()) return;
+    const torch::Tensor& q = packed[index * 2];
+    if (q.numel() == 0) return;
+    sg.qs = reinterpret_cast<const float*>(packed[index * 2 + 1].data_ptr());
+    sg.packed_rows = q.size(0);
+    if (q.scalar_type() == at::kByte) sg.q4 = q.data_ptr<uint8_t>();
+    else sg.q8 = q.data_ptr<int8_t>();
+  };
   auto seg = [&](int64_t layer, int which, const torch::Tensor& weight, torch::Tensor& out) {
     Segment<T> sg{weight.data_ptr<T>(), out.data_ptr<T>(), weight.size(0), out.size(1)};
     const int64_t at_ = layer * kAdapted + which;
+    pack(sg, at_);
     if (gate && adapters[at_ * 2].numel() > 0) {
       const torch::Tensor& a = adapters[at_ * 2];
       const torch::Tensor& b = adapters[at_ * 2 + 1];
@@ -257,7 +270,9 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   rms_norm<T>(picked.data_ptr<T>(), final_norm.data_ptr<T>(), normed.data_ptr<T>(), n, s.hidden,
               s.eps);
   auto logits = torch::empty({n, head.size(0)}, opts);
-  product<T>(normed, n, few, {Segment<T>{head.data_ptr<T>(), logits.data_ptr<T>(), head.size(0), logits.size(1)}}, none);
+  Segment<T> out_layer{head.data_ptr<T>(), logits.data_ptr<T>(), head.size(0), logits.size(1)};
+  pack(out_layer, layers * kAdapted);
+  product<T>(normed, n, few, {out_layer}, none);
   return logits;
 }
 

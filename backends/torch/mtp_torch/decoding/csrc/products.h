@@ -48,6 +48,13 @@ struct Segment {
   double scale = 0.0;
   const uint16_t* ah = nullptr;  // or A and B as float16 bits (float32 models; a, b unset)
   const uint16_t* bh = nullptr;
+  // The same weights packed (float32 models, in % 32 == 0; see Q4Rows / Q8Rows): q4 (Q4_1) or
+  // q8 (Q8_0) with their per-block scales ``qs``.  ``weight`` stays for ATen's wide products
+  // and for the rows past the packed ones.
+  const uint8_t* q4 = nullptr;
+  const int8_t* q8 = nullptr;
+  const float* qs = nullptr;
+  int64_t packed_rows = 0;  // rows [0, packed_rows) packed, the rest read from ``weight``
   bool adapted() const { return a != nullptr || ah != nullptr; }
 };
 
@@ -145,6 +152,8 @@ inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vset1(float v) { return _mm512_set1_ps(v); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline Vec vload_half(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -166,6 +175,8 @@ inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vset1(float v) { return _mm256_set1_ps(v); }
 inline Vec vload_half(const uint16_t* p) {  // F16C: on every AVX2 CPU of this kind
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -183,40 +194,208 @@ inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
 }
 #endif
 
-// Weights are read as float32 or as float16 bits (adapter A stored in float16, read without a
-// widened copy): the same float32 values either way, so the same results.
+// Where a product's weights come from.  A reader hands the kernel lanes-wide vectors of a weight
+// row's float32 values and asks for rows ahead into L2; every reader gives the same float32
+// values for the same weights, so the products are bitwise the same whichever one is used.
+//
+// - DenseRows: float32 weights, or float16 bits (adapter A stored in float16, read without a
+//   widened copy).
+// - Q4Rows / Q8Rows: weights whose every block of 32 values along a row is exactly
+//   ``d * q + m`` with q in 0..15 (GGUF Q4_1) or ``d * q`` with q in -128..127 (Q8_0), d and m
+//   float16 numbers: what a model dequantized from such a GGUF file holds.  They are stored as
+//   the 4- or 8-bit q and float32 (d, m) per block (0.75 or 1.125 bytes a weight instead of 4)
+//   and expanded in registers: d * q is exact in float32 (11 by at most 8 significant bits), so
+//   ``fma(d, q, m)`` rounds once, as the dequantization's ``d * q + m`` did, and every value is
+//   the stored float32 weight's (mtp_torch.decoding.packing checks each block when it packs).
+//   A one-token pass then streams ~100 MB of the 135M default instead of ~540 MB.
 inline Vec vload_w(const float* p) { return vload(p); }
 inline Vec vload_w(const uint16_t* p) { return vload_half(p); }
 inline float scalar_w(float v) { return v; }
 inline float scalar_w(uint16_t v) { return half_value(v); }
 
-// O output rows starting at o, N activation rows, U independent lanes-wide chunks per step.
+template <typename W>
+struct DenseRows {
+  const W* w;
+  int64_t in;
+  static constexpr int kChunks = 1;  // lanes-wide chunks per fetch
+  struct Row {
+    const W* p;
+    const W* fetch(int64_t i) const { return p + i; }
+    Vec chunk(const W* f, int) const { return vload_w(f); }
+    float scalar(int64_t i) const { return scalar_w(p[i]); }
+    // Into L2: the lines that values [i, i + count) of the row ``ahead`` rows on occupy.
+    void prefetch(int64_t i, int64_t count, int64_t ahead_values) const {
+      for (int64_t line = 0; line < count; line += 64 / int64_t(sizeof(W)))
+        _mm_prefetch(reinterpret_cast<const char*>(p + ahead_values + i + line), _MM_HINT_T1);
+    }
+  };
+  Row row(int64_t o) const { return {w + o * in}; }
+};
+
+#if defined(__AVX512F__)
+inline __m512i widen_u8(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m512i widen_i8(const int8_t* p) {
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec to_float(__m512i v) { return _mm512_cvtepi32_ps(v); }
+#else
+inline __m256i widen_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i widen_i8(const int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec to_float(__m256i v) { return _mm256_cvtepi32_ps(v); }
+#endif
+
+// Q4_1: per row, in / 2 bytes of q (byte j of a block holds element j in its low nibble and
+// element j + 16 in its high one, GGUF's order) and in / 32 pairs (d, m).
+struct Q4Rows {
+  const uint8_t* q;
+  const float* dm;
+  int64_t in;
+  const float* dense;   // the float32 weight: rows from ``packed`` on are read from it
+  int64_t packed;
+  static constexpr int kChunks = 32 / kLanes;  // a fetch is one block of 32 values
+#if defined(__AVX512F__)
+  struct Fetched {
+    __m512i bytes;  // the block's 16 bytes, one a lane
+    Vec d, m;
+    const float* p;  // a float32 row's values instead (bytes, d, m unset)
+  };
+#else
+  struct Fetched {
+    const uint8_t* bytes;
+    const float* dm;
+    const float* p;
+  };
+#endif
+  struct Row {
+    const uint8_t* q;
+    const float* dm;
+    const float* p;  // non-null: a row past the packed ones, read in float32
+    Fetched fetch(int64_t i) const {
+      const int64_t b = i >> 5;
+      Fetched f{};
+      if (p != nullptr) {
+        f.p = p + i;
+        return f;
+      }
+#if defined(__AVX512F__)
+      f.bytes = widen_u8(q + b * 16);
+      f.d = vset1(dm[2 * b]);
+      f.m = vset1(dm[2 * b + 1]);
+#else
+      f.bytes = q + b * 16;
+      f.dm = dm + 2 * b;
+#endif
+      return f;
+    }
+    // Values [c * kLanes, (c + 1) * kLanes) of the block: the low nibbles of bytes
+    // (c * kLanes) % 16 on for the first 16 values, the high ones for the rest.
+    Vec chunk(const Fetched& f, int c) const {
+      if (f.p != nullptr) return vload(f.p + c * kLanes);
+#if defined(__AVX512F__)
+      __m512i v = f.bytes;
+      if (c == 1) v = _mm512_srli_epi32(v, 4);
+      v = _mm512_and_si512(v, _mm512_set1_epi32(15));
+      return vfma(f.d, to_float(v), f.m);
+#else
+      __m256i v = widen_u8(f.bytes + (c & 1) * 8);
+      if (c >= 2) v = _mm256_srli_epi32(v, 4);
+      v = _mm256_and_si256(v, _mm256_set1_epi32(15));
+      return vfma(vset1(f.dm[0]), to_float(v), vset1(f.dm[1]));
+#endif
+    }
+    // i: a multiple of 32 (one fetch); a line holds the q of 128 values, the (d, m) of 256.
+    void prefetch(int64_t i, int64_t, int64_t ahead_values) const {
+      if (q == nullptr) return;
+      if ((i & 127) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(q + (ahead_values + i) / 2), _MM_HINT_T1);
+      if ((i & 255) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(dm + (ahead_values + i) / 16), _MM_HINT_T1);
+    }
+    float scalar(int64_t) const { return 0.f; }  // never: packed rows have in % 32 == 0
+  };
+  Row row(int64_t o) const {
+    if (o >= packed) return {nullptr, nullptr, dense + o * in};
+    return {q + o * (in / 2), dm + o * (in / 16), nullptr};
+  }
+};
+
+// Q8_0: per row, in bytes of q and in / 32 scales d.
+struct Q8Rows {
+  const int8_t* q;
+  const float* d;
+  int64_t in;
+  const float* dense;  // as Q4Rows
+  int64_t packed;
+  static constexpr int kChunks = 32 / kLanes;
+  struct Fetched {
+    const int8_t* q;
+    const float* d;
+    const float* p;
+  };
+  struct Row {
+    const int8_t* q;
+    const float* d;
+    const float* p;
+    Fetched fetch(int64_t i) const {
+      if (p != nullptr) return {nullptr, nullptr, p + i};
+      return {q + i, d + (i >> 5), nullptr};
+    }
+    Vec chunk(const Fetched& f, int c) const {
+      if (f.p != nullptr) return vload(f.p + c * kLanes);
+      return vmul(vset1(f.d[0]), to_float(widen_i8(f.q + c * kLanes)));
+    }
+    // i: a multiple of 32; a line holds the q of 64 values, the d of 512.
+    void prefetch(int64_t i, int64_t, int64_t ahead_values) const {
+      if (q == nullptr) return;
+      if ((i & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(q + ahead_values + i), _MM_HINT_T1);
+      if ((i & 511) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(d + (ahead_values + i) / 32), _MM_HINT_T1);
+    }
+    float scalar(int64_t) const { return 0.f; }  // never: packed rows have in % 32 == 0
+  };
+  Row row(int64_t o) const {
+    if (o >= packed) return {nullptr, nullptr, dense + o * in};
+    return {q + o * in, d + o * (in / 32), nullptr};
+  }
+};
+
+// O output rows starting at o, N activation rows.  Each step fetches what the reader needs for
+// R::kChunks lanes-wide chunks of the O weight rows (a packed block of 32 values: its bytes and
+// scales once), then runs the chunks in order, so every sum takes its chunks in the same order
+// whatever the reader: the same bits.
 // Prefetch: ask for the next block's rows, one block ahead, into L2 (not L1: the activation rows
 // live there, and a prefetch into L1 evicted them: measured 1.5x slower at 4-8 rows).
 // fold: the adapter update (rank a multiple of kLanes), added to the lanes of the gated rows'
 // sums before they are reduced: one multiply-add per (output row, gated row), B read with W.
-template <int N, int O, int U, bool Prefetch = true, typename W = float>
-inline void block_f32(const W* w, const float* x, float* out, int64_t in, int64_t o,
+template <int N, int O, bool Prefetch = true, typename R>
+inline void block_f32(const R& rd, const float* x, float* out, int64_t in, int64_t o,
                       int64_t stride, const Fold<float>* fold = nullptr) {
-  constexpr int64_t step = int64_t(kLanes) * U;
+  constexpr int C = R::kChunks;
+  constexpr int64_t step = int64_t(kLanes) * C;
   const int64_t body = in - in % step;
-  Vec acc[O][N][U];
+  Vec acc[O][N];
   for (int a = 0; a < O; ++a)
-    for (int r = 0; r < N; ++r)
-      for (int u = 0; u < U; ++u) acc[a][r][u] = vzero();
-  const W* rows[O];
-  for (int a = 0; a < O; ++a) rows[a] = w + (o + a) * in;
+    for (int r = 0; r < N; ++r) acc[a][r] = vzero();
+  typename R::Row rows[O];
+  for (int a = 0; a < O; ++a) rows[a] = rd.row(o + a);
   for (int64_t i = 0; i < body; i += step) {
     if (Prefetch)
-      for (int a = 0; a < O; ++a)
-        for (int64_t line = 0; line < step; line += 64 / int64_t(sizeof(W)))  // one 64-byte line
-          _mm_prefetch(reinterpret_cast<const char*>(rows[a] + O * in + i + line), _MM_HINT_T1);
-    for (int u = 0; u < U; ++u) {
+      for (int a = 0; a < O; ++a) rows[a].prefetch(i, step, O * in);
+    decltype(rows[0].fetch(0)) fetched[O];
+    for (int a = 0; a < O; ++a) fetched[a] = rows[a].fetch(i);
+    for (int c = 0; c < C; ++c) {
       Vec xv[N];
-      for (int r = 0; r < N; ++r) xv[r] = vload(x + r * in + i + u * kLanes);
+      for (int r = 0; r < N; ++r) xv[r] = vload(x + r * in + i + c * kLanes);
       for (int a = 0; a < O; ++a) {
-        const Vec wv = vload_w(rows[a] + i + u * kLanes);
-        for (int r = 0; r < N; ++r) acc[a][r][u] = vfma(wv, xv[r], acc[a][r][u]);
+        const Vec wv = rows[a].chunk(fetched[a], c);
+        for (int r = 0; r < N; ++r) acc[a][r] = vfma(wv, xv[r], acc[a][r]);
       }
     }
   }
@@ -224,10 +403,7 @@ inline void block_f32(const W* w, const float* x, float* out, int64_t in, int64_
   Vec t[K];
   float sums[K + 3];
   for (int a = 0; a < O; ++a)
-    for (int r = 0; r < N; ++r) {
-      t[a * N + r] = acc[a][r][0];
-      for (int u = 1; u < U; ++u) t[a * N + r] = vadd(t[a * N + r], acc[a][r][u]);
-    }
+    for (int r = 0; r < N; ++r) t[a * N + r] = acc[a][r];
   if (fold != nullptr) {
     // Each lanes-wide chunk of B's rows is loaded once for all gated rows, and each chunk of the
     // gated rows' ``low`` once for all O output rows; every sum still takes its chunks in order.
@@ -252,7 +428,7 @@ inline void block_f32(const W* w, const float* x, float* out, int64_t in, int64_
   for (int a = 0; a < O; ++a) {
     for (int r = 0; r < N; ++r) {
       float s = sums[a * N + r];
-      for (int64_t i = body; i < in; ++i) s += scalar_w(rows[a][i]) * x[r * in + i];
+      for (int64_t i = body; i < in; ++i) s += rows[a].scalar(i) * x[r * in + i];
       out[r * stride + o + a] = s;
     }
   }
@@ -271,21 +447,21 @@ constexpr int block_rows() {
 }
 
 // Output rows [b, e): blocks of O rows, then single rows.
-template <int N, typename W = float>
-void rows_f32(const W* w, const float* x, float* out, int64_t in, int64_t b, int64_t e,
+template <int N, typename R>
+void rows_f32(const R& rd, const float* x, float* out, int64_t in, int64_t b, int64_t e,
               int64_t stride, const Fold<float>* fold) {
   constexpr int O = block_rows<N>();
   int64_t o = b;
-  for (; o + O <= e; o += O) block_f32<N, O, 1, true, W>(w, x, out, in, o, stride, fold);
-  for (; o < e; ++o) block_f32<N, 1, 1, true, W>(w, x, out, in, o, stride, fold);
+  for (; o + O <= e; o += O) block_f32<N, O, true>(rd, x, out, in, o, stride, fold);
+  for (; o < e; ++o) block_f32<N, 1, true>(rd, x, out, in, o, stride, fold);
 }
 
 // 7-8 rows with 16 registers: each block of 3 weight rows twice, for the first 4 activation rows
 // and then the rest (12 and 9-12 accumulators fit; 21-24 spilled), the second time from L1.
-template <int N, typename W = float>
-void rows_f32_split(const W* w, const float* x, float* out, int64_t in, int64_t b,
+template <int N, typename R>
+void rows_f32_split(const R& rd, const float* x, float* out, int64_t in, int64_t b,
                     int64_t e, int64_t stride, const Fold<float>* fold) {
-  constexpr int H = 4, R = N - H;
+  constexpr int H = 4, Rest = N - H;
   Fold<float> rest;
   const Fold<float>* fold_rest = nullptr;
   if (fold != nullptr) {
@@ -295,45 +471,53 @@ void rows_f32_split(const W* w, const float* x, float* out, int64_t in, int64_t 
   }
   int64_t o = b;
   for (; o + 3 <= e; o += 3) {
-    block_f32<H, 3, 1, true, W>(w, x, out, in, o, stride, fold);
-    block_f32<R, 3, 1, false, W>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
+    block_f32<H, 3, true>(rd, x, out, in, o, stride, fold);
+    block_f32<Rest, 3, false>(rd, x + H * in, out + H * stride, in, o, stride, fold_rest);
   }
   for (; o < e; ++o) {
-    block_f32<H, 1, 1, true, W>(w, x, out, in, o, stride, fold);
-    block_f32<R, 1, 1, false, W>(w, x + H * in, out + H * stride, in, o, stride, fold_rest);
+    block_f32<H, 1, true>(rd, x, out, in, o, stride, fold);
+    block_f32<Rest, 1, false>(rd, x + H * in, out + H * stride, in, o, stride, fold_rest);
   }
 }
 
-template <typename W = float>
-void rows_f32_n(const W* w, const float* x, float* out, int64_t in, int64_t n, int64_t b,
+template <typename R>
+void rows_f32_n(const R& rd, const float* x, float* out, int64_t in, int64_t n, int64_t b,
                 int64_t e, int64_t stride, const Fold<float>* fold) {
   switch (n) {
-    case 1: rows_f32<1, W>(w, x, out, in, b, e, stride, fold); break;
-    case 2: rows_f32<2, W>(w, x, out, in, b, e, stride, fold); break;
-    case 3: rows_f32<3, W>(w, x, out, in, b, e, stride, fold); break;
-    case 4: rows_f32<4, W>(w, x, out, in, b, e, stride, fold); break;
-    case 5: rows_f32<5, W>(w, x, out, in, b, e, stride, fold); break;
-    case 6: rows_f32<6, W>(w, x, out, in, b, e, stride, fold); break;
+    case 1: rows_f32<1>(rd, x, out, in, b, e, stride, fold); break;
+    case 2: rows_f32<2>(rd, x, out, in, b, e, stride, fold); break;
+    case 3: rows_f32<3>(rd, x, out, in, b, e, stride, fold); break;
+    case 4: rows_f32<4>(rd, x, out, in, b, e, stride, fold); break;
+    case 5: rows_f32<5>(rd, x, out, in, b, e, stride, fold); break;
+    case 6: rows_f32<6>(rd, x, out, in, b, e, stride, fold); break;
     case 7:
-      if (kRegisters >= 32) rows_f32<7, W>(w, x, out, in, b, e, stride, fold);
-      else rows_f32_split<7, W>(w, x, out, in, b, e, stride, fold);
+      if (kRegisters >= 32) rows_f32<7>(rd, x, out, in, b, e, stride, fold);
+      else rows_f32_split<7>(rd, x, out, in, b, e, stride, fold);
       break;
     default:
-      if (kRegisters >= 32) rows_f32<8, W>(w, x, out, in, b, e, stride, fold);
-      else rows_f32_split<8, W>(w, x, out, in, b, e, stride, fold);
+      if (kRegisters >= 32) rows_f32<8>(rd, x, out, in, b, e, stride, fold);
+      else rows_f32_split<8>(rd, x, out, in, b, e, stride, fold);
       break;
   }
 }
 #endif
 
 // Output rows [b, e) of n rows' product, with the adapter update where ``fold`` is given.
+// ``sg``: the segment, when its weights may be read packed.
 template <typename T>
 inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_t b, int64_t e,
-                   int64_t stride, const Fold<T>* fold = nullptr) {
+                   int64_t stride, const Fold<T>* fold = nullptr,
+                   const Segment<T>* sg = nullptr) {
 #ifdef MTP_HAVE_SIMD
   if constexpr (std::is_same<T, float>::value) {
     const bool lanes = fold == nullptr || fold->rank % kLanes == 0;
-    rows_f32_n(w, x, out, in, n, b, e, stride, lanes ? fold : nullptr);
+    const Fold<float>* f = lanes ? fold : nullptr;
+    if (sg != nullptr && sg->q4 != nullptr)
+      rows_f32_n(Q4Rows{sg->q4, sg->qs, in, w, sg->packed_rows}, x, out, in, n, b, e, stride, f);
+    else if (sg != nullptr && sg->q8 != nullptr)
+      rows_f32_n(Q8Rows{sg->q8, sg->qs, in, w, sg->packed_rows}, x, out, in, n, b, e, stride, f);
+    else
+      rows_f32_n(DenseRows<float>{w, in}, x, out, in, n, b, e, stride, f);
     if (!lanes) fold_rows<T>(*fold, out, n, b, e, stride);
     return;
   }
@@ -354,7 +538,7 @@ void adapter_low(const Segment<T>& sg, const T* picked, int64_t ng, int64_t in, 
 #ifdef MTP_HAVE_SIMD
   if constexpr (std::is_same<T, float>::value) {
     direct = sg.ah != nullptr;
-    if (direct) rows_f32_n<uint16_t>(sg.ah, picked, low, in, ng, r0, r1, sg.rank, nullptr);
+    if (direct) rows_f32_n(DenseRows<uint16_t>{sg.ah, in}, picked, low, in, ng, r0, r1, sg.rank, nullptr);
   }
 #endif
   if (!direct) {
@@ -410,7 +594,7 @@ void few_row_product(const T* x, int64_t n, int64_t in, const std::vector<Segmen
         for (int64_t m = 0; m < ng; ++m) fold.slot[gated[m]] = static_cast<int8_t>(m);
       }
       rows_n<T>(sg.weight, x, sg.out, in, n, lo - start[s], hi - start[s], sg.stride,
-                fold.low ? &fold : nullptr);
+                fold.low ? &fold : nullptr, &sg);
     }
   };
   if (picked.empty()) {

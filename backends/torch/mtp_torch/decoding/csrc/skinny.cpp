@@ -50,7 +50,8 @@ torch::Tensor fused_forward(const torch::Tensor& hidden, const torch::Tensor& co
                             const std::vector<int64_t>& gated,
                             const std::vector<torch::Tensor>& blocks,
                             const std::vector<torch::Tensor>& adapters,
-                            const std::vector<double>& scales, torch::Tensor k_cache,
+                            const std::vector<double>& scales,
+                            const std::vector<torch::Tensor>& packed, torch::Tensor k_cache,
                             torch::Tensor v_cache, const torch::Tensor& final_norm,
                             const torch::Tensor& head, const std::vector<int64_t>& read,
                             int64_t heads, int64_t past, double eps, double scaling, int64_t few) {
@@ -68,6 +69,10 @@ torch::Tensor fused_forward(const torch::Tensor& hidden, const torch::Tensor& co
   TORCH_CHECK(adapters.empty() ||
                   static_cast<int64_t>(adapters.size()) == layers * mtp::kAdapted * 2,
               "fused_forward: 14 adapter tensors per block or none");
+  TORCH_CHECK(packed.empty() ||
+                  static_cast<int64_t>(packed.size()) == (layers * mtp::kAdapted + 1) * 2,
+              "fused_forward: 14 packed tensors per block and 2 for the output layer, or none");
+  for (const auto& t : packed) check_cpu(t, "packed weight");
   for (const auto& t : blocks) check_cpu(t, "block weight");
   mtp::Shape s{hidden.size(0),  hidden.size(1),  hidden.size(2), heads,      k_cache.size(2),
                k_cache.size(4), blocks[6].size(0), k_cache.size(3), past,     eps,
@@ -79,11 +84,43 @@ torch::Tensor fused_forward(const torch::Tensor& hidden, const torch::Tensor& co
   for (int64_t r : gated) TORCH_CHECK(r >= 0 && r < s.batch * s.width, "fused_forward: bad row");
   const uint32_t mask = static_cast<uint32_t>(few);
   if (hidden.scalar_type() == at::kFloat)
-    return mtp::forward_blocks<float>(hidden, cos, sin, allowed, gated, blocks, adapters, scales,
+    return mtp::forward_blocks<float>(hidden, cos, sin, allowed, gated, blocks, adapters, scales, packed,
                                       k_cache, v_cache, final_norm, head, read, s, mask);
   TORCH_CHECK(hidden.scalar_type() == at::kDouble, "fused_forward: float32 or float64 only");
-  return mtp::forward_blocks<double>(hidden, cos, sin, allowed, gated, blocks, adapters, scales,
+  return mtp::forward_blocks<double>(hidden, cos, sin, allowed, gated, blocks, adapters, scales, packed,
                                      k_cache, v_cache, final_norm, head, read, s, mask);
+}
+
+// skinny_linear with the weight read packed (mtp_torch.decoding.packing): q (rows, in / 2) uint8
+// for Q4_1 or (rows, in) int8 for Q8_0, scales their per-block float32 (d, m) or d, for the
+// leading rows <= out of weight, which holds the same values in float32 (the kernel reads the
+// rest from it).
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& q, const torch::Tensor& scales) {
+  TORCH_CHECK(mtp::has_simd(), "packed_linear: needs the AVX2/AVX-512 build");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                  scales.scalar_type() == at::kFloat,
+              "packed_linear: float32 x, weight and scales");
+  TORCH_CHECK(q.scalar_type() == at::kByte || q.scalar_type() == at::kChar,
+              "packed_linear: q must be uint8 (Q4_1) or int8 (Q8_0)");
+  for (const auto* t : {&x, &weight, &q, &scales}) check_cpu(*t, "packed_linear");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1) &&
+                  x.size(1) % 32 == 0 && x.size(0) >= 1 && x.size(0) <= mtp::kMaxRows,
+              "packed_linear: 1 to 8 rows, features a multiple of 32");
+  const int64_t n = x.size(0), in = x.size(1), od = weight.size(0);
+  const bool q4 = q.scalar_type() == at::kByte;
+  const int64_t rows = q.size(0);  // leading rows packed; the rest read from weight
+  TORCH_CHECK(q.dim() == 2 && rows <= od && q.numel() == rows * (q4 ? in / 2 : in) &&
+                  scales.numel() == rows * (in / 32) * (q4 ? 2 : 1),
+              "packed_linear: q or scales have the wrong size");
+  auto out = torch::empty({n, od}, x.options());
+  mtp::Segment<float> sg{weight.data_ptr<float>(), out.data_ptr<float>(), od, od};
+  sg.qs = scales.data_ptr<float>();
+  sg.packed_rows = rows;
+  if (q4) sg.q4 = q.data_ptr<uint8_t>();
+  else sg.q8 = q.data_ptr<int8_t>();
+  mtp::few_row_product<float>(x.data_ptr<float>(), n, in, {sg});
+  return out;
 }
 
 bool has_simd() { return mtp::has_simd(); }
@@ -91,5 +128,6 @@ bool has_simd() { return mtp::has_simd(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "weight-first product of 1-8 rows");
   m.def("fused_forward", &fused_forward, "one decoding pass of a Llama-family decoder");
+  m.def("packed_linear", &packed_linear, "skinny_linear reading Q4_1/Q8_0-packed weights");
   m.def("has_simd", &has_simd, "whether the float32 path uses AVX2/AVX-512 intrinsics");
 }
