@@ -154,6 +154,16 @@ def test_example_runs(name: str) -> None:
     assert EXPECTED_OUTPUT[name] in result.stdout
 
 
+def test_pass_widths_times_packed_weights_with_the_same_results() -> None:
+    """``pass_widths.py --packed``: the tiny model rounded to Q4_1 codes packs, and both
+    backends give the same tokens and confidences at every width."""
+    result = _run([str(EXAMPLES / "pass_widths.py"), "--packed", "--iterations", "2"], timeout=300)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "packed weights: one-token pass" in result.stdout
+    assert "no weight of this model packs" not in result.stdout
+    assert "(same tokens and confidences: True)" in result.stdout
+
+
 def test_judging_a_checkpoint_logs_each_subset_and_the_whole(tmp_path: Path) -> None:
     """``replay_policies.py --judge``: one JSON line per subset and one over all prompts, named
     by the prompt file and absolute index, the whole a weighted mean of its parts."""
