@@ -165,3 +165,50 @@ def test_a_fused_pass_over_packed_weights_is_the_float32_pass(
         assert torch.equal(caches[0].keys[..., :length, :], caches[1].keys[..., :length, :])
         assert torch.equal(caches[0].values[..., :length, :], caches[1].values[..., :length, :])
         past += width
+
+
+@pytest.mark.parametrize("packed_weights", [False, True])
+@pytest.mark.parametrize(
+    ("batch", "splits"),
+    [(1, (4, 4)), (1, (8,)), (1, (3, 5)), (1, (2, 1, 5)), (1, (7, 1)), (2, (4, 4)), (2, (1, 3, 4))],
+)
+def test_a_pass_of_n_tokens_is_n_one_token_passes_bit_for_bit(
+    packed_weights: bool, batch: int, splits: tuple[int, ...]
+) -> None:
+    """Why verification is lossless by construction: every row of a pass the few-row kernel
+    serves (up to 8 rows in all) gets the bits a one-token pass gives it (products, attention,
+    cache), so a verify pass's logits are ``StaticK(1)``'s.  (Before the eleventh session a
+    sum's reduction tree depended on where it fell in the kernel's block, and the rows differed
+    in their last bits between widths.)"""
+    native = load_native()
+    if native is None or not native.has_simd():
+        pytest.skip("the few-row kernel needs the compiled AVX2/AVX-512 build")
+    model, mask = _quantized_model(gated=True)
+    backend = FusedBackend(model, fixed_plan("native"), packed_weights=packed_weights)
+    rng = np.random.default_rng(sum(splits) * 7 + len(splits))
+    prompt = rng.integers(0, 63, (batch, 11))
+    tokens = rng.integers(0, 63, (batch, 8))
+
+    def run(widths: tuple[int, ...]) -> tuple[np.ndarray, torch.Tensor]:
+        cache = backend.new_cache(batch)
+        allowed = np.ones((batch, 11), dtype=bool)
+        allowed[1:, :3] = False  # row 1 left-padded
+        positions = np.tile(np.arange(11), (batch, 1))
+        step = StepInputs(prompt, positions, allowed, np.full((batch, 1), 10))
+        _, cache = backend.forward(cache, step, Sampling(), 0)
+        confidences, past = [], 11
+        for start, width in zip(np.cumsum((0, *widths[:-1])), widths, strict=True):
+            allowed = np.concatenate([allowed, np.ones((batch, width), dtype=bool)], axis=1)
+            positions = np.tile(np.arange(past, past + width), (batch, 1))
+            ids = tokens[:, start : start + width]
+            step = StepInputs(ids, positions, allowed, np.tile(np.arange(width), (batch, 1)))
+            out, cache = backend.forward(cache, step, Sampling(), 0)
+            confidences.append(out.confidences)
+            past += width
+        return np.concatenate(confidences, axis=1), cache.keys[..., :past, :].clone()
+
+    one, keys = run((1,) * 8)
+    got, got_keys = run(splits)
+    assert np.array_equal(got, one)
+    assert torch.equal(got_keys, keys)
+    assert mask == 63  # (real tokens only here: mask rows never reach a real row)

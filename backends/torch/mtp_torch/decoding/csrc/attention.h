@@ -129,13 +129,17 @@ inline void attend_head_f32(const float* q, const float* keys, const float* valu
     }
     for (int64_t j = 0; j <= last_i; ++j)
       if (!mask[j]) row[j] = lowest;
-    std::fill(row + last_i + 1, row + slots, lowest);
+    // Over the slots this query sees only, so that which slots take the vector exp and which
+    // the scalar one depends on the query's position, not on the pass width: a query gets the
+    // same bits in a pass of any width (a verify pass's rows are one-token passes' rows).
+    const int64_t seen = last_i + 1;
+    std::fill(row + seen, row + slots, 0.f);
     const Vec vtop = vset1(top);
     int64_t j = 0;
-    for (; j + kLanes <= slots; j += kLanes) vstore(row + j, vexp(vadd(vload(row + j), vmul(vtop, vset1(-1.f)))));
-    for (; j < slots; ++j) row[j] = std::exp(row[j] - top);
+    for (; j + kLanes <= seen; j += kLanes) vstore(row + j, vexp(vadd(vload(row + j), vmul(vtop, vset1(-1.f)))));
+    for (; j < seen; ++j) row[j] = std::exp(row[j] - top);
     float total = 0.f;
-    for (int64_t k = 0; k < slots; ++k) {
+    for (int64_t k = 0; k < seen; ++k) {
       if (row[k] < 1e-37f) row[k] = 0.f;  // masked slots: the clamped exp's floor, dropped
       total += row[k];
     }

@@ -154,7 +154,6 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vset1(float v) { return _mm512_set1_ps(v); }
-inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline Vec vload_half(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -179,12 +178,6 @@ inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vset1(float v) { return _mm256_set1_ps(v); }
 inline Vec vload_half(const uint16_t* p) {  // F16C: on every AVX2 CPU of this kind
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline float vsum(Vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
 }
 inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {
   const Vec ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
@@ -262,8 +255,8 @@ struct Q4Rows {
 #if defined(__AVX512F__)
   struct Fetched {
     __m512i bytes;  // the block's 16 bytes, one a lane
-    Vec d, m;
-    const float* p;  // a float32 row's values instead (bytes, d, m unset)
+    Vec table;      // the block's 16 values d * k + m, k = 0..15
+    const float* p;  // a float32 row's values instead (bytes, table unset)
   };
 #else
   struct Fetched {
@@ -285,8 +278,8 @@ struct Q4Rows {
       }
 #if defined(__AVX512F__)
       f.bytes = widen_u8(q + b * 16);
-      f.d = vset1(dm[2 * b]);
-      f.m = vset1(dm[2 * b + 1]);
+      const Vec k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      f.table = vfma(vset1(dm[2 * b]), k, vset1(dm[2 * b + 1]));
 #else
       f.bytes = q + b * 16;
       f.dm = dm + 2 * b;
@@ -298,10 +291,9 @@ struct Q4Rows {
     Vec chunk(const Fetched& f, int c) const {
       if (f.p != nullptr) return vload(f.p + c * kLanes);
 #if defined(__AVX512F__)
-      __m512i v = f.bytes;
-      if (c == 1) v = _mm512_srli_epi32(v, 4);
-      v = _mm512_and_si512(v, _mm512_set1_epi32(15));
-      return vfma(f.d, to_float(v), f.m);
+      // vpermps reads the low 4 bits of each index: the low nibble, or the high one shifted.
+      const __m512i v = c == 0 ? f.bytes : _mm512_srli_epi32(f.bytes, 4);
+      return _mm512_permutexvar_ps(v, f.table);
 #else
       __m256i v = widen_u8(f.bytes + (c & 1) * 8);
       if (c >= 2) v = _mm256_srli_epi32(v, 4);
@@ -424,7 +416,10 @@ inline void block_f32(const R& rd, const float* x, float* out, int64_t in, int64
   }
   int k = 0;
   for (; k + 4 <= K; k += 4) _mm_storeu_ps(sums + k, vsum4(t[k], t[k + 1], t[k + 2], t[k + 3]));
-  for (; k < K; ++k) sums[k] = vsum(t[k]);
+  // The rest through the same tree, so that a sum's bits do not depend on where it falls in
+  // the block: a row's products are then the same bits at every pass width (and a verify
+  // pass's logits those of one-token passes).
+  for (; k < K; ++k) sums[k] = _mm_cvtss_f32(vsum4(t[k], t[k], t[k], t[k]));
   for (int a = 0; a < O; ++a) {
     for (int r = 0; r < N; ++r) {
       float s = sums[a * N + r];
