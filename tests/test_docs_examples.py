@@ -132,6 +132,7 @@ EXPECTED_OUTPUT = {
     "kernel_cost.py": "greedy tokens with every kernel: True",
     "mtp_gain.py": "StaticK(1)'s output with every policy: True",
     "pass_widths.py": "pass widths timed: True",
+    "product_stream.py": "products timed: True",
     "replay_policies.py": "replayed verification is the decode (tokens and passes): True",
 }
 
@@ -162,6 +163,13 @@ def test_pass_widths_times_packed_weights_with_the_same_results() -> None:
     assert "packed weights: one-token pass" in result.stdout
     assert "no weight of this model packs" not in result.stdout
     assert "(same tokens and confidences: True)" in result.stdout
+
+
+def test_the_product_stream_reads_packed_weights_with_the_same_bits() -> None:
+    result = _run([str(EXAMPLES / "product_stream.py"), "--packed", "--repeats", "1"], timeout=300)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert "packed: t(1)" in result.stdout
+    assert "packed products equal the float32 ones bit for bit: True" in result.stdout
 
 
 def test_judging_a_checkpoint_logs_each_subset_and_the_whole(tmp_path: Path) -> None:

@@ -350,6 +350,24 @@ def test_auto_picks_the_fastest_per_width_and_keeps_stock_on_near_ties() -> None
     assert result.seconds == fake
 
 
+def test_auto_keeps_one_kernel_across_widths_where_native_ties() -> None:
+    """A one-token pass within the margin of stock runs native too once native wins wider
+    passes: then a verify pass's rows have a one-token pass's bits (tests/test_packing.py)."""
+    layer = _linear(6, 4, False, torch.float32)
+    fake = {"stock": [1.0, 1.0, 1.0], "skinny": [3.0, 3.0, 3.0], "native": [1.03, 0.8, 1.2]}
+
+    def clock(kind: str, inputs: Any, weights: Any) -> float:
+        return fake[kind][inputs[0].shape[0] - 1]
+
+    assert calibrate.calibrate(layer, widths=3, repeats=1, clock=clock).plan.widths == (
+        "native", "native", "stock",
+    )  # fmt: skip
+    fake["native"] = [1.03, 1.2, 1.2]  # native wins nowhere: stock stays everywhere
+    assert calibrate.calibrate(layer, widths=3, repeats=1, clock=clock).plan.widths == (
+        "stock", "stock", "stock",
+    )  # fmt: skip
+
+
 def test_auto_caches_and_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTP_LM_CACHE", str(tmp_path))
     model = tiny_llama(32, dtype=torch.float32, layers=1)
