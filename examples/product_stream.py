@@ -36,6 +36,7 @@ def q4_1_codes(shape: tuple[int, int], generator: torch.Generator) -> torch.Tens
     d = (torch.rand(blocks, 1, generator=generator) * 0.01 + 1e-4).half().float()
     m = (-torch.rand(blocks, 1, generator=generator) * 0.05).half().float()
     q = torch.randint(0, 16, (blocks, 32), generator=generator).float()
+    q[:, 0], q[:, 1] = 0, 15  # a quantizer maps a block's min and max to 0 and 15
     return (d * q + m).reshape(shape)
 
 
