@@ -212,3 +212,34 @@ def test_a_pass_of_n_tokens_is_n_one_token_passes_bit_for_bit(
     assert np.array_equal(got, one)
     assert torch.equal(got_keys, keys)
     assert mask == 63  # (real tokens only here: mask rows never reach a real row)
+
+
+def test_generate_reads_packed_weights_when_asked_and_decodes_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``MTP_LM_PACKED=1`` through ``MTPModel.generate``: the backend is rebuilt with packed
+    weights, and every policy gives the sequences of the float32 weights."""
+    from mtp_core import ConfAdapt, StaticK
+    from mtp_torch import MTPModel
+
+    native = load_native()
+    if native is None or not native.has_simd():
+        pytest.skip("the packed kernel needs the compiled AVX2/AVX-512 build")
+    model, mask = _quantized_model(gated=True)
+    model.generation_config.eos_token_id = None
+    mtp = MTPModel(model, mask_token_id=mask, linear_kernel="native")
+    prompts = torch.tensor([[3, 8, 1, 9, 4, 4], [7, 7, 2, 11, 5, 6]])
+    policies = [StaticK(1), ConfAdapt(0.05, 4)]
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(PACKED_ENV, flag)
+        backend = mtp.decoding_backend()
+        assert isinstance(backend, FusedBackend)
+        assert bool(backend._weights.packed) == (flag == "1")
+        results[flag] = [
+            mtp.generate(prompts, policy=policy, max_new_tokens=10, verify=verify).sequences
+            for policy in policies
+            for verify in (False, True)
+        ]
+    for plain, packed in zip(results["0"], results["1"], strict=True):
+        assert torch.equal(plain, packed)
