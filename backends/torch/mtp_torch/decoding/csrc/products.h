@@ -441,9 +441,12 @@ inline void block_f32(const R& rd, const float* x, float* out, int64_t in, int64
 // slower); 7-8 rows go through each 3-row block twice, 4 activation rows and then the rest
 // (rows_f32_split): one thread, 7 rows of gate/up's weights, 0.52 -> 0.35 ms (43% -> 65% of
 // the FMA peak, AVX2 build on Zen 4); the model's 7+0 pass 27.9 -> 26.4 ms, same bits.
-template <int N>
+// A packed reader (Chunks > 1) also holds a block's bytes and table per weight row: at 6-8 rows
+// two weight rows a block, or the accumulators spill (the default's products, 7 rows, AVX-512:
+// 14.8 -> 13.4 ms).
+template <int N, int Chunks = 1>
 constexpr int block_rows() {
-  if (kRegisters >= 32) return 3;
+  if (kRegisters >= 32) return (Chunks > 1 && N >= 6) ? 2 : 3;
   return (N == 5 || N == 6) ? 2 : 3;
 }
 
@@ -451,7 +454,7 @@ constexpr int block_rows() {
 template <int N, typename R>
 void rows_f32(const R& rd, const float* x, float* out, int64_t in, int64_t b, int64_t e,
               int64_t stride, const Fold<float>* fold) {
-  constexpr int O = block_rows<N>();
+  constexpr int O = block_rows<N, R::kChunks>();
   int64_t o = b;
   for (; o + O <= e; o += O) block_f32<N, O, true>(rd, x, out, in, o, stride, fold);
   for (; o < e; ++o) block_f32<N, 1, true>(rd, x, out, in, o, stride, fold);
