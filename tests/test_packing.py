@@ -243,3 +243,27 @@ def test_generate_reads_packed_weights_when_asked_and_decodes_the_same(
         ]
     for plain, packed in zip(results["0"], results["1"], strict=True):
         assert torch.equal(plain, packed)
+
+
+def test_mtp_model_packed_weights_option_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mtp_torch import MTPModel
+
+    native = load_native()
+    if native is None or not native.has_simd():
+        pytest.skip("the packed kernel needs the compiled AVX2/AVX-512 build")
+    model, mask = _quantized_model(gated=False)
+    monkeypatch.setenv(PACKED_ENV, "1")
+    off = MTPModel(model, mask_token_id=mask, linear_kernel="native", packed_weights=False)
+    assert off.decoding_backend()._weights.packed == []  # type: ignore[attr-defined]
+    monkeypatch.setenv(PACKED_ENV, "0")
+    on = MTPModel(model, mask_token_id=mask, linear_kernel="native", packed_weights=True)
+    backend = on.decoding_backend()
+    assert backend._weights.packed != []  # type: ignore[attr-defined]
+    assert on.decoding_backend() is backend  # built once
+    on.packed_weights = False  # settable: the next call builds a float32 backend
+    assert on.decoding_backend()._weights.packed == []  # type: ignore[attr-defined]
+    default = MTPModel(model, mask_token_id=mask, linear_kernel="native")
+    assert default.packed_weights is None
+    assert default.decoding_backend()._weights.packed == []  # type: ignore[attr-defined]
