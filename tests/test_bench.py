@@ -349,6 +349,28 @@ def test_cli_bench_skinny_kernel_rows(checkpoint: Path, data_file: Path, tmp_pat
     assert out.with_suffix(".png").is_file()  # the plot draws the skinny rows apart
 
 
+def test_cli_bench_packed_kernel_rows(
+    checkpoint: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--packed: the kernel rows read packed weights (the report's plan says so; outputs
+    unchanged), and it needs the compiled kernel."""
+    from mtp_torch.cli.app import main
+
+    out = tmp_path / "r.json"
+    args = ["bench", "--model", str(checkpoint), "--data", str(data_file), "--out", str(out)]
+    args += ["--num-prompts", "1", "--max-new-tokens", "5", "--k-max", "2", "--thresholds", "0.5"]
+    args += ["--static", "", "--verify-thresholds", "", "--prompt-lookup-tokens", "0", "--no-plot"]
+    args += ["--no-cost-curve", "--quiet", "--repeats", "1", "--verify-static", "2"]
+    assert main([*args, "--kernel", "stock", "--packed"]) != 0
+    assert "--packed needs the compiled kernel" in capsys.readouterr().err
+    assert main([*args, "--kernel", "native", "--packed"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["meta"]["kernel_plan"].endswith(", packed weights")
+    rows = {row["name"]: row for row in report["methods"]}
+    assert rows["static_1_native"]["generated_tokens"] == rows["static_1"]["generated_tokens"]
+    assert rows["verify_static_2_native"]["token_f1"] == 1.0
+
+
 def test_cli_bench_names_the_bundled_prompts_package_relative(
     checkpoint: Path, tmp_path: Path
 ) -> None:

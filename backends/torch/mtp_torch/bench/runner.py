@@ -24,6 +24,7 @@ Reference: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", 
 from __future__ import annotations
 
 import datetime as _datetime
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,6 +70,7 @@ from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import agreement, grade_answers, mean, mean_teacher_nll
 from mtp_torch.bench.report import BenchReport, KMaxChoice, MethodRow, summarize, with_speedups
 from mtp_torch.decoding.calibrate import auto_plan
+from mtp_torch.decoding.fused import PACKED_ENV
 from mtp_torch.decoding.gated import find_mask_gate
 from mtp_torch.decoding.kernels import STOCK_PLAN, KernelPlan, fixed_plan, use_kernels
 from mtp_torch.text import stop_token_ids
@@ -159,7 +161,8 @@ def run_benchmark(
         {m.precision: kernel_curve if m.precision == config.kernel else curve for m in methods},
         static_baselines=[StaticKDecoding(1, method.precision).name for method in methods],
     )
-    extra = {**(meta or {}), **({"kernel_plan": plan.describe()} if plan is not None else {})}
+    described = None if plan is None else plan.describe() + _packed_note(mtp_model)
+    extra = {**(meta or {}), **({"kernel_plan": described} if described is not None else {})}
     return BenchReport(
         meta=_meta(
             model_device(hf_model), settings, dtype, len(prompts), int(config.repeats),
@@ -182,7 +185,7 @@ def _kernel_plan(mtp_model: Any, config: BenchConfig, say: Log) -> KernelPlan | 
         plan = auto_plan(mtp_model.model)
     else:
         plan = fixed_plan(config.kernel)
-    say(f"kernel {plan.describe()}")
+    say(f"kernel {plan.describe()}{_packed_note(mtp_model)}")
     return plan
 
 
@@ -348,6 +351,15 @@ def _models_and_methods(
     return bundles, methods
 
 
+def _packed_note(mtp_model: Any) -> str:
+    """``", packed weights"`` when the kernel rows read packed weights (the model's option, or
+    ``MTP_LM_PACKED=1`` when the option is unset)."""
+    packed = getattr(mtp_model, "packed_weights", None)
+    if packed is None:
+        packed = os.environ.get(PACKED_ENV, "0").strip() == "1"
+    return ", packed weights" if packed else ""
+
+
 def _sibling(mtp_model: Any, linear_kernel: str) -> Any:
     """An ``MTPModel`` on the same weights that decodes with ``linear_kernel``: its ``generate``
     then picks the backend that kernel runs (the fused pass for the compiled kernel on a Llama),
@@ -359,6 +371,7 @@ def _sibling(mtp_model: Any, linear_kernel: str) -> Any:
         tokenizer=getattr(mtp_model, "tokenizer", None),
         linear_kernel=linear_kernel,
         backend=getattr(mtp_model, "backend_name", None),
+        packed_weights=getattr(mtp_model, "packed_weights", None),
     )
     sibling.default_policy = mtp_model.default_policy
     sibling.verify_policy = mtp_model.verify_policy

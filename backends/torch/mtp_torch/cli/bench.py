@@ -168,6 +168,13 @@ def _add_method_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig
         "greedy and static_1 so the kernel's gain stays apart from MTP's; 'stock' runs every "
         "method with PyTorch's own products only",
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="the kernel rows read weights that are a GGUF Q4_1/Q8_0 code (the default's) "
+        "packed: the same outputs bit for bit, faster passes, a smaller gain for MTP "
+        "(docs/guides/decoding.md)",
+    )
 
 
 def _add_measure_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig) -> None:
@@ -285,8 +292,14 @@ def run(args: argparse.Namespace) -> int:
         cost_repeats=args.cost_repeats,
     )
     say(f"loading {args.model} ({dtype_name}, {device}) ...")
+    if args.packed and kernel not in ("native", "auto"):
+        raise ValueError("--packed needs the compiled kernel: --kernel auto or --kernel native")
     mtp = MTPModel.from_pretrained(
-        args.model, dtype=parse_dtype(dtype_name), device=device, backend=args.backend
+        args.model,
+        dtype=parse_dtype(dtype_name),
+        device=device,
+        backend=args.backend,
+        packed_weights=True if args.packed else None,
     )
     if mtp.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; save one with the model to bench it")
