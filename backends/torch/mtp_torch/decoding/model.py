@@ -92,11 +92,8 @@ class MTPModel:
         the ``mtp_core.backends`` entry points) that ``generate`` runs on: the registered
         object is called with the transformers model and returns an ``mtp_core.Backend``.
         ``None`` (the default): the built-in choice, ``decoding_backend``.
-      packed_weights: with the compiled kernel (``"native"``/``"auto"``), read the weights that
-        are exactly a GGUF Q4_1/Q8_0 dequantization (the embedded default's) in packed form:
-        the same results bit for bit, ~2.8x faster one-token passes of the default, but wide
-        passes gain less, so MTP's own gain shrinks (``mtp_torch.decoding.packing``).
-        ``None`` (the default): only with the environment variable ``MTP_LM_PACKED=1``.
+      packed_weights: under ``"native"``/``"auto"``, read GGUF Q4_1/Q8_0 codes packed (same bits,
+        less MTP gain; ``mtp_torch.decoding.packing``; settable); ``None``: if MTP_LM_PACKED=1.
 
     Attributes:
       model: the wrapped transformers model.
@@ -112,7 +109,6 @@ class MTPModel:
       linear_kernel: the kernel decoding runs its ``Linear`` layers with (settable); the plan
         it resolves to is ``kernel_plan()``.
       backend_name: the registered backend ``generate`` runs on, or ``None`` (settable).
-      packed_weights: see Args (settable).
       training_summary: what training reported (steps, data, loss, per-offset agreement ...),
         shown in the model card; ``None`` when unknown.  See ``save_pretrained``.
 
@@ -213,19 +209,15 @@ class MTPModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = str(path_or_name)
+        options: dict[str, Any] = {"linear_kernel": linear_kernel, "backend": backend}
+        options["packed_weights"] = packed_weights
         wanted = parse_dtype(dtype)
         named = load_named(source, wanted if isinstance(wanted, torch.dtype) else torch.float32)
         if named is not None:
             named_model, named_tokenizer = named
             if device is not None:
                 named_model.to(device)
-            return cls(
-                named_model,
-                tokenizer=named_tokenizer,
-                linear_kernel=linear_kernel,
-                backend=backend,
-                packed_weights=packed_weights,
-            )
+            return cls(named_model, tokenizer=named_tokenizer, **options)
         recover_checkpoint(source)  # a save killed midway: its earlier save back, copies swept
         source = check_model_source(source)
         try:
@@ -252,13 +244,7 @@ class MTPModel:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-        mtp = cls(
-            model,
-            tokenizer=tokenizer,
-            linear_kernel=linear_kernel,
-            backend=backend,
-            packed_weights=packed_weights,
-        )
+        mtp = cls(model, tokenizer=tokenizer, **options)
         load_saved_gate(model, mtp.mask_token_id, Path(source).expanduser())
         manifest = read_manifest(Path(source).expanduser())
         if isinstance(manifest.get("base_model"), str):
