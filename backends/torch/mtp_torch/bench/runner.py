@@ -24,7 +24,6 @@ Reference: Kirchenbauer et al., "Multi-Token Prediction via Self-Distillation", 
 from __future__ import annotations
 
 import datetime as _datetime
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,7 +69,7 @@ from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import agreement, grade_answers, mean, mean_teacher_nll
 from mtp_torch.bench.report import BenchReport, KMaxChoice, MethodRow, summarize, with_speedups
 from mtp_torch.decoding.calibrate import auto_plan
-from mtp_torch.decoding.fused import PACKED_ENV
+from mtp_torch.decoding.fused import packed_by_default
 from mtp_torch.decoding.gated import find_mask_gate
 from mtp_torch.decoding.kernels import STOCK_PLAN, KernelPlan, fixed_plan, use_kernels
 from mtp_torch.text import stop_token_ids
@@ -356,7 +355,7 @@ def _packed_note(mtp_model: Any) -> str:
     ``MTP_LM_PACKED=1`` when the option is unset)."""
     packed = getattr(mtp_model, "packed_weights", None)
     if packed is None:
-        packed = os.environ.get(PACKED_ENV, "0").strip() == "1"
+        packed = packed_by_default()
     return ", packed weights" if packed else ""
 
 

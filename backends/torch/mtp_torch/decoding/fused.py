@@ -50,6 +50,7 @@ __all__ = [
     "fused_unavailable_reason",
     "native_widths",
     "observe_passes",
+    "packed_by_default",
 ]
 
 _OBSERVERS: ContextVar[tuple[list[int], ...]] = ContextVar("mtp_fused_observers", default=())
@@ -82,6 +83,11 @@ Q4_1/Q8_0 dequantization in packed form (``mtp_torch.decoding.packing``); the re
 same bits either way, only the bytes read differ.  Off by default: it makes a one-token pass of
 the default ~2.3x faster but a 7-row one only ~1.5x, so MTP's own gain shrinks (docs/results.md,
 eleventh session)."""
+
+
+def packed_by_default() -> bool:
+    """Whether a backend built without an explicit ``packed_weights`` packs (``PACKED_ENV``)."""
+    return os.environ.get(PACKED_ENV, "0").strip() == "1"
 
 _MODEL_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -168,7 +174,7 @@ def built_from(model: Any) -> tuple[Any, ...]:
         for name, p in model.named_parameters()
     )
     hooked = any(hasattr(module, "_hf_hook") for module in model.modules())
-    switches = (os.environ.get(FUSED_ENV, "1").strip(), os.environ.get(PACKED_ENV, "0").strip())
+    switches = (os.environ.get(FUSED_ENV, "1").strip(), packed_by_default())
     return switches, hooked, parameters
 
 
@@ -234,6 +240,7 @@ def _gather(
     """
     ready = (lambda t: t.detach().contiguous()) if materialize else (lambda t: t)
     blocks: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []  # the 7 products of every block, in fused_forward's order
     adapters: list[torch.Tensor] = []
     scales: list[float] = []
     gate = find_mask_gate(model)
@@ -253,6 +260,7 @@ def _gather(
             raise ValueError("a block's norm has no weight")
         q, k, v, o, g, u, d = (weight for weight, _ in pairs)
         blocks += [norms[0].weight, q, k, v, o, norms[1].weight, g, u, d]
+        weights += [q, k, v, o, g, u, d]
         for _, wrapper in pairs:
             if wrapper is None:
                 adapters += [empty, empty]
@@ -276,9 +284,8 @@ def _gather(
     blocks = [ready(tensor) for tensor in blocks]
     head_weight = ready(head.weight)
     packed: list[torch.Tensor] = []
-    if materialize and packed_weights and blocks[1].dtype == torch.float32:
-        products = [t for i, t in enumerate(blocks) if i % 9 not in (0, 5)]
-        packed = _packed_tensors(products, head_weight)
+    if materialize and packed_weights and head_weight.dtype == torch.float32:
+        packed = _packed_tensors(weights, head_weight)
     return _Weights(
         blocks=blocks,
         adapters=[ready(tensor) for tensor in adapters] if gate else [],
@@ -353,7 +360,7 @@ class FusedBackend(TorchBackend):
             raise ValueError(f"the fused backend cannot run this model: {reason}")
         self._native = load_native()
         if packed_weights is None:
-            packed_weights = os.environ.get(PACKED_ENV, "0").strip() == "1"
+            packed_weights = packed_by_default()
         packed_weights = packed_weights and bool(self._native.has_simd())
         self._weights = _gather(model, half_adapters=half_adapters, packed_weights=packed_weights)
         self._few = native_widths(plan)
