@@ -206,16 +206,16 @@ def _float16_exact(tensors: list[torch.Tensor]) -> bool:
 
 
 def _packed_tensors(products: list[torch.Tensor], head: torch.Tensor) -> list[torch.Tensor]:
-    """``fused_forward``'s ``packed`` argument: ``(q, scales)`` per product (7 a block, then
-    the output layer) for its leading rows that pack (the rest are read in float32: the row of
-    a token added to the vocabulary after the quantization), empty where none does, or ``[]``
-    when nothing packs."""
+    """``fused_forward``'s ``packed`` argument: ``(q, scales)`` per product (7 a block: those
+    that pack whole; then the output layer: its leading rows that pack, the rest read in
+    float32, as the row of a token added to the vocabulary after the quantization), empty
+    where none does, or ``[]`` when nothing packs."""
     empty = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.float32)]
     tensors: list[torch.Tensor] = []
     found = False
-    for weight in [*products, head]:
+    for index, weight in enumerate([*products, head]):
         packed = pack_weight(weight)
-        if packed is None:
+        if packed is None or (index < len(products) and packed.rows < weight.shape[0]):
             tensors += empty
             continue
         tensors += [packed.q, packed.scales]

@@ -50,11 +50,15 @@ void rms_norm(const T* x, const T* weight, T* y, int64_t rows, int64_t n, double
 // out (rows, od) = x (rows, in) @ weight^T for several weights, each with its adapter's update
 // at the gated rows: the few-row kernel where the plan says so (bit rows - 1 of ``few``), ATen's
 // product (what nn.Linear runs) otherwise.
+inline bool runs_few(int64_t rows, uint32_t few) {
+  return rows <= kMaxRows && ((few >> (rows - 1)) & 1u);
+}
+
 template <typename T>
 void product(const torch::Tensor& x, int64_t rows, uint32_t few,
              const std::vector<Segment<T>>& segs, const std::vector<int64_t>& gated) {
   const int64_t in = x.size(1);
-  if (rows <= kMaxRows && ((few >> (rows - 1)) & 1u)) {
+  if (runs_few(rows, few)) {
     few_row_product<T>(x.data_ptr<T>(), rows, in, segs, gated);
     return;
   }
@@ -214,15 +218,16 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
   const std::vector<int64_t> none;
   const std::vector<int64_t>& at_rows = gate ? gated : none;
   // Packed weights (see Q4Rows / Q8Rows): (q, scales) per product, q uint8 for Q4_1 and int8
-  // for Q8_0, empty where a product is not packed; 7 products per block, then the output layer.
-  auto pack = [&](Segment<T>& sg, int64_t index) {
-    if (!std::is_same<T, float>::value || packed.empty()) return;
+  // for Q8_0, empty where a product is not packed; 7 products per block (whole), then the output
+  // layer (its leading rows).  Returns how many rows are packed.
+  auto pack = [&](Segment<T>& sg, int64_t index) -> int64_t {
+    if (!std::is_same<T, float>::value || packed.empty()) return 0;
     const torch::Tensor& q = packed[index * 2];
-    if (q.numel() == 0) return;
+    if (q.numel() == 0) return 0;
     sg.qs = reinterpret_cast<const float*>(packed[index * 2 + 1].data_ptr());
-    sg.packed_rows = q.size(0);
     if (q.scalar_type() == at::kByte) sg.q4 = q.data_ptr<uint8_t>();
     else sg.q8 = q.data_ptr<int8_t>();
+    return q.size(0);
   };
   auto seg = [&](int64_t layer, int which, const torch::Tensor& weight, torch::Tensor& out) {
     Segment<T> sg{weight.data_ptr<T>(), out.data_ptr<T>(), weight.size(0), out.size(1)};
@@ -271,8 +276,12 @@ torch::Tensor forward_blocks(torch::Tensor hidden, const torch::Tensor& cos,
               s.eps);
   auto logits = torch::empty({n, head.size(0)}, opts);
   Segment<T> out_layer{head.data_ptr<T>(), logits.data_ptr<T>(), head.size(0), logits.size(1)};
-  pack(out_layer, layers * kAdapted);
-  product<T>(normed, n, few, {out_layer}, none);
+  const int64_t packed_rows = pack(out_layer, layers * kAdapted);
+  // Split only where the few-row kernel runs (ATen's product reads the float32 weight whole).
+  product<T>(normed, n, few,
+             packed_rows > 0 && runs_few(n, few) ? split_packed(out_layer, packed_rows, s.hidden)
+                                                 : std::vector<Segment<T>>{out_layer},
+             none);
   return logits;
 }
 

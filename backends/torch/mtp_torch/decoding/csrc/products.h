@@ -53,14 +53,24 @@ struct Segment {
   const uint16_t* ah = nullptr;  // or A and B as float16 bits (float32 models; a, b unset)
   const uint16_t* bh = nullptr;
   // The same weights packed (float32 models, in % 32 == 0; see Q4Rows / Q8Rows): q4 (Q4_1) or
-  // q8 (Q8_0) with their per-block scales ``qs``.  ``weight`` stays for ATen's wide products
-  // and for the rows past the packed ones.
+  // q8 (Q8_0) with their per-block scales ``qs``.  ``weight`` stays for ATen's wide products.
   const uint8_t* q4 = nullptr;
   const int8_t* q8 = nullptr;
   const float* qs = nullptr;
-  int64_t packed_rows = 0;  // rows [0, packed_rows) packed, the rest read from ``weight``
   bool adapted() const { return a != nullptr || ah != nullptr; }
 };
+
+// ``sg`` (no adapter) whose leading ``packed`` rows are packed as ``q4``/``q8``/``qs`` say, as
+// two segments: those rows packed and the rest in float32 (a row added after the quantization,
+// such as a new token's output row).  A row's bits do not depend on the segment or block it
+// falls in (one reduction tree), so the split changes no result.
+template <typename T>
+std::vector<Segment<T>> split_packed(const Segment<T>& sg, int64_t packed, int64_t in) {
+  if (packed >= sg.rows) return {sg};
+  Segment<T> lead = sg;
+  lead.rows = packed;
+  return {lead, {sg.weight + packed * in, sg.out + packed, sg.rows - packed, sg.stride}};
+}
 
 inline float half_value(uint16_t bits) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
@@ -253,33 +263,24 @@ struct Q4Rows {
   const uint8_t* q;
   const float* dm;
   int64_t in;
-  const float* dense;   // the float32 weight: rows from ``packed`` on are read from it
-  int64_t packed;
   static constexpr int kChunks = 32 / kLanes;  // a fetch is one block of 32 values
 #if defined(__AVX512F__)
   struct Fetched {
     __m512i bytes;  // the block's 16 bytes, one a lane
     Vec table;      // the block's 16 values d * k + m, k = 0..15
-    const float* p;  // a float32 row's values instead (bytes, table unset)
   };
 #else
   struct Fetched {
     const uint8_t* bytes;
     const float* dm;
-    const float* p;
   };
 #endif
   struct Row {
     const uint8_t* q;
     const float* dm;
-    const float* p;  // non-null: a row past the packed ones, read in float32
     Fetched fetch(int64_t i) const {
       const int64_t b = i >> 5;
-      Fetched f{};
-      if (p != nullptr) {
-        f.p = p + i;
-        return f;
-      }
+      Fetched f;
 #if defined(__AVX512F__)
       f.bytes = widen_u8(q + b * 16);
       const Vec k = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -293,7 +294,6 @@ struct Q4Rows {
     // Values [c * kLanes, (c + 1) * kLanes) of the block: the low nibbles of bytes
     // (c * kLanes) % 16 on for the first 16 values, the high ones for the rest.
     Vec chunk(const Fetched& f, int c) const {
-      if (f.p != nullptr) return vload(f.p + c * kLanes);
 #if defined(__AVX512F__)
       // vpermps reads the low 4 bits of each index: the low nibble, or the high one shifted.
       const __m512i v = c == 0 ? f.bytes : _mm512_srli_epi32(f.bytes, 4);
@@ -307,7 +307,6 @@ struct Q4Rows {
     }
     // i: a multiple of 32 (one fetch); a line holds the q of 128 values, the (d, m) of 256.
     void prefetch(int64_t i, int64_t, int64_t ahead_values) const {
-      if (q == nullptr) return;
       ahead_values *= kPackedAhead;
       if ((i & 127) == 0)
         _mm_prefetch(reinterpret_cast<const char*>(q + (ahead_values + i) / 2), _MM_HINT_T1);
@@ -316,10 +315,7 @@ struct Q4Rows {
     }
     float scalar(int64_t) const { return 0.f; }  // never: packed rows have in % 32 == 0
   };
-  Row row(int64_t o) const {
-    if (o >= packed) return {nullptr, nullptr, dense + o * in};
-    return {q + o * (in / 2), dm + o * (in / 16), nullptr};
-  }
+  Row row(int64_t o) const { return {q + o * (in / 2), dm + o * (in / 16)}; }
 };
 
 // Q8_0: per row, in bytes of q and in / 32 scales d.
@@ -327,29 +323,20 @@ struct Q8Rows {
   const int8_t* q;
   const float* d;
   int64_t in;
-  const float* dense;  // as Q4Rows
-  int64_t packed;
   static constexpr int kChunks = 32 / kLanes;
   struct Fetched {
     const int8_t* q;
     const float* d;
-    const float* p;
   };
   struct Row {
     const int8_t* q;
     const float* d;
-    const float* p;
-    Fetched fetch(int64_t i) const {
-      if (p != nullptr) return {nullptr, nullptr, p + i};
-      return {q + i, d + (i >> 5), nullptr};
-    }
+    Fetched fetch(int64_t i) const { return {q + i, d + (i >> 5)}; }
     Vec chunk(const Fetched& f, int c) const {
-      if (f.p != nullptr) return vload(f.p + c * kLanes);
       return vmul(vset1(f.d[0]), to_float(widen_i8(f.q + c * kLanes)));
     }
     // i: a multiple of 32; a line holds the q of 64 values, the d of 512.
     void prefetch(int64_t i, int64_t, int64_t ahead_values) const {
-      if (q == nullptr) return;
       ahead_values *= kPackedAhead;
       if ((i & 63) == 0)
         _mm_prefetch(reinterpret_cast<const char*>(q + ahead_values + i), _MM_HINT_T1);
@@ -358,10 +345,7 @@ struct Q8Rows {
     }
     float scalar(int64_t) const { return 0.f; }  // never: packed rows have in % 32 == 0
   };
-  Row row(int64_t o) const {
-    if (o >= packed) return {nullptr, nullptr, dense + o * in};
-    return {q + o * in, d + o * (in / 32), nullptr};
-  }
+  Row row(int64_t o) const { return {q + o * in, d + o * (in / 32)}; }
 };
 
 // O output rows starting at o, N activation rows.  Each step fetches what the reader needs for
@@ -517,9 +501,9 @@ inline void rows_n(const T* w, const T* x, T* out, int64_t in, int64_t n, int64_
     const bool lanes = fold == nullptr || fold->rank % kLanes == 0;
     const Fold<float>* f = lanes ? fold : nullptr;
     if (sg != nullptr && sg->q4 != nullptr)
-      rows_f32_n(Q4Rows{sg->q4, sg->qs, in, w, sg->packed_rows}, x, out, in, n, b, e, stride, f);
+      rows_f32_n(Q4Rows{sg->q4, sg->qs, in}, x, out, in, n, b, e, stride, f);
     else if (sg != nullptr && sg->q8 != nullptr)
-      rows_f32_n(Q8Rows{sg->q8, sg->qs, in, w, sg->packed_rows}, x, out, in, n, b, e, stride, f);
+      rows_f32_n(Q8Rows{sg->q8, sg->qs, in}, x, out, in, n, b, e, stride, f);
     else
       rows_f32_n(DenseRows<float>{w, in}, x, out, in, n, b, e, stride, f);
     if (!lanes) fold_rows<T>(*fold, out, n, b, e, stride);

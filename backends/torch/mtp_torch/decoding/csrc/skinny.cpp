@@ -116,10 +116,9 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& weight,
   auto out = torch::empty({n, od}, x.options());
   mtp::Segment<float> sg{weight.data_ptr<float>(), out.data_ptr<float>(), od, od};
   sg.qs = scales.data_ptr<float>();
-  sg.packed_rows = rows;
   if (q4) sg.q4 = q.data_ptr<uint8_t>();
   else sg.q8 = q.data_ptr<int8_t>();
-  mtp::few_row_product<float>(x.data_ptr<float>(), n, in, {sg});
+  mtp::few_row_product<float>(x.data_ptr<float>(), n, in, mtp::split_packed(sg, rows, in));
   return out;
 }
 
