@@ -81,7 +81,7 @@ PACKED_ENV = "MTP_LM_PACKED"
 """Environment variable: ``1`` lets the fused pass read weights that are exactly a GGUF
 Q4_1/Q8_0 dequantization in packed form (``mtp_torch.decoding.packing``); the results are the
 same bits either way, only the bytes read differ.  Off by default: it makes a one-token pass of
-the default ~2.3x faster but a 7-row one only ~1.5x, so MTP's own gain shrinks (docs/results.md,
+the default ~2.8x faster but a 4+3 one only ~1.8x, so MTP's own gain shrinks (docs/results.md,
 eleventh session)."""
 
 
