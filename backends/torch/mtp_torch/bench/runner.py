@@ -236,15 +236,17 @@ def _measure(
 
 
 def _auto_candidates(candidates: Sequence[int], mtp_model: Any) -> tuple[int, ...]:
-    """The ``k_max`` candidates of ``"auto"``, capped at the ``k_max`` the model was trained for.
+    """The ``k_max`` candidates of ``"auto"``, each capped at the ``k_max`` the model was trained for.
 
     Mask offsets beyond the trained ``k_max`` were never taught, so probing them only costs
-    time; the trained value itself is always a candidate.
+    time: a candidate above it becomes the trained value. Candidates at or below it stay as
+    given (a caller who asks for ``(1, 2)`` never gets ``k_max=4``); one token a pass (``1``)
+    is always a candidate.
     """
     trained = getattr(getattr(mtp_model, "default_policy", None), "k_max", None)
     if not isinstance(trained, int):
         return tuple(int(k) for k in candidates)
-    return tuple(sorted({int(k) for k in candidates if int(k) <= trained} | {1, trained}))
+    return tuple(sorted({min(int(k), trained) for k in candidates} | {1}))
 
 
 def _auto_policies(
