@@ -273,6 +273,39 @@ def test_default_model_dir_converts_once(tmp_path: Path, monkeypatch: pytest.Mon
     assert loaded.dtype == torch.float64 and len(loaded_tokenizer) == len(tokenizer)
 
 
+def test_concurrent_first_uses_convert_the_default_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first uses at once (two test workers, two CLI runs): one converts, the other waits
+    for it and reads its checkpoint (each conversion of the real GGUF takes ~40 s)."""
+    import threading
+    import time
+
+    monkeypatch.setenv(_default.CACHE_ENV, str(tmp_path / "cache"))
+    tokenizer = char_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    calls: list[Path] = []
+    monkeypatch.setattr(_default, "_find_gguf", lambda: tmp_path / "fake.gguf")
+
+    def slow_convert(gguf: Path) -> tuple[Any, Any]:
+        calls.append(gguf)
+        time.sleep(0.5)  # long enough for the other thread to arrive while this one converts
+        return model, tokenizer
+
+    monkeypatch.setattr(_default, "_load_from_gguf", slow_convert)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_default.default_model_dir()))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [tmp_path / "cache" / _default.DEFAULT_MODEL_NAME] * 2
+    assert len(calls) == 1
+
+
 def test_default_model_missing_names_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -294,8 +294,9 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _saving_lock(parent: Path, *, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``parent`` (saves and recoveries beside each other).
+def directory_lock(parent: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``parent`` (saves and recoveries beside each other; one
+    conversion of the embedded default at a time).
 
     Yields whether the lock was taken (always, when ``blocking``).  The OS drops it when the
     process dies, so a killed save never leaves it held.  Without ``fcntl`` (Windows) it is a
@@ -368,7 +369,7 @@ def recover_checkpoint(target: str | os.PathLike[str]) -> list[str]:
     if not path.parent.is_dir() or not (_siblings(path, "tmp") or _siblings(path, "old")):
         return []
     try:
-        with _saving_lock(path.parent, blocking=False) as locked:
+        with directory_lock(path.parent, blocking=False) as locked:
             return _recover_locked(path) if locked else []
     except OSError as error:
         logger.warning("could not clean up interrupted saves beside %s: %s", path, error)
@@ -496,7 +497,7 @@ def write_checkpoint(
     """
     resolved = _follow_link(Path(target))
     resolved.parent.mkdir(parents=True, exist_ok=True)
-    with _saving_lock(resolved.parent):
+    with directory_lock(resolved.parent):
         _recover_locked(resolved)
         _write_locked(resolved, write_files, overwrite, card, metadata)
     return target

@@ -36,6 +36,7 @@ from mtp_torch.decoding.named import CONVERTED_NAMES as CONVERTED_NAMES
 from mtp_torch.decoding.named import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
 from mtp_torch.decoding.named import HF_MODEL_ID as HF_MODEL_ID
 from mtp_torch.decoding.named import register_named_loader
+from mtp_torch.decoding.saving import directory_lock
 from mtp_torch.decoding.saving import umask_permissions as _umask_permissions
 from mtp_torch.weights.delta import apply_delta, file_sha256, load_delta
 
@@ -194,6 +195,17 @@ def default_model_dir() -> Path:
     target = cache_root() / DEFAULT_MODEL_NAME
     if _is_complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion at a time (~40 s and ~2 GB each): a second process, or thread, waits for
+    # the first and reads what it wrote instead of converting the same GGUF beside it.
+    with directory_lock(target.parent):
+        if not _is_complete(target):
+            _convert_into(target)
+    return target
+
+
+def _convert_into(target: Path) -> None:
+    """Convert the GGUF (or download the Hub's copy) and write it atomically to ``target``."""
     gguf = _find_gguf()
     if gguf is not None:
         model, tokenizer = _load_from_gguf(gguf)
@@ -214,7 +226,6 @@ def default_model_dir() -> Path:
     _check_tokenizer(tokenizer)
     _write_atomically(model, tokenizer, target)
     logger.info("cached the default model in %s", target)
-    return target
 
 
 def load_default(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
