@@ -29,10 +29,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mtp_torch import MTPModel, StaticK, measure_cost_curve, use_kernels
-from mtp_torch.decoding.native import cpu_description
+from mtp_torch.decoding.native import ISA_FLAGS, cpu_isa, cpu_model
 
 KERNELS = ("stock", "skinny", "native", "auto")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 
 
 def tiny_model() -> LlamaForCausalLM:
@@ -62,9 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = tiny_model() if args.model is None else MTPModel.from_pretrained(args.model).model
     model.generation_config.eos_token_id = None  # every round decodes the full budget
-    flags = set(cpu_description().split("|")[-1].split())
-    print(f"CPU: {cpu_description().split('|')[0].strip()}; ISA: "
-          f"{' '.join(f for f in ISA_FLAGS if f in flags) or 'none of ' + ', '.join(ISA_FLAGS)}")  # fmt: skip
+    print(f"CPU: {cpu_model()}; ISA: {' '.join(cpu_isa()) or 'none of ' + ', '.join(ISA_FLAGS)}")
 
     wrappers = {
         kernel: MTPModel(model, mask_token_id=None, linear_kernel=kernel) for kernel in KERNELS

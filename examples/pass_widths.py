@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mtp_core import Sampling, StepInputs, StepOutputs
 from mtp_torch import MTPModel
 from mtp_torch.decoding.fused import FusedBackend
-from mtp_torch.decoding.native import cpu_description
+from mtp_torch.decoding.native import cpu_isa, cpu_model
 
 # (pending tokens, mask tokens): one-token decoding, then StaticK(2) and StaticK(4) steps (also
 # the verify passes of 1-3 drafts), and the same widths without mask rows.
@@ -90,7 +90,7 @@ def main() -> None:
         if not backends["packed"]._weights.packed:
             print("no weight of this model packs (not a Q4_1/Q8_0 dequantization)")
     first = next(iter(backends.values()))
-    print(f"CPU: {cpu_description().split('|')[0].strip()}; backend {type(first).__name__}")
+    print(f"CPU: {cpu_model()} ({' '.join(cpu_isa())}); backend {type(first).__name__}")
     rng = np.random.default_rng(0)
     vocab = int(mtp.model.get_input_embeddings().weight.shape[0]) - 1
     caches = {name: backend.new_cache(1) for name, backend in backends.items()}

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from mtp_torch.decoding.native import cpu_description, load_native
+from mtp_torch.decoding.native import cpu_isa, cpu_model, load_native
 from mtp_torch.decoding.packing import pack_weight
 
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -71,7 +71,7 @@ def main() -> None:
     if args.packed and any(p is None for p in packed):
         raise SystemExit("--packed: some weight is not a Q4_1/Q8_0 code")
     megabytes = sum(w.numel() for w in weights) * 4 / 1e6
-    print(f"CPU: {cpu_description().split('|')[0].strip()}; {len(weights)} weights, "
+    print(f"CPU: {cpu_model()} ({' '.join(cpu_isa())}); {len(weights)} weights, "
           f"{megabytes:.0f} MB float32" + (f", {sum(p.nbytes for p in packed) / 1e6:.0f} MB packed" if packed else ""))  # fmt: skip
     inputs = {(n, w.shape[1]): torch.randn(n, w.shape[1]) for n in ROWS for w in weights}
     kinds = ["float32"] + (["packed"] if packed else [])

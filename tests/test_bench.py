@@ -148,6 +148,12 @@ def test_mtp_bench_end_to_end(checkpoint: Path, data_file: Path, tmp_path: Path)
     for key in ("machine", "torch", "transformers", "date", "command", "model", "max_new_tokens"):
         assert key in meta
     assert meta["num_prompts"] == 2 and meta["max_new_tokens"] == 10
+    # The CPU and the ISA flags its figures depend on travel with them.
+    from mtp_torch.decoding.native import cpu_isa, cpu_model
+
+    machine = meta["machine"]
+    assert machine["cpu"] == cpu_model() and machine["isa"] == " ".join(cpu_isa())
+    assert "load_average_at_start" in machine
     assert report["cost_curve"]["num_tokens"] == [1, 2, 3, 4]
 
     rows = {row["name"]: row for row in report["methods"]}
@@ -266,6 +272,7 @@ def test_bench_int8_and_auto_rows_are_labelled_apart(checkpoint: Path, data_file
     assert any("k_max=auto" in message for message in messages)
     table = format_markdown(typed)
     assert table.count("\n| ") >= len(rows) and "greedy_int8" in table
+    assert f"- Machine: {report['meta']['machine']['cpu']}, " in table
     assert format_markdown(report) == table  # the JSON form formats the same
     assert typed.row("greedy_int8").speedup == 1.0
     # The fp32 model was not touched by quantisation.
@@ -951,3 +958,35 @@ def test_kernel_rows_decode_on_the_pass_their_kernel_picks(
     assert ("native", "FusedBackend") in picked  # the kernel rows' generate
     assert ("native", "TorchBackend") not in picked
     assert mtp.linear_kernel == "stock"
+
+
+def test_the_cpu_flags_are_a_known_subset_in_a_fixed_order() -> None:
+    from mtp_torch.decoding.native import ISA_FLAGS, cpu_description, cpu_isa, cpu_model
+
+    isa = cpu_isa()
+    assert list(isa) == [flag for flag in ISA_FLAGS if flag in isa]
+    listed = set(cpu_description().rpartition("|")[2].split())
+    assert set(isa) == listed & set(ISA_FLAGS)
+    assert cpu_model() and "|" not in cpu_model()
+
+
+def test_a_busy_cpu_is_said_before_the_timings_and_old_reports_print_no_machine() -> None:
+    from mtp_torch.bench.output import _machine_note
+    from mtp_torch.bench.runner import _warn_if_busy
+
+    said: list[str] = []
+    _warn_if_busy({"load_average_at_start": 3.1, "cpu_count": 2}, said.append)
+    assert len(said) == 1 and "load average 3.1 on 2 cores" in said[0]
+    for quiet in ({"load_average_at_start": 1.2, "cpu_count": 2}, {"load_average_at_start": None}):
+        _warn_if_busy(quiet, said.append)
+    assert len(said) == 1
+    # Reports written before the CPU was recorded have no such line (and still format).
+    assert _machine_note({"platform": "Linux", "cpu_count": 2}) is None
+    note = _machine_note(
+        {"cpu": "Some CPU", "isa": "avx2 fma", "cpu_count": 2, "torch_threads": 2,
+         "load_average_at_start": 0.4}
+    )  # fmt: skip
+    assert note == (
+        "Machine: Some CPU, 2 cores, torch threads 2; ISA: avx2 fma; "
+        "1-minute load average at the start 0.4"
+    )

@@ -29,12 +29,14 @@ from mtp_torch.bench.prompts import BenchPrompt
 from mtp_torch.bench.quality import TeacherNLL
 from mtp_torch.decoding.fused import observe_passes
 from mtp_torch.decoding.kernels import use_kernels
+from mtp_torch.decoding.native import cpu_isa, cpu_model
 from mtp_torch.text import cut_at_stop
 
 __all__ = [
     "Decoded",
     "Trace",
     "count_forwards",
+    "load_average",
     "machine_info",
     "median",
     "model_device",
@@ -286,14 +288,26 @@ def teacher_nll(
     return TeacherNLL(float(-(picked[inside]).sum()), scored, len(generated) - scored)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none): work already on the CPU."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    """The machine the benchmark ran on, for the report's ``meta``."""
+    """The machine the benchmark ran on, for the report's ``meta``: the CPU's model and the
+    ISA flags its figures depend on, the threads, and the load already on it at the start."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "isa": " ".join(cpu_isa()),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load_average(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)

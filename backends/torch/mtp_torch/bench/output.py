@@ -90,6 +90,19 @@ def _skipped_note(rows: Sequence[MethodRow]) -> str | None:
     )
 
 
+def _machine_note(machine: Any) -> str | None:
+    """The CPU and its ISA flags beside the figures (reports written before they were recorded
+    have neither: no line)."""
+    if not isinstance(machine, Mapping) or not machine.get("cpu"):
+        return None
+    load = machine.get("load_average_at_start")
+    return (
+        f"Machine: {machine['cpu']}, {machine.get('cpu_count')} cores, "
+        f"torch threads {machine.get('torch_threads')}; ISA: {machine.get('isa') or 'none listed'}"
+        + ("" if load is None else f"; 1-minute load average at the start {load:g}")
+    )
+
+
 def _summary_notes(report: BenchReport) -> list[str]:
     """The lines under the table: MTP's own gain, the kernel's, and the cost-aware ``k_max``."""
     summary, notes = report.summary, []
@@ -122,6 +135,9 @@ def _summary_notes(report: BenchReport) -> list[str]:
         notes.append(skipped)
     for choice in report.k_max_choice:
         notes.append(f"Cost-aware k_max at threshold {choice.threshold:g}: {choice.chosen_k_max}")
+    machine = _machine_note(report.meta.get("machine"))
+    if machine:
+        notes.append(machine)
     for label, curve in (("stock", report.cost_curve), ("kernel", report.kernel_cost_curve)):
         if curve is not None and curve.measured_seconds:
             first = curve.measured_seconds[0]

@@ -97,8 +97,7 @@ def run_benchmark(
     """Run every method on the same prompts and return the report.
 
     Args:
-      mtp_model: an ``MTPModel`` (its ``model`` is the transformers model, its ``tokenizer``
-        decodes answers for accuracy).
+      mtp_model: an ``MTPModel`` (its ``model`` runs, its ``tokenizer`` decodes answers).
       prompts: the benchmark prompts (``load_prompts``).
       config: what to run; ``None`` uses the defaults.
       teacher: the model that scores generated tokens; ``None`` uses ``mtp_model.model`` as a
@@ -124,6 +123,7 @@ def run_benchmark(
     hf_model: torch.nn.Module = mtp_model.model
     hf_model.eval()
     settings = _decode_settings(mtp_model, config)
+    machine = _warn_if_busy(machine_info(), say)  # before the run: the load is others' work
 
     # 1. The kernel plan, the cost curve of one forward pass (stock, and with the kernel), and
     #    k_max="auto" resolved per threshold (on the kernel's curve when there is one).
@@ -164,7 +164,7 @@ def run_benchmark(
     extra = {**(meta or {}), **({"kernel_plan": described} if described is not None else {})}
     return BenchReport(
         meta=_meta(
-            model_device(hf_model), settings, dtype, len(prompts), int(config.repeats),
+            machine, model_device(hf_model), settings, dtype, len(prompts), int(config.repeats),
             teacher_label, extra,
         ),  # fmt: skip
         cost_curve=curve,
@@ -509,7 +509,24 @@ def _k_max_choices(
     return choices
 
 
+def _warn_if_busy(machine: dict[str, Any], say: Log) -> dict[str, Any]:
+    """Say so when other work already keeps every core busy: the timings would measure it.
+
+    The 1-minute load average counts this process too (loading the model), so only a load
+    above the core count says that something else is running.  Returns ``machine``.
+    """
+    load, cores = machine.get("load_average_at_start"), machine.get("cpu_count")
+    if load is not None and cores and load > cores:
+        say(
+            f"warning: the CPU is already busy (1-minute load average {load:g} on {cores} "
+            "cores): other processes skew every timing here; run the benchmark on an "
+            "otherwise idle machine (see 'Two processes on one CPU' in the benchmarking guide)"
+        )
+    return machine
+
+
 def _meta(
+    machine: dict[str, Any],
     device: torch.device,
     settings: RunSettings,
     dtype: str,
@@ -520,7 +537,7 @@ def _meta(
 ) -> dict[str, Any]:
     """The report's provenance: machine, versions, date, command, the run, the caller's fields."""
     return {
-        "machine": machine_info(),
+        "machine": machine,
         "device": str(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

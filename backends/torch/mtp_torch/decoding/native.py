@@ -37,7 +37,10 @@ from mtp_torch._resources import cache_root
 __all__ = [
     "CFLAGS_ENV",
     "NATIVE_ENV",
+    "ISA_FLAGS",
     "cpu_description",
+    "cpu_isa",
+    "cpu_model",
     "load_native",
     "native_unavailable_reason",
 ]
@@ -75,6 +78,23 @@ def cpu_description() -> str:
     except OSError:
         pass
     return f"{model} | {flags}"
+
+
+ISA_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "neon", "asimd",
+)  # fmt: skip
+"""The CPU flags a figure depends on (the SIMD the products and ATen can use), in this order."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    return cpu_description().partition(" | ")[0].strip()
+
+
+def cpu_isa() -> tuple[str, ...]:
+    """Which of ``ISA_FLAGS`` this CPU has: what to state beside every timing."""
+    flags = set(cpu_description().rpartition("|")[2].split())
+    return tuple(flag for flag in ISA_FLAGS if flag in flags)
 
 
 def _cflags() -> list[str]:
