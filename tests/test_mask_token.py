@@ -253,18 +253,30 @@ def test_default_model_dir_reuses_the_cache(
     assert _default.default_model_dir() == cached
 
 
-def test_default_model_dir_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_default.CACHE_ENV, str(tmp_path))
+def _fake_conversion(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.0
+) -> tuple[list[Path], Any]:
+    """Point the cache at ``cache`` and make converting the GGUF return a tiny model after
+    ``seconds``; returns the list each conversion appends to, and the tokenizer."""
+    import time
+
+    monkeypatch.setenv(_default.CACHE_ENV, str(cache))
     tokenizer = char_tokenizer()
     model = tiny_llama(len(tokenizer))
     calls: list[Path] = []
-    monkeypatch.setattr(_default, "_find_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(_default, "_find_gguf", lambda: cache.parent / "fake.gguf")
 
     def convert(gguf: Path) -> tuple[Any, Any]:
         calls.append(gguf)
+        time.sleep(seconds)
         return model, tokenizer
 
     monkeypatch.setattr(_default, "_load_from_gguf", convert)
+    return calls, tokenizer
+
+
+def test_default_model_dir_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, tokenizer = _fake_conversion(tmp_path, monkeypatch)
     first = _default.default_model_dir()
     second = _default.default_model_dir()
     assert first == second == tmp_path / _default.DEFAULT_MODEL_NAME
@@ -279,20 +291,9 @@ def test_concurrent_first_uses_convert_the_default_once(
     """Two first uses at once (two test workers, two CLI runs): one converts, the other waits
     for it and reads its checkpoint (each conversion of the real GGUF takes ~40 s)."""
     import threading
-    import time
 
-    monkeypatch.setenv(_default.CACHE_ENV, str(tmp_path / "cache"))
-    tokenizer = char_tokenizer()
-    model = tiny_llama(len(tokenizer))
-    calls: list[Path] = []
-    monkeypatch.setattr(_default, "_find_gguf", lambda: tmp_path / "fake.gguf")
-
-    def slow_convert(gguf: Path) -> tuple[Any, Any]:
-        calls.append(gguf)
-        time.sleep(0.5)  # long enough for the other thread to arrive while this one converts
-        return model, tokenizer
-
-    monkeypatch.setattr(_default, "_load_from_gguf", slow_convert)
+    # 0.5 s: long enough for the other thread to arrive while this one converts.
+    calls, _ = _fake_conversion(tmp_path / "cache", monkeypatch, seconds=0.5)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(_default.default_model_dir()))

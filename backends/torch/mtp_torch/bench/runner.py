@@ -123,7 +123,7 @@ def run_benchmark(
     hf_model: torch.nn.Module = mtp_model.model
     hf_model.eval()
     settings = _decode_settings(mtp_model, config)
-    machine = _warn_if_busy(machine_info(), say)  # before the run: the load is others' work
+    machine = _machine_at_start(say)
 
     # 1. The kernel plan, the cost curve of one forward pass (stock, and with the kernel), and
     #    k_max="auto" resolved per threshold (on the kernel's curve when there is one).
@@ -509,11 +509,19 @@ def _k_max_choices(
     return choices
 
 
-def _warn_if_busy(machine: dict[str, Any], say: Log) -> dict[str, Any]:
+def _machine_at_start(say: Log) -> dict[str, Any]:
+    """The report's ``meta.machine``, read before the run (so the load on the CPU is others'
+    work and the model's loading), after ``_warn_if_busy``."""
+    machine = machine_info()
+    _warn_if_busy(machine, say)
+    return machine
+
+
+def _warn_if_busy(machine: dict[str, Any], say: Log) -> None:
     """Say so when other work already keeps every core busy: the timings would measure it.
 
     The 1-minute load average counts this process too (loading the model), so only a load
-    above the core count says that something else is running.  Returns ``machine``.
+    above the core count says that something else is running.
     """
     load, cores = machine.get("load_average_at_start"), machine.get("cpu_count")
     if load is not None and cores and load > cores:
@@ -522,7 +530,6 @@ def _warn_if_busy(machine: dict[str, Any], say: Log) -> dict[str, Any]:
             "cores): other processes skew every timing here; run the benchmark on an "
             "otherwise idle machine (see 'Two processes on one CPU' in the benchmarking guide)"
         )
-    return machine
 
 
 def _meta(
